@@ -1,0 +1,46 @@
+"""quartmail: Flask-Mail's API for Quart, async over aiosmtplib.
+
+::
+
+    from quartmail import Mail, Message
+
+    mail = Mail(app)
+    await mail.send(Message("Hello", sender="me@example.com", recipients=["you@example.com"],
+                            body="text", html="<b>HTML</b>"))
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AuthenticationError,
+    BadHeaderError,
+    ConfigError,
+    ConnectError,
+    MailError,
+    MessageError,
+    RecipientsRefusedError,
+    SendError,
+    SendTimeoutError,
+)
+from .extension import Connection, Mail, SendResult
+from .message import Attachment, Message
+from .signals import email_dispatched, email_failed
+
+__all__ = [
+    "Attachment",
+    "AuthenticationError",
+    "BadHeaderError",
+    "ConfigError",
+    "ConnectError",
+    "Connection",
+    "Mail",
+    "MailError",
+    "Message",
+    "MessageError",
+    "RecipientsRefusedError",
+    "SendError",
+    "SendResult",
+    "SendTimeoutError",
+    "email_dispatched",
+    "email_failed",
+]

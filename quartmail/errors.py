@@ -1,0 +1,103 @@
+"""The errors quartmail raises.
+
+Every error is a :class:`MailError`; the ones that describe bad input also
+subclass :class:`ValueError`, and the ones that describe the network also
+subclass the matching builtin, so callers can catch either::
+
+    MailError
+     ├── ConfigError (ValueError)           a MAIL_* setting is wrong; raised by init_app
+     ├── MessageError (ValueError)          the message cannot be sent as it is
+     │    └── BadHeaderError                CR or LF in a header: header injection
+     └── SendError                          the server or the network failed
+          ├── ConnectError (ConnectionError)   connect, TLS or the connection itself failed
+          ├── SendTimeoutError (TimeoutError)  the server did not answer within MAIL_TIMEOUT
+          ├── AuthenticationError              the server refused MAIL_USERNAME/MAIL_PASSWORD
+          └── RecipientsRefusedError                every recipient was refused
+
+A :class:`SendError` keeps the SMTP reply code (``None`` when there was no
+reply) and the refused recipients, and wraps the aiosmtplib or OS error as its
+``__cause__``. Its text never contains the password: it is built from the
+server's reply, which never echoes credentials.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "BadHeaderError",
+    "ConfigError",
+    "ConnectError",
+    "MailError",
+    "MessageError",
+    "RecipientsRefusedError",
+    "SendError",
+    "SendTimeoutError",
+]
+
+#: A refused recipient's SMTP reply: ``(code, text)``.
+Reply = tuple[int, str]
+
+
+class MailError(Exception):
+    """Base class of every error quartmail raises."""
+
+
+class ConfigError(MailError, ValueError):
+    """A ``MAIL_*`` setting is invalid; the message names it."""
+
+
+class MessageError(MailError, ValueError):
+    """The message cannot be sent: no sender, no recipients, a bad address."""
+
+
+class BadHeaderError(MessageError):
+    """A header value contains CR or LF (header injection); nothing was sent."""
+
+
+class SendError(MailError):
+    """Sending failed. ``code`` is the SMTP reply code, if the server sent one.
+
+    ``refused`` maps each refused recipient to its ``(code, text)`` reply.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        refused: dict[str, Reply] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.refused: dict[str, Reply] = dict(refused or {})
+
+    @property
+    def transient(self) -> bool:
+        """True when trying again later may succeed (a 4xx reply, a dropped
+        connection or a timeout); False for a permanent (5xx) refusal."""
+        if self.code is None:
+            return isinstance(self, ConnectError | SendTimeoutError)
+        return 400 <= self.code < 500
+
+
+class ConnectError(SendError, ConnectionError):
+    """Connecting, the TLS handshake or the connection itself failed."""
+
+
+class SendTimeoutError(SendError, TimeoutError):
+    """The server did not answer within ``MAIL_TIMEOUT`` seconds."""
+
+
+class AuthenticationError(SendError):
+    """The server refused the credentials (``MAIL_USERNAME``/``MAIL_PASSWORD``)."""
+
+
+class RecipientsRefusedError(SendError):
+    """The server refused every recipient; nothing was delivered.
+
+    It is transient only when every refusal was a 4xx reply.
+    """
+
+    @property
+    def transient(self) -> bool:
+        return bool(self.refused) and all(400 <= code < 500 for code, _ in self.refused.values())

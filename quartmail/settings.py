@@ -1,0 +1,173 @@
+"""Read and check the ``MAIL_*`` settings, once, when the app is set up.
+
+Every setting is read here and nowhere else; a bad value raises
+:class:`~quartmail.errors.ConfigError` naming the setting, so a mistake stops
+the app at start-up instead of surprising it at the first send. Values may
+come from Python (``app.config.update``) or from the environment as strings
+(``app.config.from_prefixed_env()``), so booleans and numbers also accept
+their usual spellings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .addresses import AddressLike, parse_address
+from .errors import ConfigError, MailError
+from .smtp import SMTPSettings, make_tls_context
+
+__all__ = ["MailSettings"]
+
+log = logging.getLogger("quartmail")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class MailSettings:
+    """The checked ``MAIL_*`` settings of one app (the README's table)."""
+
+    smtp: SMTPSettings  # server, port, TLS, credentials, timeout, MAIL_DEBUG
+    default_sender: AddressLike | None
+    max_emails: int | None
+    suppress_send: bool
+    ascii_attachments: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, testing: bool, debug: bool) -> MailSettings:
+        """Read the settings from an app's config; ``testing`` and ``debug``
+        are the app's, the defaults of MAIL_SUPPRESS_SEND and MAIL_DEBUG."""
+        reader = _Reader(config)
+        use_tls = reader.flag("MAIL_USE_TLS", False)
+        use_ssl = reader.flag("MAIL_USE_SSL", False)
+        if use_tls and use_ssl:
+            raise ConfigError(
+                "MAIL_USE_TLS (STARTTLS, port 587) and MAIL_USE_SSL (implicit TLS, port 465) "
+                "are both on; choose one"
+            )
+        server = reader.text("MAIL_SERVER") or "localhost"
+        port = reader.number(
+            "MAIL_PORT", 465 if use_ssl else 587 if use_tls else 25, low=1, high=65535
+        )
+        username = reader.text("MAIL_USERNAME")
+        password = reader.text("MAIL_PASSWORD")
+        timeout = reader.seconds("MAIL_TIMEOUT", 30.0)
+        validate_certs = reader.flag("MAIL_VALIDATE_CERTS", True)
+        ca_file = reader.text("MAIL_CA_FILE")
+        if ca_file is not None and not os.path.isfile(ca_file):
+            raise ConfigError(f"MAIL_CA_FILE: no such file: {ca_file!r}")
+        debug_smtp = reader.flag("MAIL_DEBUG", debug)
+
+        tls_context = None
+        if use_tls or use_ssl:
+            try:
+                tls_context = make_tls_context(validate_certs=validate_certs, ca_file=ca_file)
+            except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+                raise ConfigError(f"MAIL_CA_FILE: cannot load {ca_file!r}: {err}") from err
+        if username and not (use_tls or use_ssl) and not _is_loopback(server):
+            log.warning(
+                "MAIL_USERNAME is set but neither MAIL_USE_TLS nor MAIL_USE_SSL is: "
+                "the password would cross the network to %s unencrypted",
+                server,
+            )
+
+        return cls(
+            default_sender=reader.address("MAIL_DEFAULT_SENDER"),
+            max_emails=reader.optional_number("MAIL_MAX_EMAILS", low=1),
+            suppress_send=reader.flag("MAIL_SUPPRESS_SEND", testing),
+            ascii_attachments=reader.flag("MAIL_ASCII_ATTACHMENTS", False),
+            smtp=SMTPSettings(
+                hostname=server,
+                port=port,
+                use_tls=use_tls,
+                use_ssl=use_ssl,
+                username=username,
+                password=password,
+                timeout=timeout,
+                tls_context=tls_context,
+                debug=debug_smtp,
+            ),
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Reader:
+    """Typed access to config values, with errors that name the setting."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._config = config
+
+    def text(self, key: str) -> str | None:
+        value = self._config.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
+        return value or None
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._config.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+    def number(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
+        value = self.optional_number(key, low=low, high=high)
+        return default if value is None else value
+
+    def optional_number(self, key: str, *, low: int, high: int | None = None) -> int | None:
+        value = self._config.get(key)
+        if value is None or value == "":
+            return None
+        try:
+            number = int(value) if not isinstance(value, bool | float) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            limit = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ConfigError(f"{key} must be a whole number {limit}, got {value!r}")
+        return number
+
+    def seconds(self, key: str, default: float, *, low: float = 0.0) -> float:
+        value = self._config.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not number > low or number != number or number == float("inf"):
+            raise ConfigError(f"{key} must be a number of seconds above {low:g}, got {value!r}")
+        return number
+
+    def address(self, key: str) -> AddressLike | None:
+        value = self._config.get(key)
+        if value is None or value == "":
+            return None
+        if isinstance(value, list):  # JSON from the environment: ["Name", "a@x.org"]
+            value = tuple(value)
+        try:
+            parse_address(value, key)
+        except MailError as err:
+            raise ConfigError(str(err)) from err
+        return value

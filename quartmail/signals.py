@@ -1,0 +1,51 @@
+"""Signals, as in Flask-Mail, in a blinker namespace of our own.
+
+Both are sent with the :class:`~quartmail.Message` as sender and ``app=``
+the Quart app; ``email_failed`` also passes ``error=`` the
+:class:`~quartmail.MailError`. Receivers may be plain functions or
+``async def``::
+
+    @email_dispatched.connect
+    async def log_sent(message, app):
+        app.logger.info("sent %s", message.msg_id)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+from blinker import Namespace, Signal
+
+__all__ = ["email_dispatched", "email_failed", "notify"]
+
+log = logging.getLogger("quartmail")
+
+_signals = Namespace()
+
+email_dispatched = _signals.signal(
+    "email-dispatched",
+    doc="A message was accepted by the server (or recorded, when sending is suppressed).",
+)
+email_failed = _signals.signal(
+    "email-failed",
+    doc="A message failed for good; ``error`` is the MailError.",
+)
+
+
+async def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    """Send *signal* to each receiver, sync or async, in order.
+
+    A receiver that raises is logged and the others still run: by the time
+    these signals fire the message's fate is settled, and a broken receiver
+    must not turn a delivered mail into an error the caller would retry.
+    (blinker's ``send_async`` would stop at the first exception.)
+    """
+    for receiver in signal.receivers_for(sender):
+        try:
+            result = receiver(sender, **kwargs)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("receiver %r of %r raised", receiver, signal)
