@@ -99,12 +99,12 @@ class Message:
     def __init__(
         self,
         subject: str = "",
-        recipients: list[AddressLike] | None = None,
+        recipients: list[AddressLike] | AddressLike | None = None,
         body: str | None = None,
         html: str | None = None,
         sender: AddressLike | None = None,
-        cc: list[AddressLike] | None = None,
-        bcc: list[AddressLike] | None = None,
+        cc: list[AddressLike] | AddressLike | None = None,
+        bcc: list[AddressLike] | AddressLike | None = None,
         attachments: list[Attachment] | None = None,
         reply_to: AddressLike | None = None,
         date: float | datetime | None = None,
@@ -114,12 +114,12 @@ class Message:
         rcpt_options: Sequence[str] | None = None,
     ) -> None:
         self.subject = subject
-        self.recipients: list[AddressLike] = list(recipients or [])
+        self.recipients: list[AddressLike] = _as_list(recipients)
         self.body = body
         self.html = html
         self.sender = sender
-        self.cc: list[AddressLike] = list(cc or [])
-        self.bcc: list[AddressLike] = list(bcc or [])
+        self.cc: list[AddressLike] = _as_list(cc)
+        self.bcc: list[AddressLike] = _as_list(bcc)
         self.attachments: list[Attachment] = list(attachments or [])
         self.reply_to = reply_to
         self.date = date
@@ -239,7 +239,15 @@ class Message:
             for name, value in attachment.headers.items():
                 check_header_value("attachment headers", name)
                 check_header_value(f"attachment headers[{name!r}]", value)
-        # Addresses are checked as they are parsed.
+        for field_name, address in (("sender", self.sender), ("reply_to", self.reply_to)):
+            _check_address_value(field_name, address)
+        for field_name, addresses in (
+            ("recipients", self.recipients),
+            ("cc", self.cc),
+            ("bcc", self.bcc),
+        ):
+            for address in addresses:
+                _check_address_value(field_name, address)
 
     def _mime(
         self,
@@ -276,6 +284,22 @@ class Message:
         for attachment in self.attachments:
             _attach(mime, attachment, ascii_attachments)
         return mime
+
+
+def _as_list(addresses: list[AddressLike] | AddressLike | None) -> list[AddressLike]:
+    # One address on its own is a list of one, not a string to iterate.
+    if addresses is None:
+        return []
+    if isinstance(addresses, str):
+        return [addresses]
+    return list(addresses)
+
+
+def _check_address_value(field: str, value: AddressLike | None) -> None:
+    parts: tuple[object, ...] = (value,) if isinstance(value, str) else tuple(value or ())
+    for part in parts:
+        if isinstance(part, str):
+            check_header_value(field, part)
 
 
 def _attach(mime: EmailMessage, attachment: Attachment, ascii_only: bool) -> None:

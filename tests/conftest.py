@@ -1,0 +1,36 @@
+"""Shared fixtures: a fresh Quart app per test, wired to a real SMTP test server.
+
+The SMTP test server fixtures (``smtp_server``, ``smtp_server_factory``,
+``smtp_certificates``) come from quartmail's own pytest plugin
+(quartmail.pytest_plugin), registered by entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from quart import Quart
+
+from quartmail import Mail
+from quartmail.testing import SMTPTestServer
+
+SENDER = "Sender <sender@example.com>"
+
+MakeMail = Callable[..., tuple[Quart, Mail]]
+
+
+@pytest.fixture
+def make_mail() -> MakeMail:
+    """``make_mail(server, **config)``: a new app whose Mail points at *server*."""
+
+    def make(server: SMTPTestServer | None = None, **config: Any) -> tuple[Quart, Mail]:
+        app = Quart(__name__)
+        app.config["MAIL_DEFAULT_SENDER"] = SENDER
+        if server is not None:
+            app.config.update(server.mail_config())
+        app.config.update(config)
+        return app, Mail(app)
+
+    return make
