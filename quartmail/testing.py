@@ -1,0 +1,681 @@
+"""A real SMTP server for tests: aiosmtpd's protocol, served in the caller's event loop.
+
+:class:`SMTPTestServer` serves aiosmtpd's ``SMTP`` protocol with ``loop.create_server`` in the
+running loop (port 0 by default; the real port is read back from the socket), so a test talks to
+it over loopback exactly as the app would talk to a mail relay. It speaks plain SMTP, STARTTLS or
+implicit TLS (certificates from :meth:`TLSCertificates.create`, made with trustme at run time),
+can require AUTH, records every accepted message, and injects faults on the server side:
+refused recipients, 4xx/5xx replies to DATA, slow replies, a connection limit answered with 421,
+a server that never greets, and outages (:meth:`SMTPTestServer.stop` drops every connection,
+:meth:`SMTPTestServer.restart` comes back on the same port).
+
+Nothing is mocked: clients use real sockets and real TLS. The pytest fixtures built on this
+module live in :mod:`quartmail.pytest_plugin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.message
+import email.policy
+import hmac
+import logging
+import pathlib
+import ssl
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Protocol, cast
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+
+__all__ = [
+    "ReceivedMessage",
+    "SMTPServerFactory",
+    "SMTPTestServer",
+    "TLSCertificates",
+]
+
+TLSMode = Literal["none", "starttls", "implicit"]
+
+_SERVER_HOSTNAME = "localhost"
+_ACCEPTED = "250 2.0.0 Message accepted for delivery"
+_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections\r\n"
+# How long stop() waits for aborted connections and their session tasks to wind down. Aborting
+# is immediate, so this bound is only reached if something is badly wrong.
+_STOP_TIMEOUT = 5.0
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TLSCertificates:
+    """A throwaway CA and a server certificate for localhost / 127.0.0.1 / ::1, made with trustme.
+
+    ``ca_file`` is what an app's ``MAIL_CA_FILE`` points at; ``cert_file`` (the server's
+    certificate chain) and ``key_file`` (its private key) are what the server loads.
+    """
+
+    ca_file: pathlib.Path
+    cert_file: pathlib.Path
+    key_file: pathlib.Path
+
+    def server_context(self) -> ssl.SSLContext:
+        """Return a new server-side context with the server certificate loaded."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """Return a new client context that trusts the CA (and verifies host names)."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    @classmethod
+    def create(cls, directory: pathlib.Path) -> TLSCertificates:
+        """Make a new CA and server certificate and write them as PEM files into ``directory``."""
+        # trustme (and cryptography) are test-only dependencies: import them only when asked.
+        import trustme
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        certificates = cls(
+            ca_file=directory / "ca.pem",
+            cert_file=directory / "server.pem",
+            key_file=directory / "server.key",
+        )
+        ca.cert_pem.write_to_path(certificates.ca_file)
+        certificates.cert_file.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(certificates.key_file)
+        certificates.key_file.chmod(0o600)
+        return certificates
+
+
+@dataclass
+class ReceivedMessage:
+    """One message the server accepted, with its SMTP envelope."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    #: The message exactly as received (after dot-unstuffing), with CRLF line endings.
+    data: bytes
+    mail_options: list[str] = field(default_factory=list)
+    rcpt_options: list[str] = field(default_factory=list)
+    #: True if the session was encrypted (STARTTLS or implicit TLS).
+    tls: bool = False
+    #: The AUTH user name, if the session authenticated.
+    login: str | None = None
+
+    def parsed(self) -> email.message.EmailMessage:
+        """Parse :attr:`data` with ``email.policy.default``, as a mail store would see it.
+
+        Line endings become LF first, as a mail store writes them, so that text parts read
+        back as written (``"Hello\\n"``, not ``"Hello\\r\\n"``); :attr:`data` keeps the CRLFs.
+        """
+        return email.message_from_bytes(
+            self.data.replace(b"\r\n", b"\n"), policy=email.policy.default
+        )
+
+
+class SMTPServerFactory(Protocol):
+    """Type of the ``smtp_server_factory`` fixture: makes and starts an :class:`SMTPTestServer`."""
+
+    async def __call__(
+        self,
+        *,
+        tls: TLSMode = ...,
+        certificates: TLSCertificates | None = ...,
+        auth: tuple[str, str] | None = ...,
+        host: str = ...,
+        port: int = ...,
+        max_connections: int | None = ...,
+        silent: bool = ...,
+        smtputf8: bool = ...,
+        idle_timeout: float = ...,
+    ) -> SMTPTestServer: ...
+
+
+class SMTPTestServer:
+    """A real SMTP server on loopback, served in the running event loop.
+
+    Use it as an async context manager (or call :meth:`start` / :meth:`stop`)::
+
+        async with SMTPTestServer(tls="starttls", certificates=certs, auth=("u", "p")) as server:
+            app.config.update(server.mail_config())
+            ...
+            [message] = await server.wait_for_messages(1)
+
+    Args:
+        tls: ``"none"``, ``"starttls"`` (STARTTLS required before MAIL) or ``"implicit"``
+            (TLS from the first byte, like port 465).
+        certificates: required unless ``tls == "none"``.
+        auth: ``(username, password)``; when given, AUTH (PLAIN and LOGIN) is required before MAIL.
+        host: address to bind; give an IP address, so that port 0 means one port.
+        port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
+        max_connections: above this many concurrent sessions, greet with
+            ``421 4.7.0 Too many connections`` and close, as Postfix does.
+        silent: accept TCP (and TLS) connections but never send a greeting.
+        smtputf8: advertise SMTPUTF8.
+        idle_timeout: seconds of client silence after which the server drops a session.
+
+    Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
+    :attr:`data_delay`) may be changed while the server runs. A ``421`` reply, from either,
+    closes the connection after it is sent, as RFC 5321 requires of a server.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: TLSMode = "none",
+        certificates: TLSCertificates | None = None,
+        auth: tuple[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_connections: int | None = None,
+        silent: bool = False,
+        smtputf8: bool = True,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        if tls not in ("none", "starttls", "implicit"):
+            raise ValueError(f"tls must be 'none', 'starttls' or 'implicit', not {tls!r}")
+        if tls != "none" and certificates is None:
+            raise ValueError(f"tls={tls!r} needs certificates (see TLSCertificates.create)")
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections!r}")
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive, not {idle_timeout!r}")
+        self.tls: TLSMode = tls
+        self.certificates = certificates
+        self.auth = auth
+        #: The address the server binds.
+        self.host = host
+        #: The port; the real one once started (and kept for :meth:`restart`).
+        self.port = port
+        self.max_connections = max_connections
+        self.silent = silent
+        self.smtputf8 = smtputf8
+        self.idle_timeout = idle_timeout
+
+        #: Accepted messages, in order of arrival.
+        self.messages: list[ReceivedMessage] = []
+        #: SMTP sessions greeted with 220 so far (connections refused by the limit not included).
+        self.connections = 0
+        #: Connections answered with 421 because of ``max_connections``.
+        self.refused_connections = 0
+        #: DATA commands whose content was received, accepted or not.
+        self.data_attempts = 0
+
+        #: Address -> reply for RCPT TO, e.g. ``{"bad@example.com": "550 5.1.1 User unknown"}``.
+        self.refuse_recipients: dict[str, str] = {}
+        #: Replies to the next DATA commands, first in first out, instead of accepting
+        #: (e.g. ``"451 4.3.0 Try again"``). A message is recorded only if its reply is 2xx.
+        self.data_replies: list[str] = []
+        #: Seconds to wait before answering each DATA (the message is not recorded if the
+        #: connection drops meanwhile).
+        self.data_delay = 0.0
+
+        self._auth_attempts: list[str] = []
+        self._server: asyncio.Server | None = None
+        self._tls_context: ssl.SSLContext | None = None
+        self._handler = _Handler(self)
+        self._arrived = asyncio.Condition()
+        self._active_sessions = 0
+        # Every live transport, so that stop() can drop it, with a future that
+        # connection_lost() resolves; and every aiosmtpd session task, so that stop() can wait.
+        self._transports: dict[asyncio.Transport, asyncio.Future[None]] = {}
+        self._session_tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        state = "running" if self._server is not None else "stopped"
+        return f"<SMTPTestServer {self.host}:{self.port} tls={self.tls} {state}>"
+
+    @property
+    def auth_attempts(self) -> list[str]:
+        """User names of every AUTH attempt, successful or not, in order."""
+        return list(self._auth_attempts)
+
+    @property
+    def is_serving(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    async def start(self) -> None:
+        """Start listening on :attr:`host` and :attr:`port` (then set to the real port)."""
+        if self._server is not None:
+            raise RuntimeError(f"{self!r} is already running")
+        _install_log_filter()
+        context = None
+        if self.certificates is not None and self.tls != "none":
+            context = self.certificates.server_context()
+        # STARTTLS is aiosmtpd's business; implicit TLS is asyncio's, from the first byte.
+        self._tls_context = context if self.tls == "starttls" else None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Gate(self),
+            self.host,
+            self.port,
+            ssl=context if self.tls == "implicit" else None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and drop every open connection, as in an outage or a crash.
+
+        Waits until the connections are closed and aiosmtpd's session tasks have ended.
+        Does nothing if the server is not running.
+        """
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        # abort(), not close(): a crash does not say goodbye, and a TLS close would wait for
+        # the client's close_notify.
+        for transport in list(self._transports):
+            transport.abort()
+        # Python 3.13+ can also abort connections still in their TLS handshake, which no
+        # protocol of ours has seen yet.
+        abort_clients = cast("Callable[[], None] | None", getattr(server, "abort_clients", None))
+        if abort_clients is not None:
+            abort_clients()
+        # connection_lost() would cancel each aiosmtpd session task; cancelling them here as
+        # well also ends a session whose STARTTLS handshake was cut short, which asyncio never
+        # reports to aiosmtpd.
+        for task in self._session_tasks:
+            task.cancel()
+        pending: set[asyncio.Future[None]] = {*self._transports.values(), *self._session_tasks}
+        if pending:
+            _, not_done = await asyncio.wait(pending, timeout=_STOP_TIMEOUT)
+            if not_done:
+                _log.warning("%r: %d connection(s) did not close", self, len(not_done))
+        # Before 3.12 wait_closed() returns at once; later it waits for every connection,
+        # including a TLS handshake that never finishes, hence the bound.
+        try:
+            async with asyncio.timeout(_STOP_TIMEOUT):
+                await server.wait_closed()
+        except TimeoutError:
+            _log.warning("%r: connections still open after stop()", self)
+
+    async def restart(self) -> None:
+        """Stop if running, then start again on the same port (for outage-then-recovery tests)."""
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> SMTPTestServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def wait_for_messages(
+        self,
+        count: int,
+        timeout: float = 5.0,  # noqa: ASYNC109 (a test helper's deadline, like pytest's)
+    ) -> list[ReceivedMessage]:
+        """Wait until at least ``count`` messages have been accepted and return them all.
+
+        Raises:
+            TimeoutError: if fewer than ``count`` arrived within ``timeout`` seconds.
+        """
+        try:
+            async with asyncio.timeout(timeout), self._arrived:
+                await self._arrived.wait_for(lambda: len(self.messages) >= count)
+        except TimeoutError:
+            raise TimeoutError(
+                f"expected {count} message(s) within {timeout} s, but {len(self.messages)} "
+                f"arrived ({self.data_attempts} DATA attempt(s), {self.connections} session(s))"
+            ) from None
+        return list(self.messages)
+
+    def mail_config(self) -> dict[str, object]:
+        """Return the ``MAIL_*`` settings that point a quartmail app at this server.
+
+        MAIL_USERNAME / MAIL_PASSWORD are None without ``auth`` and MAIL_CA_FILE is None
+        without TLS, so that updating an app's config also clears stale values.
+        """
+        if self._server is None and self.port == 0:
+            raise RuntimeError("start the server first: the port is not known yet")
+        username, password = self.auth if self.auth is not None else (None, None)
+        return {
+            "MAIL_SERVER": self.host,
+            "MAIL_PORT": self.port,
+            "MAIL_USE_TLS": self.tls == "starttls",
+            "MAIL_USE_SSL": self.tls == "implicit",
+            "MAIL_USERNAME": username,
+            "MAIL_PASSWORD": password,
+            "MAIL_CA_FILE": (
+                str(self.certificates.ca_file)
+                if self.certificates is not None and self.tls != "none"
+                else None
+            ),
+            "MAIL_SUPPRESS_SEND": False,
+            "MAIL_TIMEOUT": 5,
+        }
+
+    # Internals used by the protocols below.
+
+    def _choose_protocol(self) -> asyncio.BaseProtocol:
+        # Called once per connection from _Gate.connection_made, one connection at a time, so
+        # checking and counting the limit here cannot race with another connection.
+        if self.silent:
+            return _SilentProtocol(self)
+        if self.max_connections is not None and self._active_sessions >= self.max_connections:
+            return _RefusingProtocol(self)
+        self._active_sessions += 1
+        return self._new_session()
+
+    def _new_session(self) -> _Session:
+        auth_required = self.auth is not None
+        # AUTH only after STARTTLS in STARTTLS mode, as a real submission server does; with
+        # implicit TLS (or none) aiosmtpd must be told not to require its STARTTLS.
+        auth_require_tls = not auth_required or self.tls == "starttls"
+        with warnings.catch_warnings(), _LOG_FILTER.constructing():
+            # auth_require_tls=False warns "Requiring AUTH while not requiring TLS"; the
+            # connection is encrypted anyway (implicit TLS) or it is a deliberate plain test.
+            warnings.filterwarnings(
+                "ignore", message="Requiring AUTH while not requiring TLS", category=UserWarning
+            )
+            return _Session(
+                self,
+                self._handler,
+                loop=asyncio.get_running_loop(),
+                # An explicit name: aiosmtpd would otherwise call socket.getfqdn(), which can
+                # block for seconds on a machine with slow DNS.
+                hostname=_SERVER_HOSTNAME,
+                decode_data=False,
+                enable_SMTPUTF8=self.smtputf8,
+                tls_context=self._tls_context,
+                require_starttls=self.tls == "starttls",
+                auth_required=auth_required,
+                auth_require_tls=auth_require_tls,
+                authenticator=self._handler.authenticate,
+                timeout=self.idle_timeout,
+            )
+
+    def _track(self, transport: asyncio.BaseTransport) -> None:
+        # Stream transports, TCP or TLS: both are full asyncio.Transport objects with abort().
+        closed = asyncio.get_running_loop().create_future()
+        self._transports[cast(asyncio.Transport, transport)] = closed
+
+    def _untrack(self, transport: asyncio.BaseTransport) -> None:
+        closed = self._transports.pop(cast(asyncio.Transport, transport), None)
+        if closed is not None and not closed.done():
+            closed.set_result(None)
+
+    def _track_task(self, task: asyncio.Task[None]) -> None:
+        self._session_tasks.add(task)
+        _LOG_FILTER.session_tasks.add(task)
+        task.add_done_callback(self._session_task_done)
+
+    def _session_task_done(self, task: asyncio.Task[None]) -> None:
+        self._session_tasks.discard(task)
+        # aiosmtpd re-raises ConnectionResetError when a client vanishes; retrieving the
+        # exception keeps asyncio from logging "Task exception was never retrieved".
+        if not task.cancelled():
+            error = task.exception()
+            if error is not None and not isinstance(error, ConnectionError):
+                _log.warning("%r: SMTP session ended with %r", self, error)
+
+    async def _record(self, message: ReceivedMessage) -> None:
+        async with self._arrived:
+            self.messages.append(message)
+            self._arrived.notify_all()
+
+
+class _Handler:
+    """aiosmtpd handler: recipient refusals, DATA replies and delay, recording.
+
+    A separate object on purpose: aiosmtpd registers every ``auth_*`` attribute of its
+    handler as an AUTH mechanism, so SMTPTestServer.auth_attempts would become one.
+    """
+
+    def __init__(self, owner: SMTPTestServer) -> None:
+        self._owner = owner
+
+    async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        reply = self._owner.refuse_recipients.get(address)
+        if reply is not None:
+            _close_after_421(server, reply)
+            return reply
+        # With a handle_RCPT hook, aiosmtpd leaves accepting the recipient to the handler.
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802 (aiosmtpd's hook name)
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        owner = self._owner
+        owner.data_attempts += 1
+        reply = owner.data_replies.pop(0) if owner.data_replies else _ACCEPTED
+        if owner.data_delay > 0:
+            await asyncio.sleep(owner.data_delay)
+        if reply.startswith("2"):
+            login = session.auth_data if session.authenticated else None
+            await owner._record(
+                ReceivedMessage(
+                    mail_from=envelope.mail_from or "",
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    data=envelope.original_content or b"",
+                    mail_options=list(envelope.mail_options),
+                    rcpt_options=list(envelope.rcpt_options),
+                    tls=_is_encrypted(server, session),
+                    login=login if isinstance(login, str) else None,
+                )
+            )
+        _close_after_421(server, reply)
+        return reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Reply to an error raised while handling a command (aiosmtpd's hook)."""
+        if isinstance(error, TLSSetupException):
+            # A client that rejects our certificate aborts the STARTTLS handshake: an expected
+            # event in tests, not a server error. aiosmtpd closes the connection itself.
+            _log.debug("STARTTLS handshake failed: %r", error.__cause__)
+            return "454 4.7.0 TLS handshake failed"
+        _log.error("SMTP test server error", exc_info=error)
+        return f"500 Error: ({type(error).__name__}) {error}"
+
+    def authenticate(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        mechanism: str,
+        auth_data: object,
+    ) -> AuthResult:
+        """aiosmtpd authenticator for PLAIN and LOGIN."""
+        expected = self._owner.auth
+        if expected is None or not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", "replace")
+        self._owner._auth_attempts.append(login)
+        # Both comparisons run, so the time taken does not tell which one failed.
+        user_ok = hmac.compare_digest(auth_data.login, expected[0].encode())
+        password_ok = hmac.compare_digest(auth_data.password, expected[1].encode())
+        if user_ok and password_ok:
+            return AuthResult(success=True, auth_data=login)
+        # handled=False makes aiosmtpd answer 535; the default (handled=True) sends nothing
+        # and leaves the client waiting for its read timeout.
+        return AuthResult(success=False, handled=False)
+
+
+class _Session(SMTP):
+    """aiosmtpd's SMTP protocol, registered with its SMTPTestServer for stop()."""
+
+    def __init__(self, owner: SMTPTestServer, handler: _Handler, **kwargs: Any) -> None:
+        self._owner = owner
+        self._tracked: asyncio.BaseTransport | None = None
+        self._ended = False
+        super().__init__(handler, **kwargs)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiosmtpd calls this again, with the TLS transport, after STARTTLS; the first
+        # (TCP, or implicit TLS) transport is the one to track and to abort.
+        first = self._tracked is None
+        if first:
+            self._tracked = transport
+            self._owner._track(transport)
+            self._owner.connections += 1
+        super().connection_made(transport)
+        if first:
+            # aiosmtpd runs each session in a task it keeps here (stable since 1.2).
+            task = getattr(self, "_handler_coroutine", None)
+            if isinstance(task, asyncio.Task):
+                self._owner._track_task(task)
+                task.add_done_callback(self._end)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self._end()
+
+    def _end(self, task: object = None) -> None:
+        # Normally connection_lost() ends the session (and cancels its task). A connection
+        # aborted during the STARTTLS handshake never reports connection_lost() to aiosmtpd,
+        # so the end of the task counts too.
+        if self._ended or self._tracked is None:
+            return
+        self._ended = True
+        self._owner._active_sessions -= 1
+        self._owner._untrack(self._tracked)
+
+
+class _Gate(asyncio.Protocol):
+    """The first protocol of each connection: hands the connection to the right one.
+
+    It decides when the connection is up (after the handshake, with implicit TLS), one
+    connection at a time, so ``max_connections`` is exact even for simultaneous clients.
+    """
+
+    def __init__(self, owner: SMTPTestServer) -> None:
+        self._owner = owner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        protocol = self._owner._choose_protocol()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+
+class _RefusingProtocol(asyncio.Protocol):
+    """Greets with 421 and closes: a server at its connection limit."""
+
+    def __init__(self, owner: SMTPTestServer) -> None:
+        self._owner = owner
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._owner._track(transport)
+        self._owner.refused_connections += 1
+        cast(asyncio.WriteTransport, transport).write(_TOO_MANY_CONNECTIONS)
+        transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._owner._untrack(self._transport)
+
+
+class _SilentProtocol(asyncio.Protocol):
+    """Accepts the connection and never says a word."""
+
+    def __init__(self, owner: SMTPTestServer) -> None:
+        self._owner = owner
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._owner._track(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._owner._untrack(self._transport)
+
+
+def _is_encrypted(server: SMTP, session: Session) -> bool:
+    # aiosmtpd sets session.ssl after STARTTLS; with implicit TLS only the transport knows.
+    if session.ssl is not None:
+        return True
+    transport = server.transport
+    return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
+def _close_after_421(server: SMTP, reply: str) -> None:
+    """Close the connection once ``reply`` is sent, if it is a 421 (RFC 5321, 3.8)."""
+    transport = server.transport
+    if reply.startswith("421") and transport is not None:
+        # aiosmtpd writes the reply in the same step that our hook returns in, so a callback
+        # scheduled now runs after the reply is in the transport; close() then flushes it.
+        asyncio.get_running_loop().call_soon(transport.close)
+
+
+class _QuietAiosmtpdLog(logging.Filter):
+    """Drops two aiosmtpd warnings that are noise for a test server, and only for ours.
+
+    - "auth_required == True but auth_require_tls == False", logged when a protocol is built
+      for implicit TLS (or plain) with AUTH: deliberate here.
+    - "Session.login_data is deprecated ...", logged by aiosmtpd 1.4 itself on every
+      successful AUTH, whoever the authenticator is.
+    """
+
+    _NOISE = frozenset(
+        {
+            "auth_required == True but auth_require_tls == False",
+            "Session.login_data is deprecated and will be removed in version 2.0",
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._constructing = 0
+        self.session_tasks: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
+
+    def constructing(self) -> _Constructing:
+        """Context manager: while inside, the noise comes from our own construction."""
+        return _Constructing(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self._NOISE:
+            return True
+        if self._constructing:
+            return False
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop: not one of our sessions
+            return True
+        return task is None or task not in self.session_tasks
+
+
+class _Constructing:
+    def __init__(self, log_filter: _QuietAiosmtpdLog) -> None:
+        self._filter = log_filter
+
+    def __enter__(self) -> None:
+        self._filter._constructing += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._filter._constructing -= 1
+
+
+_LOG_FILTER = _QuietAiosmtpdLog()
+
+
+def _install_log_filter() -> None:
+    # aiosmtpd's smtp module logs to "mail.log"; a filter on that logger sees its records
+    # before they propagate to any handler.
+    logger = logging.getLogger("mail.log")
+    if _LOG_FILTER not in logger.filters:
+        logger.addFilter(_LOG_FILTER)
