@@ -11,32 +11,19 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 from quart import Quart, current_app, has_app_context
 
-from .errors import ConnectError, Reply, SendError, SendTimeoutError
+from .delivery import Delivery
 from .message import Envelope, Message
 from .settings import MailSettings
 from .signals import email_dispatched, notify
-from .smtp import SMTPSession, SMTPSettings
+from .smtp import SendResult, SMTPSession, SMTPSettings
 
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
-
-
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """What the server said about one message.
-
-    ``refused`` maps each refused recipient to its ``(code, text)``; the
-    message went to every other recipient. It is empty when all were taken
-    (and when sending is suppressed).
-    """
-
-    message_id: str
-    refused: dict[str, Reply] = field(default_factory=dict)
 
 
 class MailState:
@@ -45,7 +32,22 @@ class MailState:
     def __init__(self, app: Quart, settings: MailSettings) -> None:
         self.app = app
         self.settings = settings
+        self.outboxes: list[list[Message]] = []  # open record_messages() blocks
+        self.delivery = Delivery(self)
         self._smtp: SMTPSettings = settings.smtp
+
+    def __repr__(self) -> str:
+        return f"<MailState {self.app.name!r} {self.settings.smtp!r} {self.delivery!r}>"
+
+    async def startup(self) -> None:
+        """The app's ``before_serving``: start background delivery."""
+        if self.delivery.closed:  # a second lifespan of the same app
+            self.delivery = Delivery(self)
+        self.delivery.start()
+
+    async def shutdown(self) -> None:
+        """The app's ``after_serving``: drain background delivery."""
+        await self.delivery.close()
 
     def envelope(self, message: Message) -> Envelope:
         """Check *message*, fill in the default sender, and flatten it."""
@@ -64,7 +66,14 @@ class MailState:
             self._smtp = replace(self._smtp, local_hostname=fqdn)
         return await SMTPSession.open(self._smtp)
 
+    def record(self, message: Message) -> None:
+        """Add an accepted (or suppressed) message to every open record_messages() list."""
+        for outbox in self.outboxes:
+            outbox.append(message)
+
     async def dispatched(self, message: Message) -> None:
+        """A message was accepted (or suppressed): record it and signal it."""
+        self.record(message)
         await notify(email_dispatched, message, app=self.app)
 
 
@@ -99,7 +108,11 @@ class Mail:
         when one is wrong.
         """
         settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
-        app.extensions["mail"] = MailState(app, settings)
+        state = app.extensions["mail"] = MailState(app, settings)
+        # Quart runs these in `async with app.test_app()` and under Hypercorn.
+        # Quart drains its own background tasks before after_serving.
+        app.before_serving(state.startup)
+        app.after_serving(state.shutdown)
 
     @property
     def state(self) -> MailState:
@@ -130,6 +143,32 @@ class Mail:
         """Build a :class:`~quartmail.Message` from the arguments and send it."""
         return await self.send(Message(*args, **kwargs))
 
+    def send_background(self, message: Message) -> asyncio.Future[SendResult]:
+        """Queue *message* for delivery in the background and return at once.
+
+        The message is checked here, so :class:`~quartmail.BadHeaderError`
+        and :class:`~quartmail.MessageError` are raised to the caller and
+        nothing is queued. The returned future resolves to the
+        :class:`SendResult` when the server accepted the message, or raises
+        a :class:`~quartmail.MailError` when it failed for good (after
+        ``MAIL_RETRIES`` for a transient failure). Awaiting it is optional:
+        a failure is also logged and sent as ``email_failed``.
+
+        Messages are sent over at most ``MAIL_POOL_SIZE`` reused SMTP
+        sessions; the app's shutdown waits up to ``MAIL_SHUTDOWN_TIMEOUT``
+        for every queued message.
+        """
+        return self.state.delivery.submit(message)
+
+    async def shutdown(self) -> None:
+        """Deliver what :meth:`send_background` queued (within
+        ``MAIL_SHUTDOWN_TIMEOUT``) and close its connections.
+
+        The app's lifespan does this at shutdown; call it yourself only where
+        there is no lifespan, such as at the end of a CLI command.
+        """
+        await self.state.shutdown()
+
     def connect(self) -> Connection:
         """One SMTP session for many messages::
 
@@ -151,18 +190,17 @@ class Mail:
                 await mail.send_message("Hi", recipients=["a@x.org"])
             assert outbox[0].subject == "Hi"
         """
-        app = self.state.app
+        # Recorded directly rather than through email_dispatched (as
+        # Flask-Mail does), so that a message is in the list as soon as it is
+        # sent, before the async signal receivers have run.
+        outboxes = self.state.outboxes
         outbox: list[Message] = []
-
-        def record(message: Message, **kwargs: Any) -> None:
-            if kwargs.get("app") is app:
-                outbox.append(message)
-
-        email_dispatched.connect(record, weak=False)
+        outboxes.append(outbox)
         try:
             yield outbox
         finally:
-            email_dispatched.disconnect(record)
+            # By identity: two open lists may be equal (both empty, say).
+            outboxes[:] = [other for other in outboxes if other is not outbox]
 
 
 class Connection:
@@ -201,19 +239,9 @@ class Connection:
             return SendResult(message_id=envelope.message_id)
 
         session = await self._session_for_next_message()
-        try:
-            refused = await session.send(envelope)
-        except SendError as err:
-            if _session_is_spent(session, err):
-                self._drop_session()
-            raise
-        except BaseException:
-            # Cancelled mid-command: the session's state is unknown, so it
-            # must never be used again (aiosmtplib would desync).
-            self._drop_session()
-            raise
+        result = await session.send(envelope)  # a spent session closes itself
         await self._state.dispatched(message)
-        return SendResult(message_id=envelope.message_id, refused=refused)
+        return result
 
     async def send_message(self, *args: Any, **kwargs: Any) -> SendResult:
         """Build a :class:`~quartmail.Message` from the arguments and send it."""
@@ -236,22 +264,3 @@ class Connection:
         if session is None:
             session = self._session = await self._state.open_session()
         return session
-
-    def _drop_session(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            session.abort()
-
-
-def _session_is_spent(session: SMTPSession, err: SendError) -> bool:
-    """After a failed send, may the session carry the next message?
-
-    aiosmtplib resets the transaction after an error reply, but a 421 reply
-    to DATA leaves it connected while real servers hang up (RFC 5321), and a
-    timeout leaves the protocol out of step.
-    """
-    return (
-        not session.is_connected
-        or err.code == 421
-        or isinstance(err, ConnectError | SendTimeoutError)
-    )

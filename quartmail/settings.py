@@ -25,6 +25,18 @@ __all__ = ["MailSettings"]
 
 log = logging.getLogger("quartmail")
 
+# Background delivery defaults.
+# A few connections already overlap the network round trips of a remote relay;
+# providers and Postfix (50 per client) refuse far more than that.
+POOL_SIZE = 4
+# 1 + 2 + 4 + 8 + 16 s (with jitter): rides out a relay restart or a greylisting
+# pass of about half a minute, then reports the failure instead of hoarding mail.
+RETRIES = 5
+RETRY_DELAY = 1.0
+# Inside both Quart's test app shutdown limit (6 s) and Hypercorn's default
+# shutdown_timeout (60 s); hypercorn.toml leaves room for it.
+SHUTDOWN_TIMEOUT = 5.0
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -38,6 +50,10 @@ class MailSettings:
     max_emails: int | None
     suppress_send: bool
     ascii_attachments: bool
+    pool_size: int
+    retries: int
+    retry_delay: float
+    shutdown_timeout: float
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, testing: bool, debug: bool) -> MailSettings:
@@ -82,6 +98,10 @@ class MailSettings:
             max_emails=reader.optional_number("MAIL_MAX_EMAILS", low=1),
             suppress_send=reader.flag("MAIL_SUPPRESS_SEND", testing),
             ascii_attachments=reader.flag("MAIL_ASCII_ATTACHMENTS", False),
+            pool_size=reader.number("MAIL_POOL_SIZE", POOL_SIZE, low=1, high=1000),
+            retries=reader.number("MAIL_RETRIES", RETRIES, low=0, high=100),
+            retry_delay=reader.seconds("MAIL_RETRY_DELAY", RETRY_DELAY),
+            shutdown_timeout=reader.seconds("MAIL_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT),
             smtp=SMTPSettings(
                 hostname=server,
                 port=port,

@@ -11,6 +11,7 @@ conversation ever contain the password.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -31,9 +32,22 @@ from .errors import (
 )
 from .message import Envelope
 
-__all__ = ["SMTPSession", "SMTPSettings", "make_tls_context"]
+__all__ = ["SMTPSession", "SMTPSettings", "SendResult", "make_tls_context"]
 
 log = logging.getLogger("quartmail.smtp")
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """What the server said about one message.
+
+    ``refused`` maps each refused recipient to its ``(code, text)``; the
+    message went to every other recipient. It is empty when all were taken
+    (and when sending is suppressed).
+    """
+
+    message_id: str
+    refused: dict[str, Reply] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +145,15 @@ class SMTPSession:
     def is_connected(self) -> bool:
         return self._client.is_connected
 
-    async def send(self, envelope: Envelope) -> dict[str, Reply]:
-        """Send one message; return the recipients the server refused, each
-        with its ``(code, text)``, when it took the others.
+    async def send(self, envelope: Envelope) -> SendResult:
+        """Send one message; the result lists the recipients the server
+        refused, each with its ``(code, text)``, when it took the others.
 
         Raises :class:`~quartmail.errors.RecipientsRefusedError` when it refused
         them all, another :class:`~quartmail.errors.SendError` on any other
-        failure.
+        failure. After a failure that leaves the session unusable (see
+        :func:`_spends_session`) or a cancellation, the session is closed:
+        check :attr:`is_connected` before sending again.
         """
         try:
             refused, _ = await self._client.sendmail(
@@ -147,10 +163,22 @@ class SMTPSession:
                 mail_options=envelope.mail_options,
                 rcpt_options=envelope.rcpt_options,
             )
+        except asyncio.CancelledError:
+            # Cancelled mid-command: aiosmtplib's protocol is out of step
+            # with the server and would pair the next reply with the wrong
+            # command, so the session must never be used again.
+            self.abort()
+            raise
         except Exception as err:
-            raise _wrap(err, self.settings) from err
+            error = _wrap(err, self.settings)
+            if _spends_session(error):
+                self.abort()
+            raise error from err
         self.sent += 1
-        return {address: (reply.code, reply.message) for address, reply in refused.items()}
+        return SendResult(
+            message_id=envelope.message_id,
+            refused={address: (reply.code, reply.message) for address, reply in refused.items()},
+        )
 
     async def close(self) -> None:
         """QUIT politely if the connection still works, then close it."""
@@ -164,6 +192,16 @@ class SMTPSession:
         """Close at once, without QUIT: for a session whose state is unknown
         (a cancelled or timed-out send)."""
         self._client.close()
+
+
+def _spends_session(error: SendError) -> bool:
+    """After this failure, can the session carry another message?
+
+    aiosmtplib resets the transaction after an error reply, but a 421 reply
+    to DATA leaves it connected while real servers hang up (RFC 5321), and a
+    timeout leaves the protocol out of step.
+    """
+    return error.code == 421 or isinstance(error, ConnectError | SendTimeoutError)
 
 
 def _wrap(err: Exception, settings: SMTPSettings) -> SendError:

@@ -9,7 +9,6 @@ from email.message import MIMEPart
 from typing import Any, Literal
 
 import pytest
-from conftest import SENDER, MakeMail
 
 from quartmail import (
     AuthenticationError,
@@ -25,6 +24,8 @@ from quartmail import (
     email_dispatched,
 )
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSCertificates
+
+from conftest import SENDER, MakeMail
 
 TLSMode = Literal["starttls", "implicit"]
 

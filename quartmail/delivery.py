@@ -1,0 +1,355 @@
+"""Background delivery: a queue, a pool of SMTP sessions, retries, a drain.
+
+:meth:`Delivery.submit` checks a message in the caller and queues it. Up to
+``MAIL_POOL_SIZE`` worker tasks take messages from the queue; each holds at
+most one SMTP session, opened when it first has a message (TLS and AUTH done
+once) and reused until ``MAIL_MAX_EMAILS``, a failure, or shutdown.
+
+Failures:
+
+- transient ones (4xx, a lost or refused connection, a timeout) are tried
+  again after ``MAIL_RETRY_DELAY`` * 2**n seconds, with jitter, at most
+  ``MAIL_RETRIES`` times; permanent ones (5xx) are not;
+- a connect refused while other sessions are open, or answered 421 (Postfix
+  at its per-client limit), means the server limits connections: the message
+  goes back to the queue, untouched, for a session that works (or waits for
+  one), and the worker backs off before it tries to connect again; a server
+  that cannot be reached at all costs the message an attempt;
+- a reused session that the server closed while it was idle is replaced, and
+  the message sent on the new one, once, without counting an attempt;
+- a session whose send was cancelled or timed out is closed, never reused.
+
+:meth:`Delivery.close` (the app's ``after_serving``) stops taking messages,
+delivers what is queued or waiting for a retry within
+``MAIL_SHUTDOWN_TIMEOUT``, closes every session, and logs by Message-ID what
+is left. Quart's own drain of background tasks is a snapshot that does not
+cover retries, so this module owns its drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConnectError, MailError, SendError
+from .message import Envelope, Message
+from .signals import email_dispatched, email_failed, notify
+from .smtp import SendResult, SMTPSession
+
+if TYPE_CHECKING:
+    from .extension import MailState
+
+__all__ = ["Delivery"]
+
+log = logging.getLogger("quartmail.delivery")
+
+# A worker refused a connection backs off up to this long before trying again.
+_MAX_CONNECT_BACKOFF = 30.0
+# How long close() waits for cancelled workers; see _cancel_all.
+_CANCEL_GRACE = 1.0
+
+
+@dataclass(eq=False)
+class _Job:
+    message: Message
+    envelope: Envelope
+    future: asyncio.Future[SendResult]
+    attempts: int = 0  # failed attempts so far
+    reconnected: bool = False  # already resent once after a stale session
+    retry: asyncio.TimerHandle | None = None
+    sending: asyncio.Task[SendResult] | None = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    session: SMTPSession | None = None
+    refusals: int = 0  # connects refused in a row
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Delivery:
+    """Background delivery for one app; made by :class:`~quartmail.Mail`."""
+
+    def __init__(self, state: MailState) -> None:
+        self._state = state
+        self._settings = state.settings
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._workers: list[_Worker] = []
+        self._pending: set[_Job] = set()  # submitted and not settled yet
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = asyncio.Event()
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # signal tasks for suppressed mail
+
+    def __repr__(self) -> str:
+        live = sum(1 for worker in self._workers if worker.session is not None)
+        return (
+            f"<Delivery pending={len(self._pending)} workers={len(self._workers)} "
+            f"sessions={live}{' closed' if self._closed else ''}>"
+        )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has begun: no new messages are taken."""
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet delivered or failed for good."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        """Start the workers in the running loop (done on first use, or at start-up)."""
+        if self._closed:
+            raise MailError("background delivery is shut down; no new messages are taken")
+        if self._workers:
+            return
+        for n in range(self._settings.pool_size):
+            worker = _Worker()
+            worker.task = asyncio.create_task(self._run(worker), name=f"quartmail-worker-{n}")
+            self._workers.append(worker)
+
+    def submit(self, message: Message) -> asyncio.Future[SendResult]:
+        """Check *message* here, in the caller, and queue it; see
+        :meth:`quartmail.Mail.send_background`."""
+        if self._closed:
+            raise MailError("background delivery is shut down; no new messages are taken")
+        envelope = self._state.envelope(message)  # raises MessageError, BadHeaderError
+        future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        if self._settings.suppress_send:
+            self._state.record(message)
+            future.set_result(SendResult(message_id=envelope.message_id))
+            self._spawn(notify(email_dispatched, message, app=self._state.app))
+            return future
+        self.start()
+        job = _Job(message, envelope, future)
+        future.add_done_callback(lambda _: self._caller_cancelled(job))
+        self._pending.add(job)
+        self._idle.clear()
+        self._queue.put_nowait(job)
+        return future
+
+    async def close(self) -> None:
+        """Stop taking messages, deliver what is pending within
+        ``MAIL_SHUTDOWN_TIMEOUT``, close every session, and give up (logged
+        by Message-ID) on what is left."""
+        if self._closed:
+            return
+        self._closed = True
+        # Messages waiting for a retry get their chance now rather than after
+        # the deadline; later retries keep their backoff.
+        for job in list(self._pending):
+            if job.retry is not None:
+                job.retry.cancel()
+                job.retry = None
+                self._queue.put_nowait(job)
+        timeout = self._settings.shutdown_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        self._stopping.set()
+        for _ in self._workers:
+            self._queue.put_nowait(None)  # each worker QUITs its session and ends
+        tasks = [worker.task for worker in self._workers if worker.task is not None]
+        if tasks:
+            _, running = await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+            await _cancel_all(running)
+        left = list(self._pending)
+        for job in left:
+            if job.retry is not None:
+                job.retry.cancel()
+            error = MailError(
+                f"not sent: the app shut down before {job.envelope.message_id} could be "
+                f"delivered (MAIL_SHUTDOWN_TIMEOUT={timeout:g} s)"
+            )
+            log.error("Not sent at shutdown: %s", job.envelope.message_id)
+            await self._fail(job, error, log_it=False)
+        await _cancel_all(set(self._tasks))
+
+    # The worker
+
+    async def _run(self, worker: _Worker) -> None:
+        try:
+            while (job := await self._queue.get()) is not None:
+                if job.future.done():  # the caller cancelled it while queued
+                    self._settle(job)
+                    continue
+                try:
+                    await self._deliver(worker, job)
+                except Exception as error:  # a bug of ours: keep the worker alive
+                    log.exception("Delivery of %s failed", job.envelope.message_id)
+                    self._drop_session(worker)
+                    failure = MailError(f"unexpected error sending {job.envelope.message_id}")
+                    failure.__cause__ = error
+                    await self._fail(job, failure, log_it=False)
+        except asyncio.CancelledError:
+            self._drop_session(worker)
+            raise
+        session, worker.session = worker.session, None
+        if session is not None:
+            await session.close()
+
+    async def _deliver(self, worker: _Worker, job: _Job) -> None:
+        session = await self._session_for(worker, job)
+        if session is None:
+            return
+        reused = session.sent > 0
+        # The send runs in a task of its own so that the caller can cancel
+        # this one message (future.cancel()) without cancelling the worker.
+        job.sending = asyncio.create_task(session.send(job.envelope))
+        try:
+            await asyncio.wait([job.sending])
+        except asyncio.CancelledError:
+            job.sending.cancel()
+            self._drop_session(worker)
+            raise
+        sending, job.sending = job.sending, None
+        if not session.is_connected:  # the session closes itself when spent
+            self._drop_session(worker)
+        if sending.cancelled():
+            # The caller cancelled the future mid-send; the message may or
+            # may not have been delivered.
+            self._settle(job)
+            return
+        error = sending.exception()
+        if error is None:
+            await self._delivered(job, sending.result())
+            return
+        if not isinstance(error, SendError):
+            raise error
+        if reused and isinstance(error, ConnectError) and not job.reconnected:
+            # The server closed the idle session under us: the message never
+            # reached it. Send it on a fresh session, without an attempt.
+            job.reconnected = True
+            self._queue.put_nowait(job)
+            return
+        await self._attempt_failed(job, error)
+
+    async def _session_for(self, worker: _Worker, job: _Job) -> SMTPSession | None:
+        """The worker's session, (re)opened as needed; None when the job
+        went back to the queue or failed."""
+        session = worker.session
+        max_emails = self._settings.max_emails
+        if session is not None and (
+            not session.is_connected or (max_emails is not None and session.sent >= max_emails)
+        ):
+            worker.session = None
+            await session.close()
+            session = None
+        if session is not None:
+            return session
+        try:
+            session = worker.session = await self._state.open_session()
+        except SendError as error:
+            await self._connect_failed(worker, job, error)
+            return None
+        worker.refusals = 0
+        return session
+
+    async def _connect_failed(self, worker: _Worker, job: _Job, error: SendError) -> None:
+        busy = error.code == 421  # the server is up, at its connection limit
+        others_connected = any(other.session is not None for other in self._workers)
+        if error.transient and (busy or others_connected):
+            # The server takes fewer connections than the pool has: a fact
+            # about the server, not the message. Let a working session have
+            # it (or wait for one), and stay out of the way for a while.
+            self._queue.put_nowait(job)
+        else:
+            await self._attempt_failed(job, error)
+        if error.transient:
+            worker.refusals += 1
+            backoff = min(_MAX_CONNECT_BACKOFF, self._settings.retry_delay * 2**worker.refusals)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff * random.uniform(0.5, 1.0)):
+                    await self._stopping.wait()
+
+    def _drop_session(self, worker: _Worker) -> None:
+        session, worker.session = worker.session, None
+        if session is not None:
+            session.abort()
+
+    # Outcomes
+
+    async def _delivered(self, job: _Job, result: SendResult) -> None:
+        self._settle(job)
+        if not job.future.done():
+            job.future.set_result(result)
+        await self._state.dispatched(job.message)
+
+    async def _attempt_failed(self, job: _Job, error: SendError) -> None:
+        job.attempts += 1
+        if error.transient and job.attempts <= self._settings.retries and not job.future.done():
+            delay = self._settings.retry_delay * 2 ** (job.attempts - 1)
+            delay *= random.uniform(0.75, 1.25)  # jitter: retries do not come back in a herd
+            log.info(
+                "Retrying %s in %.2f s (attempt %d of %d): %s",
+                job.envelope.message_id,
+                delay,
+                job.attempts + 1,
+                self._settings.retries + 1,
+                error,
+            )
+            job.retry = asyncio.get_running_loop().call_later(delay, self._requeue, job)
+            return
+        if error.transient:
+            error.add_note(f"gave up after {job.attempts} attempts (MAIL_RETRIES)")
+        await self._fail(job, error)
+
+    def _requeue(self, job: _Job) -> None:
+        job.retry = None
+        self._queue.put_nowait(job)
+
+    async def _fail(self, job: _Job, error: MailError, *, log_it: bool = True) -> None:
+        self._settle(job)
+        if log_it:
+            log.error(
+                "Not sent: %s (SMTP code %s): %s",
+                job.envelope.message_id,
+                getattr(error, "code", None),
+                error,
+            )
+        if not job.future.done():
+            job.future.set_exception(error)
+            # The caller may have dropped the future: the failure is logged and
+            # signalled, so mark it retrieved ("exception was never retrieved").
+            job.future.exception()
+        await notify(email_failed, job.message, app=self._state.app, error=error)
+
+    def _settle(self, job: _Job) -> None:
+        self._pending.discard(job)
+        if not self._pending:
+            self._idle.set()
+
+    def _caller_cancelled(self, job: _Job) -> None:
+        if not job.future.cancelled():
+            return
+        if job.retry is not None:
+            job.retry.cancel()
+            job.retry = None
+            self._settle(job)
+        elif job.sending is not None:
+            job.sending.cancel()
+        # A queued job is dropped when a worker takes it.
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
+    """Cancel and wait, and cancel again: on Python 3.11 asyncio.wait_for,
+    which aiosmtplib uses, can swallow a cancellation (CPython gh-86296)."""
+    for _ in range(5):
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        _, tasks = await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+    log.error("%d delivery tasks ignored cancellation", len(tasks))
