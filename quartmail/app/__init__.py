@@ -1,0 +1,89 @@
+"""The reference sign-up app: the Flasky e-mail chapter on Quart.
+
+``create_app(config_name="development", **overrides)`` builds a fresh app:
+the config class, then the environment, then *overrides*, which win. Serve it
+with ``hypercorn -c hypercorn.toml "quartmail.app:create_app()"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from jinja2 import StrictUndefined
+from quart import Quart, render_template
+from quart.logging import default_handler
+from quart.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from .api import api
+from .cli import register_commands
+from .config import CONFIGS, config_values, from_environment
+from .csrf import csrf_token
+from .db import Database
+from .devmail import DevMailServer
+from .extensions import mail, schema
+from .views import main
+
+__all__ = ["create_app"]
+
+
+def create_app(config_name: str = "development", **overrides: Any) -> Quart:
+    """Build the app for *config_name* (``development``, ``testing`` or
+    ``production``); keyword arguments override any setting."""
+    try:
+        config_class = CONFIGS[config_name]
+    except KeyError:
+        raise ValueError(
+            f"config_name must be one of {sorted(CONFIGS)}, not {config_name!r}"
+        ) from None
+
+    app = Quart(__name__, template_folder=_templates_folder())
+    app.config.from_mapping(config_values(config_class))
+    app.config.from_mapping(from_environment())
+    app.config.from_mapping(overrides)
+    config_class.init_app(app)
+    _configure_logging(app)
+    # A misspelt variable in a template is an error, not an empty string.
+    app.jinja_options = {**app.jinja_options, "undefined": StrictUndefined}
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+    dev_mail = None
+    if app.config["DEV_SMTP_SERVER"] and not app.config.get("MAIL_SERVER"):
+        dev_mail = DevMailServer(app)  # before Mail reads MAIL_SERVER
+    mail.init_app(app)
+    Database(app)  # after Mail: the engine is disposed after the mail drain
+    if dev_mail is not None:
+        dev_mail.register(app)  # after Mail: stops after the mail drain
+    schema.init_app(app)
+
+    app.register_blueprint(main)
+    app.register_blueprint(api)
+    app.register_error_handler(HTTPException, _error_page)
+    register_commands(app)
+    return app
+
+
+def _configure_logging(app: Quart) -> None:
+    # The app shows quartmail's log (caught mail, retries, failures) the way
+    # Quart shows its own: on stderr, unless logging is configured already.
+    # Done before app.logger is first used, so that Quart does not add a
+    # second handler to it.
+    logger = logging.getLogger("quartmail")
+    if not logger.handlers:
+        logger.addHandler(default_handler)
+        logger.setLevel(logging.DEBUG if app.debug else logging.INFO)
+
+
+def _templates_folder() -> str:
+    # The wheel ships the top-level templates/ as quartmail/templates; a
+    # source checkout has them beside the package.
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "templates"
+    return str(packaged if packaged.is_dir() else package.parent / "templates")
+
+
+async def _error_page(error: HTTPException) -> ResponseReturnValue:
+    code = error.code or 500
+    return await render_template("error.html", error=error, code=code), code

@@ -1,0 +1,79 @@
+"""The JSON API: sign up and look up users (quart-schema, OpenAPI at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+from quart import Blueprint
+from quart_schema import RequestSchemaValidationError, tag, validate_request, validate_response
+from werkzeug.exceptions import HTTPException, NotFound
+
+from .users import clean_name, get_user, sign_up
+
+__all__ = ["api"]
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+class NewUser(BaseModel):
+    """A sign-up: the visitor's name, 1 to 64 characters once trimmed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, AfterValidator(clean_name)]
+
+
+class UserOut(BaseModel):
+    """A user."""
+
+    id: int
+    name: str
+
+
+class Error(BaseModel):
+    """What went wrong."""
+
+    error: str
+    errors: list[dict[str, Any]] | None = None
+
+
+@api.post("/users")
+@tag(["users"])
+@validate_request(NewUser)
+@validate_response(UserOut, 201)
+@validate_response(UserOut, 200)
+@validate_response(Error, 422)
+async def create_user(data: NewUser) -> tuple[UserOut, int]:
+    """Sign up: 201 and a mail to the administrator for a new name, 200 for a known one."""
+    user, created = await sign_up(data.name)
+    return UserOut(id=user.id, name=user.username), 201 if created else 200
+
+
+@api.get("/users/<int:user_id>")
+@tag(["users"])
+@validate_response(UserOut, 200)
+@validate_response(Error, 404)
+async def read_user(user_id: int) -> UserOut:
+    """One user, by id."""
+    user = await get_user(user_id)
+    if user is None:
+        raise NotFound(f"No user with id {user_id}.")
+    return UserOut(id=user.id, name=user.username)
+
+
+@api.errorhandler(RequestSchemaValidationError)
+async def invalid_body(error: RequestSchemaValidationError) -> tuple[dict[str, Any], int]:
+    cause = error.validation_error
+    if hasattr(cause, "errors"):
+        # Without the context and input: a validator's ValueError object is
+        # not JSON, and the input may be large.
+        details = cause.errors(include_url=False, include_context=False, include_input=False)
+        return {"error": "The request body is not valid.", "errors": details}, 422
+    return {"error": f"The request body is not valid: {cause}"}, 422
+
+
+@api.errorhandler(HTTPException)
+async def http_error(error: HTTPException) -> tuple[dict[str, Any], int]:
+    # Malformed JSON, a wrong method, a missing user...: JSON, not an HTML page.
+    return {"error": error.description or error.name}, error.code or 500

@@ -1,0 +1,110 @@
+"""The app's configurations, in Flasky's shape: a base class, one class per
+environment, each with an ``init_app`` hook that checks what it needs.
+
+Nothing here reads the environment at import time: :func:`from_environment`
+is called by ``create_app``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from quart import Quart
+
+__all__ = ["CONFIGS", "ENVIRONMENT_KEYS", "Config", "from_environment"]
+
+# The settings the app takes from the environment, by their own names (as in
+# Flasky: MAIL_USERNAME=... MAIL_PASSWORD=... quart run).
+ENVIRONMENT_KEYS = (
+    "SECRET_KEY",
+    "DATABASE_URL",
+    "FLASKY_ADMIN",
+    "FLASKY_MAIL_SUBJECT_PREFIX",
+    "FLASKY_MAIL_SENDER",
+    "MAIL_SERVER",
+    "MAIL_PORT",
+    "MAIL_USE_TLS",
+    "MAIL_USE_SSL",
+    "MAIL_USERNAME",
+    "MAIL_PASSWORD",
+    "MAIL_DEFAULT_SENDER",
+    "MAIL_MAX_EMAILS",
+    "MAIL_SUPPRESS_SEND",
+    "MAIL_ASCII_ATTACHMENTS",
+    "MAIL_DEBUG",
+    "MAIL_TIMEOUT",
+    "MAIL_VALIDATE_CERTS",
+    "MAIL_CA_FILE",
+    "MAIL_POOL_SIZE",
+    "MAIL_RETRIES",
+    "MAIL_RETRY_DELAY",
+    "MAIL_SHUTDOWN_TIMEOUT",
+)
+
+
+def from_environment() -> dict[str, str]:
+    """The settings set in the environment (strings; quartmail parses them)."""
+    return {key: os.environ[key] for key in ENVIRONMENT_KEYS if key in os.environ}
+
+
+class Config:
+    """Settings shared by every environment."""
+
+    SECRET_KEY: str | None = None
+    FLASKY_ADMIN: str | None = None
+    FLASKY_MAIL_SUBJECT_PREFIX = "[Flasky] "
+    FLASKY_MAIL_SENDER = "Flasky Admin <flasky@example.com>"
+    DATABASE_URL: str | None = None  # default: an SQLite file in the instance folder
+    # The built-in development SMTP server catches mail when no MAIL_SERVER is set.
+    DEV_SMTP_SERVER = False
+    DEV_INBOX_SIZE = 50
+    # A sign-up's form and JSON bodies are tiny.
+    MAX_CONTENT_LENGTH = 64 * 1024
+
+    @staticmethod
+    def init_app(app: Quart) -> None:
+        """Check and complete the settings once everything has been applied."""
+
+
+class DevelopmentConfig(Config):
+    DEBUG = True
+    DEV_SMTP_SERVER = True
+    # So that a sign-up on a fresh machine shows its admin mail in /dev/inbox.
+    FLASKY_ADMIN: str | None = "admin@example.com"
+
+    @staticmethod
+    def init_app(app: Quart) -> None:
+        if not app.config.get("SECRET_KEY"):
+            # A fresh key per process: sessions do not survive a restart,
+            # which is fine for development and never used elsewhere.
+            app.config["SECRET_KEY"] = secrets.token_hex(32)
+
+
+class TestingConfig(Config):
+    TESTING = True
+    SECRET_KEY = "testing-only-secret-key"
+
+
+class ProductionConfig(Config):
+    @staticmethod
+    def init_app(app: Quart) -> None:
+        missing = [key for key in ("SECRET_KEY", "MAIL_SERVER") if not app.config.get(key)]
+        if missing:
+            raise RuntimeError(
+                f"production needs {' and '.join(missing)}: set "
+                f"{'them' if len(missing) > 1 else 'it'} in the environment"
+            )
+
+
+CONFIGS: dict[str, type[Config]] = {
+    "development": DevelopmentConfig,
+    "testing": TestingConfig,
+    "production": ProductionConfig,
+}
+
+
+def config_values(config_class: type[Config]) -> dict[str, Any]:
+    """The upper-case settings of a config class (and its bases)."""
+    return {key: getattr(config_class, key) for key in dir(config_class) if key.isupper()}

@@ -1,0 +1,63 @@
+"""The database: one async SQLAlchemy engine per app, sessions on demand.
+
+SQLite (through aiosqlite) by default, in the instance folder; PostgreSQL
+(through asyncpg) with ``DATABASE_URL=postgresql+asyncpg://...``. Tables are
+created at start-up when missing, and the engine is disposed at shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+
+from quart import Quart, current_app
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from .models import Base
+
+__all__ = ["Database", "database_url"]
+
+
+def database_url(app: Quart) -> str:
+    """``DATABASE_URL``, or an SQLite file in the app's instance folder."""
+    url = app.config.get("DATABASE_URL")
+    if url:
+        return str(url)
+    os.makedirs(app.instance_path, exist_ok=True)
+    return f"sqlite+aiosqlite:///{os.path.join(app.instance_path, 'quartmail.sqlite')}"
+
+
+class Database:
+    """The app's engine and session factory, in ``app.extensions["db"]``."""
+
+    def __init__(self, app: Quart) -> None:
+        self.url = database_url(app)
+        self.engine: AsyncEngine = create_async_engine(self.url)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        app.extensions["db"] = self
+        app.before_serving(self.create_tables)
+        app.after_serving(self.engine.dispose)
+
+    def __repr__(self) -> str:
+        # The URL may hold a password: show it masked.
+        return f"<Database {self.engine.url.render_as_string(hide_password=True)}>"
+
+    async def create_tables(self) -> None:
+        """Create the tables that do not exist yet."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+
+    @staticmethod
+    def of(app: Quart | None = None) -> Database:
+        """The database of *app*, or of the current app."""
+        database: Database = (app or current_app).extensions["db"]
+        return database
+
+    @staticmethod
+    def session() -> AsyncSession:
+        """A new session on the current app's database (``async with`` it)."""
+        return Database.of().sessions()

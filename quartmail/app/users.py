@@ -1,0 +1,67 @@
+"""Sign-up, shared by the HTML form and the JSON API."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from quart import current_app
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from quartmail import Message
+
+from .db import Database
+from .email import render_email
+from .extensions import mail
+from .models import USERNAME_MAX, User
+
+__all__ = ["clean_name", "get_user", "sign_up"]
+
+
+def clean_name(value: str) -> str:
+    """The name a visitor typed, trimmed; ``ValueError`` says what is wrong."""
+    name = value.strip()
+    if not name:
+        raise ValueError("Please enter your name.")
+    if len(name) > USERNAME_MAX:
+        raise ValueError(f"Names are at most {USERNAME_MAX} characters long.")
+    if any(unicodedata.category(char) == "Cc" for char in name):
+        raise ValueError("Names cannot contain control characters.")
+    return name
+
+
+async def sign_up(name: str) -> tuple[User, bool]:
+    """Store a new user named *name* and tell the administrator; return the
+    user and whether it is new. A known name changes nothing and sends nothing.
+
+    The admin mail is rendered before the commit (a template error rolls the
+    sign-up back) and queued after it (no mail about a user that was not stored).
+    """
+    admin = current_app.config.get("FLASKY_ADMIN")
+    async with Database.session() as session:
+        user = await session.scalar(select(User).where(User.username == name))
+        if user is not None:
+            return user, False
+        user = User(username=name)
+        session.add(user)
+        message: Message | None = None
+        try:
+            await session.flush()
+            if admin:
+                message = await render_email(admin, "New User", "mail/new_user", user=user)
+            await session.commit()
+        except IntegrityError:
+            # The same name signed up a moment ago, in another request.
+            await session.rollback()
+            user = await session.scalar(select(User).where(User.username == name))
+            if user is None:
+                raise
+            return user, False
+    if message is not None:
+        mail.send_background(message)
+    return user, True
+
+
+async def get_user(user_id: int) -> User | None:
+    async with Database.session() as session:
+        return await session.get(User, user_id)
