@@ -109,6 +109,10 @@ def _parse_string(value: str, field: str) -> Mailbox:
 
 @functools.lru_cache(maxsize=1024)
 def _parse_pair(name: str, addr: str, field: str) -> Mailbox:
+    try:
+        (name + addr).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise MessageError(f"{field}: text UTF-8 cannot encode in {name!r} <{addr!r}>") from err
     local, at, domain = addr.rpartition("@")
     if not at or not local or not domain or any(c.isspace() or c in "<>,;" for c in addr):
         raise MessageError(f"{field}: invalid address {addr!r}")

@@ -12,6 +12,7 @@ encodings, so that no line exceeds 998 octets and any server accepts them.
 from __future__ import annotations
 
 import mimetypes
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from datetime import UTC, datetime
 from email import policy as email_policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from typing import cast
 
+from . import mime
 from .addresses import AddressLike, Mailbox, check_header_value, parse_address, parse_addresses
 from .errors import MessageError
 
@@ -31,8 +34,8 @@ __all__ = ["Attachment", "Envelope", "Message"]
 _POLICY = email_policy.SMTP.clone(cte_type="7bit")
 _POLICY_UTF8 = email_policy.SMTPUTF8.clone(cte_type="7bit")
 
-# Headers the message builds itself; extra_headers may replace them.
-_OWN_HEADERS = ("From", "To", "Cc", "Reply-To", "Subject", "Date", "Message-ID")
+# RFC 5322 field names: printable ASCII but the colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")
 
 
 class Attachment:
@@ -99,12 +102,12 @@ class Message:
     def __init__(
         self,
         subject: str = "",
-        recipients: list[AddressLike] | AddressLike | None = None,
+        recipients: Sequence[AddressLike] | AddressLike | None = None,
         body: str | None = None,
         html: str | None = None,
         sender: AddressLike | None = None,
-        cc: list[AddressLike] | AddressLike | None = None,
-        bcc: list[AddressLike] | AddressLike | None = None,
+        cc: Sequence[AddressLike] | AddressLike | None = None,
+        bcc: Sequence[AddressLike] | AddressLike | None = None,
         attachments: list[Attachment] | None = None,
         reply_to: AddressLike | None = None,
         date: float | datetime | None = None,
@@ -207,14 +210,27 @@ class Message:
 
         everyone = [sender, *to, *cc, *bcc]
         utf8 = any(mailbox.needs_smtputf8 for mailbox in everyone)
-        mime = self._mime(sender, to, cc, reply_to, ascii_attachments)
+        headers = _Headers(
+            sender,
+            to,
+            cc,
+            reply_to,
+            self.subject,
+            _as_datetime(self.date),
+            self._msg_id,
+            self.extra_headers,
+        )
+        data = self._fast_bytes(headers)
+        if data is None:
+            mime = self._mime(headers, ascii_attachments)
+            data = mime.as_bytes(policy=_POLICY_UTF8 if utf8 else _POLICY)
         mail_options = list(self.mail_options)
         if utf8 and "SMTPUTF8" not in (option.upper() for option in mail_options):
             mail_options.append("SMTPUTF8")
         return Envelope(
             sender=sender.addr,
             recipients=_unique(mailbox.addr for mailbox in [*to, *cc, *bcc]),
-            data=mime.as_bytes(policy=_POLICY_UTF8 if utf8 else _POLICY),
+            data=data,
             message_id=self._msg_id,
             mail_options=mail_options,
             rcpt_options=list(self.rcpt_options),
@@ -230,9 +246,24 @@ class Message:
 
     def _check_headers(self) -> None:
         check_header_value("subject", self.subject)
+        for field_name, text in (
+            ("subject", self.subject),
+            ("body", self.body),
+            ("html", self.html),
+        ):
+            if text is not None and not _encodable(text):
+                raise MessageError(
+                    f"{field_name} holds text UTF-8 cannot encode (a lone surrogate)"
+                )
         for name, value in self.extra_headers.items():
             check_header_value("extra_headers", name)
             check_header_value(f"extra_headers[{name!r}]", value)
+            if not _FIELD_NAME.fullmatch(name):
+                raise MessageError(f"extra_headers: {name!r} is not a header name")
+            if name.lower() == "mime-version" or name.lower().startswith("content-"):
+                raise MessageError(
+                    f"extra_headers cannot set {name}: the message's structure decides it"
+                )
         for attachment in self.attachments:
             if attachment.filename is not None:
                 check_header_value("attachment filename", attachment.filename)
@@ -249,44 +280,111 @@ class Message:
             for address in addresses:
                 _check_address_value(field_name, address)
 
-    def _mime(
-        self,
-        sender: Mailbox,
-        to: list[Mailbox],
-        cc: list[Mailbox],
-        reply_to: Mailbox | None,
-        ascii_attachments: bool,
-    ) -> EmailMessage:
-        mime = EmailMessage(policy=_POLICY)
-        mime["From"] = sender.header()
-        if to:
-            mime["To"] = [mailbox.header() for mailbox in to]
-        if cc:
-            mime["Cc"] = [mailbox.header() for mailbox in cc]
-        if reply_to is not None:
-            mime["Reply-To"] = reply_to.header()
-        mime["Subject"] = self.subject
-        mime["Date"] = format_datetime(_as_datetime(self.date))
-        mime["Message-ID"] = self.msg_id
-        for name, value in self.extra_headers.items():
-            del mime[name]
-            mime[name] = value
+    def _fast_bytes(self, headers: _Headers) -> bytes | None:
+        """The common message, written directly (see :mod:`quartmail.mime`);
+        None when it needs the email package (attachments, another charset)."""
+        if self.attachments or (self.charset or "utf-8").lower() != "utf-8":
+            return None
+        lines = headers.fast()
+        if lines is None:
+            return None
+        if self.html is not None and self.body is not None:
+            body = mime.multipart_alternative(
+                [mime.text_part(self.body, "plain"), mime.text_part(self.html, "html")]
+            )
+        elif self.html is not None:
+            body = mime.text_part(self.html, "html")
+        else:
+            body = mime.text_part(self.body or "", "plain")
+        return b"".join(lines) + b"MIME-Version: 1.0\r\n" + body
+
+    def _mime(self, headers: _Headers, ascii_attachments: bool) -> EmailMessage:
+        mime_message = EmailMessage(policy=_POLICY)
+        for name, value in headers.items():
+            mime_message[name] = value
 
         charset = self.charset or "utf-8"
         if self.html is not None and self.body is not None:
-            mime.set_content(self.body, charset=charset)
-            mime.add_alternative(self.html, subtype="html", charset=charset)
+            mime_message.set_content(self.body, charset=charset)
+            mime_message.add_alternative(self.html, subtype="html", charset=charset)
         elif self.html is not None:
-            mime.set_content(self.html, subtype="html", charset=charset)
+            mime_message.set_content(self.html, subtype="html", charset=charset)
         else:
-            mime.set_content(self.body or "", charset=charset)
+            mime_message.set_content(self.body or "", charset=charset)
 
         for attachment in self.attachments:
-            _attach(mime, attachment, ascii_attachments)
-        return mime
+            _attach(mime_message, attachment, ascii_attachments)
+        return mime_message
 
 
-def _as_list(addresses: list[AddressLike] | AddressLike | None) -> list[AddressLike]:
+@dataclass(frozen=True, slots=True)
+class _Headers:
+    """The top-level headers of a message, for either way of flattening it."""
+
+    sender: Mailbox
+    to: list[Mailbox]
+    cc: list[Mailbox]
+    reply_to: Mailbox | None
+    subject: str
+    date: datetime
+    message_id: str
+    extra: Mapping[str, str]
+
+    def items(self) -> list[tuple[str, object]]:
+        """(name, value) pairs for an EmailMessage; extra headers replace ours."""
+        own: list[tuple[str, object]] = [("From", self.sender.header())]
+        if self.to:
+            own.append(("To", [mailbox.header() for mailbox in self.to]))
+        if self.cc:
+            own.append(("Cc", [mailbox.header() for mailbox in self.cc]))
+        if self.reply_to is not None:
+            own.append(("Reply-To", self.reply_to.header()))
+        own += [
+            ("Subject", self.subject),
+            ("Date", format_datetime(self.date)),
+            ("Message-ID", self.message_id),
+        ]
+        replaced = {name.lower() for name in self.extra}
+        return [item for item in own if item[0].lower() not in replaced] + list(self.extra.items())
+
+    def fast(self) -> list[bytes] | None:
+        """The same headers as encoded lines; None if one needs the email package."""
+        if not self.message_id.isascii():
+            return None
+        replaced = {name.lower() for name in self.extra}
+        lines: list[bytes | None] = []
+        for name, mailboxes in (
+            ("From", [self.sender]),
+            ("To", self.to),
+            ("Cc", self.cc),
+            ("Reply-To", [self.reply_to] if self.reply_to is not None else []),
+        ):
+            if mailboxes and name.lower() not in replaced:
+                lines.append(mime.address_header(name, mailboxes))
+        own = (
+            ("Subject", self.subject),
+            ("Date", format_datetime(self.date)),
+            ("Message-ID", self.message_id),
+        )
+        for name, value in own:
+            if name.lower() not in replaced:
+                lines.append(mime.text_header(name, value))
+        for name, value in self.extra.items():
+            lines.append(mime.text_header(name, value))
+        if any(line is None for line in lines):
+            return None
+        return cast(list[bytes], lines)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_list(addresses: Sequence[AddressLike] | AddressLike | None) -> list[AddressLike]:
     # One address on its own is a list of one, not a string to iterate.
     if addresses is None:
         return []
