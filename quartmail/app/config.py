@@ -73,6 +73,9 @@ class DevelopmentConfig(Config):
     DEV_SMTP_SERVER = True
     # So that a sign-up on a fresh machine shows its admin mail in /dev/inbox.
     FLASKY_ADMIN: str | None = "admin@example.com"
+    # The development server logs a line per mail; the whole SMTP
+    # conversation (MAIL_DEBUG's default in debug mode) is noise there.
+    MAIL_DEBUG = False
 
     @staticmethod
     def init_app(app: Quart) -> None:
