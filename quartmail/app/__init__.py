@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import StrictUndefined
-from quart import Quart, render_template
+from quart import Quart, render_template, request
 from quart.logging import default_handler
 from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from .api import api
+from .api import JSONErrorsRequest, api
 from .cli import register_commands
 from .config import CONFIGS, config_values, from_environment
 from .csrf import csrf_token
@@ -40,6 +40,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
         ) from None
 
     app = Quart(__name__, template_folder=_templates_folder())
+    app.request_class = JSONErrorsRequest
     app.config.from_mapping(config_values(config_class))
     app.config.from_mapping(from_environment())
     app.config.from_mapping(overrides)
@@ -52,7 +53,12 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     dev_mail = None
     if app.config["DEV_SMTP_SERVER"] and not app.config.get("MAIL_SERVER"):
         dev_mail = DevMailServer(app)  # before Mail reads MAIL_SERVER
-    mail.init_app(app)
+    try:
+        mail.init_app(app)
+    except BaseException:
+        if dev_mail is not None:
+            dev_mail.close()
+        raise
     Database(app)  # after Mail: the engine is disposed after the mail drain
     if dev_mail is not None:
         dev_mail.register(app)  # after Mail: stops after the mail drain
@@ -86,4 +92,9 @@ def _templates_folder() -> str:
 
 async def _error_page(error: HTTPException) -> ResponseReturnValue:
     code = error.code or 500
-    return await render_template("error.html", error=error, code=code), code
+    # Keep what the error says in its headers (Allow on a 405), not its body's type.
+    headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
+    if request.path.startswith("/api/"):
+        # Routing errors (404, 405) never reach the API blueprint's handlers.
+        return {"error": error.description or error.name}, code, headers
+    return await render_template("error.html", error=error, code=code), code, headers

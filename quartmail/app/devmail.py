@@ -78,6 +78,10 @@ class DevMailServer:
         )
         app.extensions["devmail"] = self
 
+    def close(self) -> None:
+        """Release the socket of an app that will never serve."""
+        self._socket.close()
+
     def register(self, app: Quart) -> None:
         """Serve from the app's start-up to its shutdown, and add /dev/inbox."""
         app.before_serving(self.start)
