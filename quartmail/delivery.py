@@ -44,21 +44,24 @@ from .smtp import SendResult, SMTPSession
 if TYPE_CHECKING:
     from .extension import MailState
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "backoff"]
 
 log = logging.getLogger("quartmail.delivery")
 
 # A worker refused a connection backs off up to this long before trying again.
 _MAX_CONNECT_BACKOFF = 30.0
+# The longest wait between two attempts at one message.
+_MAX_RETRY_DELAY = 3600.0
 # How long close() waits for cancelled workers; see _cancel_all.
 _CANCEL_GRACE = 1.0
 
 
 @dataclass(eq=False)
 class _Job:
-    message: Message
     envelope: Envelope
     future: asyncio.Future[SendResult]
+    retries: int  # how many transient failures are tried again
+    message: Message | None = None  # None for attempt(): its caller logs and signals
     attempts: int = 0  # failed attempts so far
     reconnected: bool = False  # already resent once after a stale session
     retry: asyncio.TimerHandle | None = None
@@ -127,13 +130,25 @@ class Delivery:
             future.set_result(SendResult(message_id=envelope.message_id))
             self._spawn(notify(email_dispatched, message, app=self._state.app))
             return future
+        return self._queue_job(_Job(envelope, future, self._settings.retries, message))
+
+    def attempt(self, envelope: Envelope) -> asyncio.Future[SendResult]:
+        """Try to send a checked message once, over the pool, and return
+        its future; the caller (the outbox) keeps its own retry schedule,
+        log and signals. A connect refused at the server's connection limit,
+        or a stale session, does not count as the attempt."""
+        if self._closed:
+            raise MailError("background delivery is shut down; no new messages are taken")
+        future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
+        return self._queue_job(_Job(envelope, future, retries=0))
+
+    def _queue_job(self, job: _Job) -> asyncio.Future[SendResult]:
         self.start()
-        job = _Job(message, envelope, future)
-        future.add_done_callback(lambda _: self._caller_cancelled(job))
+        job.future.add_done_callback(lambda _: self._caller_cancelled(job))
         self._pending.add(job)
         self._idle.clear()
         self._queue.put_nowait(job)
-        return future
+        return job.future
 
     async def close(self) -> None:
         """Stop taking messages, deliver what is pending within
@@ -168,7 +183,8 @@ class Delivery:
                 f"not sent: the app shut down before {job.envelope.message_id} could be "
                 f"delivered (MAIL_SHUTDOWN_TIMEOUT={timeout:g} s)"
             )
-            log.error("Not sent at shutdown: %s", job.envelope.message_id)
+            if job.message is not None:  # (the outbox keeps its own)
+                log.error("Not sent at shutdown: %s", job.envelope.message_id)
             await self._fail(job, error, log_it=False)
         await _cancel_all(set(self._tasks))
 
@@ -280,24 +296,24 @@ class Delivery:
         self._settle(job)
         if not job.future.done():
             job.future.set_result(result)
-        await self._state.dispatched(job.message)
+        if job.message is not None:
+            await self._state.dispatched(job.message)
 
     async def _attempt_failed(self, job: _Job, error: SendError) -> None:
         job.attempts += 1
-        if error.transient and job.attempts <= self._settings.retries and not job.future.done():
-            delay = self._settings.retry_delay * 2 ** (job.attempts - 1)
-            delay *= random.uniform(0.75, 1.25)  # jitter: retries do not come back in a herd
+        if error.transient and job.attempts <= job.retries and not job.future.done():
+            delay = backoff(self._settings.retry_delay, job.attempts)
             log.info(
                 "Retrying %s in %.2f s (attempt %d of %d): %s",
                 job.envelope.message_id,
                 delay,
                 job.attempts + 1,
-                self._settings.retries + 1,
+                job.retries + 1,
                 error,
             )
             job.retry = asyncio.get_running_loop().call_later(delay, self._requeue, job)
             return
-        if error.transient:
+        if error.transient and job.retries:
             error.add_note(f"gave up after {job.attempts} attempts (MAIL_RETRIES)")
         await self._fail(job, error)
 
@@ -307,7 +323,7 @@ class Delivery:
 
     async def _fail(self, job: _Job, error: MailError, *, log_it: bool = True) -> None:
         self._settle(job)
-        if log_it:
+        if log_it and job.message is not None:
             log.error(
                 "Not sent: %s (SMTP code %s): %s",
                 job.envelope.message_id,
@@ -319,7 +335,8 @@ class Delivery:
             # The caller may have dropped the future: the failure is logged and
             # signalled, so mark it retrieved ("exception was never retrieved").
             job.future.exception()
-        await notify(email_failed, job.message, app=self._state.app, error=error)
+        if job.message is not None:
+            await notify(email_failed, job.message, app=self._state.app, error=error)
 
     def _settle(self, job: _Job) -> None:
         self._pending.discard(job)
@@ -341,6 +358,14 @@ class Delivery:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def backoff(first: float, attempt: int) -> float:
+    """Seconds to wait before retry number *attempt* (1, 2, ...): *first*
+    doubled each time, at most an hour, with jitter so that retries do not
+    come back in a herd."""
+    delay = min(_MAX_RETRY_DELAY, first * 2.0 ** min(attempt - 1, 60))
+    return delay * random.uniform(0.75, 1.25)
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quart import Quart, current_app, has_app_context
 
@@ -22,6 +22,12 @@ from .message import Envelope, Message
 from .settings import MailSettings
 from .signals import email_dispatched, notify
 from .smtp import SendResult, SMTPSession, SMTPSettings
+
+if TYPE_CHECKING:
+    # Only the outbox needs SQLAlchemy: quartmail imports it when it is used.
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .outbox import Outbox
 
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
 
@@ -34,6 +40,7 @@ class MailState:
         self.settings = settings
         self.outboxes: list[list[Message]] = []  # open record_messages() blocks
         self.delivery = Delivery(self)
+        self.outbox: Outbox | None = None
         self._smtp: SMTPSettings = settings.smtp
 
     def __repr__(self) -> str:
@@ -44,9 +51,13 @@ class MailState:
         if self.delivery.closed:  # a second lifespan of the same app
             self.delivery = Delivery(self)
         self.delivery.start()
+        if self.outbox is not None:
+            await self.outbox.start()
 
     async def shutdown(self) -> None:
-        """The app's ``after_serving``: drain background delivery."""
+        """The app's ``after_serving``: stop the outbox, drain background delivery."""
+        if self.outbox is not None:
+            await self.outbox.close()
         await self.delivery.close()
 
     def envelope(self, message: Message) -> Envelope:
@@ -113,6 +124,25 @@ class Mail:
         # Quart drains its own background tasks before after_serving.
         app.before_serving(state.startup)
         app.after_serving(state.shutdown)
+
+    def init_outbox(self, app: Quart, engine: AsyncEngine) -> Outbox:
+        """Keep *app*'s mail in a durable outbox in *engine*'s database (call
+        after :meth:`init_app`). Its table is created at start-up if missing,
+        and a dispatcher runs from start-up to shutdown; see
+        :mod:`quartmail.outbox`. Then use :attr:`outbox` to enqueue."""
+        from .outbox import Outbox  # SQLAlchemy only when the outbox is used
+
+        state: MailState = app.extensions["mail"]
+        state.outbox = Outbox(state, engine)
+        return state.outbox
+
+    @property
+    def outbox(self) -> Outbox:
+        """The current app's outbox: ``await mail.outbox.enqueue(session, message)``."""
+        outbox = self.state.outbox
+        if outbox is None:
+            raise RuntimeError("This app has no outbox: call mail.init_outbox(app, engine)")
+        return outbox
 
     @property
     def state(self) -> MailState:

@@ -37,6 +37,13 @@ RETRY_DELAY = 1.0
 # shutdown_timeout (60 s); hypercorn.toml leaves room for it.
 SHUTDOWN_TIMEOUT = 5.0
 
+# The outbox. A lease must outlast any send (a connect and a few commands,
+# each up to MAIL_TIMEOUT); past it, another dispatcher sends the row again.
+OUTBOX_LEASE = 300.0
+# How often a dispatcher looks for retries and expired leases; new mail wakes
+# it at once (NOTIFY on PostgreSQL, a commit in the same process).
+OUTBOX_POLL = 1.0
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -54,6 +61,9 @@ class MailSettings:
     retries: int
     retry_delay: float
     shutdown_timeout: float
+    outbox: bool  # MAIL_OUTBOX: for the app to decide; the outbox needs its engine
+    outbox_lease: float
+    outbox_poll: float
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, testing: bool, debug: bool) -> MailSettings:
@@ -102,6 +112,9 @@ class MailSettings:
             retries=reader.number("MAIL_RETRIES", RETRIES, low=0, high=100),
             retry_delay=reader.seconds("MAIL_RETRY_DELAY", RETRY_DELAY),
             shutdown_timeout=reader.seconds("MAIL_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT),
+            outbox=reader.flag("MAIL_OUTBOX", False),
+            outbox_lease=reader.seconds("MAIL_OUTBOX_LEASE", OUTBOX_LEASE),
+            outbox_poll=reader.seconds("MAIL_OUTBOX_POLL", OUTBOX_POLL),
             smtp=SMTPSettings(
                 hostname=server,
                 port=port,

@@ -59,7 +59,9 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
         if dev_mail is not None:
             dev_mail.close()
         raise
-    Database(app)  # after Mail: the engine is disposed after the mail drain
+    database = Database(app)  # after Mail: the engine is disposed after the mail drain
+    if app.extensions["mail"].settings.outbox:
+        mail.init_outbox(app, database.engine)
     if dev_mail is not None:
         dev_mail.register(app)  # after Mail: stops after the mail drain
     schema.init_app(app)

@@ -35,7 +35,9 @@ async def sign_up(name: str) -> tuple[User, bool]:
     user and whether it is new. A known name changes nothing and sends nothing.
 
     The admin mail is rendered before the commit (a template error rolls the
-    sign-up back) and queued after it (no mail about a user that was not stored).
+    sign-up back). With the outbox (``MAIL_OUTBOX``) it is committed with the
+    user, in one transaction; without, it is queued after the commit (no mail
+    about a user that was not stored).
     """
     admin = current_app.config.get("FLASKY_ADMIN")
     async with Database.session() as session:
@@ -49,6 +51,9 @@ async def sign_up(name: str) -> tuple[User, bool]:
             await session.flush()
             if admin:
                 message = await render_email(admin, "New User", "mail/new_user", user=user)
+                if mail.state.outbox is not None:
+                    await mail.outbox.enqueue(session, message)
+                    message = None  # the outbox sends it
             await session.commit()
         except IntegrityError:
             # The same name signed up a moment ago, in another request.

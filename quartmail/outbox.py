@@ -1,0 +1,489 @@
+"""The durable outbox: mail as durable as the row that caused it.
+
+:meth:`Outbox.enqueue` adds the flattened message to the ``mail_outbox``
+table in the caller's own SQLAlchemy session, so the mail is committed with
+the rest of the transaction or not at all. Each app process runs one
+dispatcher, started and stopped with the app's lifespan. It claims due rows
+in small batches (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
+that many processes share the work; SQLite serializes writers, which gives
+the same guarantee on one machine), marks them ``sending`` with a lease,
+sends them over the background delivery pool, then marks them ``sent`` or
+schedules the retry (``MAIL_RETRIES``, ``MAIL_RETRY_DELAY``) or marks them
+``failed`` with the last error. A lease that expires (its process died
+mid-send) makes the row due again.
+
+New rows are picked up at once: a PostgreSQL ``NOTIFY`` sent in the
+enqueueing transaction (delivered only if it commits) wakes every dispatcher,
+and a commit in this process wakes its own; otherwise a poll every
+``MAIL_OUTBOX_POLL`` seconds finds retries and expired leases.
+
+Delivery is at least once: a process killed after the server accepted a
+message but before its row was marked sent sends it again after the lease.
+The Message-ID is stored with the bytes, so it is the same on every resend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.parser
+import email.policy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    and_,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .delivery import backoff
+from .errors import MailError, SendError
+from .message import Envelope, Message
+from .signals import email_dispatched, email_failed, notify
+from .smtp import SendResult
+
+if TYPE_CHECKING:
+    from .extension import MailState
+
+__all__ = ["Outbox", "OutboxBase", "OutboxMessage", "OutboxStatus"]
+
+log = logging.getLogger("quartmail.outbox")
+
+_CHANNEL = "quartmail_outbox"
+
+
+class _UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every database (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class OutboxBase(DeclarativeBase):
+    """The outbox's own metadata: ``OutboxBase.metadata.create_all`` (or an
+    Alembic migration) makes its table in the app's database."""
+
+
+class OutboxMessage(OutboxBase):
+    """One message in the outbox."""
+
+    __tablename__ = "mail_outbox"
+    __table_args__ = (Index("ix_mail_outbox_due", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(998), index=True)
+    sender: Mapped[str] = mapped_column(Text)
+    recipients: Mapped[list[str]] = mapped_column(JSON)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    mail_options: Mapped[list[str]] = mapped_column(JSON)
+    rcpt_options: Mapped[list[str]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))  # queued, sending, sent, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(_UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(_UTCDateTime(), nullable=True)
+    last_error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(_UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(_UTCDateTime(), nullable=True)
+
+    def envelope(self) -> Envelope:
+        return Envelope(
+            sender=self.sender,
+            recipients=list(self.recipients),
+            data=self.data,
+            message_id=self.message_id,
+            mail_options=list(self.mail_options),
+            rcpt_options=list(self.rcpt_options),
+        )
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """Counts by state, and the age in seconds of the oldest queued message."""
+
+    counts: dict[str, int]
+    oldest_queued_age: float | None
+
+
+@dataclass(eq=False)
+class _Claimed:
+    id: int
+    attempts: int
+    envelope: Envelope
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outbox:
+    """The durable outbox of one app; see :meth:`quartmail.Mail.init_outbox`."""
+
+    def __init__(self, state: MailState, engine: AsyncEngine) -> None:
+        self._state = state
+        self.engine = engine
+        settings = state.settings
+        self._lease = timedelta(seconds=settings.outbox_lease)
+        self._poll = settings.outbox_poll
+        # Enough claimed to keep every pooled session busy, few enough that
+        # a dying process strands little behind its lease.
+        self._batch = settings.pool_size * 2
+        self._postgres = engine.dialect.name == "postgresql"
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight: dict[asyncio.Future[SendResult], _Claimed] = {}
+        self._listener: Any = None  # the PostgreSQL connection that LISTENs
+
+    def __repr__(self) -> str:
+        return (
+            f"<Outbox {self.engine.url.render_as_string(hide_password=True)} "
+            f"in_flight={len(self._in_flight)}>"
+        )
+
+    # The API for apps
+
+    async def enqueue(self, session: AsyncSession, message: Message) -> str:
+        """Add *message* to the outbox in *session*'s transaction; it is sent
+        once that commits (and never if it rolls back). Returns its Message-ID.
+
+        The message is checked here: :class:`~quartmail.MessageError` and
+        :class:`~quartmail.BadHeaderError` are raised before anything is
+        added. With ``MAIL_SUPPRESS_SEND`` on, the message is recorded
+        (``record_messages``) and not stored.
+        """
+        envelope = self._state.envelope(message)
+        if self._state.settings.suppress_send:
+            await self._state.dispatched(message)
+            return envelope.message_id
+        now = _now()
+        session.add(
+            OutboxMessage(
+                message_id=envelope.message_id,
+                sender=envelope.sender,
+                recipients=envelope.recipients,
+                data=envelope.data,
+                mail_options=envelope.mail_options,
+                rcpt_options=envelope.rcpt_options,
+                state="queued",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+        if self._postgres:
+            # Transactional: delivered to the listeners only on commit.
+            await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": _CHANNEL})
+        loop = asyncio.get_running_loop()
+        event.listen(
+            session.sync_session,
+            "after_commit",
+            lambda _: loop.call_soon(self._wake.set),
+            once=True,
+        )
+        return envelope.message_id
+
+    async def status(self) -> OutboxStatus:
+        """Counts by state, and how long the oldest queued message has waited."""
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                select(OutboxMessage.state, func.count()).group_by(OutboxMessage.state)
+            )
+            counts = {state: count for state, count in rows}
+            oldest = await connection.scalar(
+                select(func.min(OutboxMessage.created_at)).where(OutboxMessage.state == "queued")
+            )
+        age = None
+        if oldest is not None:
+            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+            age = (_now() - oldest).total_seconds()
+        return OutboxStatus(counts=counts, oldest_queued_age=age)
+
+    async def retry(self, ids: Sequence[int] = (), *, failed: bool = False) -> int:
+        """Queue the given failed messages (or every failed one) again, now;
+        returns how many."""
+        condition = OutboxMessage.state == "failed"
+        if not failed:
+            condition = and_(condition, OutboxMessage.id.in_(list(ids)))
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(OutboxMessage)
+                .where(condition)
+                .values(state="queued", attempts=0, next_attempt_at=_now())
+            )
+        self._wake.set()
+        return int(result.rowcount)
+
+    async def purge(self, sent_before: datetime) -> int:
+        """Delete messages sent before *sent_before*; returns how many."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                delete(OutboxMessage).where(
+                    OutboxMessage.state == "sent", OutboxMessage.sent_at < sent_before
+                )
+            )
+        return int(result.rowcount)
+
+    # The dispatcher
+
+    async def create_table(self) -> None:
+        """Create the ``mail_outbox`` table if it does not exist."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(OutboxBase.metadata.create_all)
+
+    async def start(self) -> None:
+        """Create the table if needed and start this process's dispatcher."""
+        if self._task is not None:
+            return
+        await self.create_table()
+        self._stopping = False
+        if self._postgres:
+            await self._listen()
+        self._task = asyncio.create_task(self._run(), name="quartmail-outbox")
+
+    async def close(self) -> None:
+        """Stop claiming, let what is in flight finish (within
+        ``MAIL_SHUTDOWN_TIMEOUT``), record the outcomes, and hand back what
+        is left to the next dispatcher (its rows are queued again)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            task, self._task = self._task, None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._state.settings.shutdown_timeout):
+                    await asyncio.shield(task)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        left = list(self._in_flight.values())
+        for future in list(self._in_flight):
+            future.cancel()  # may or may not have reached the server: at least once
+        self._in_flight.clear()
+        if left:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    update(OutboxMessage)
+                    .where(
+                        OutboxMessage.id.in_([c.id for c in left]), OutboxMessage.state == "sending"
+                    )
+                    .values(state="queued", lease_until=None)
+                )
+            log.warning("%d outbox messages left for the next dispatcher", len(left))
+        await self._unlisten()
+
+    async def _run(self) -> None:
+        delivery = self._state.delivery
+        while True:
+            self._wake.clear()
+            outcomes = [(f, c) for f, c in self._in_flight.items() if f.done()]
+            if outcomes:
+                await self._record(outcomes)
+            if self._stopping:
+                if not self._in_flight:
+                    return
+            else:
+                room = self._batch - len(self._in_flight)
+                claimed = await self._claim(room) if room > 0 else []
+                for item in claimed:
+                    future = delivery.attempt(item.envelope)
+                    self._in_flight[future] = item
+                    future.add_done_callback(lambda _: self._wake.set())
+                if claimed and len(claimed) < room:
+                    continue  # there may be more due; a full batch waits for results
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll):
+                    await self._wake.wait()
+
+    async def _claim(self, limit: int) -> list[_Claimed]:
+        now = _now()
+        due = or_(
+            and_(OutboxMessage.state == "queued", OutboxMessage.next_attempt_at <= now),
+            and_(OutboxMessage.state == "sending", OutboxMessage.lease_until < now),
+        )
+        # SKIP LOCKED: concurrent dispatchers take disjoint rows without
+        # waiting for each other (ignored by SQLite, which has one writer).
+        candidates = (
+            select(OutboxMessage.id)
+            .where(due)
+            .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(candidates.scalar_subquery()))
+            .values(state="sending", lease_until=now + self._lease)
+            .returning(
+                OutboxMessage.id,
+                OutboxMessage.attempts,
+                OutboxMessage.message_id,
+                OutboxMessage.sender,
+                OutboxMessage.recipients,
+                OutboxMessage.data,
+                OutboxMessage.mail_options,
+                OutboxMessage.rcpt_options,
+            )
+        )
+        try:
+            async with self.engine.begin() as connection:
+                rows = (await connection.execute(statement)).all()
+        except Exception:
+            # The database is away: try again at the next poll.
+            log.exception("Could not claim outbox messages")
+            return []
+        return [
+            _Claimed(
+                id=row.id,
+                attempts=row.attempts,
+                envelope=Envelope(
+                    sender=row.sender,
+                    recipients=list(row.recipients),
+                    data=row.data,
+                    message_id=row.message_id,
+                    mail_options=list(row.mail_options),
+                    rcpt_options=list(row.rcpt_options),
+                ),
+            )
+            for row in sorted(rows, key=lambda row: row.id)
+        ]
+
+    async def _record(self, outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]]) -> None:
+        now = _now()
+        sent: list[_Claimed] = []
+        for future, item in outcomes:
+            del self._in_flight[future]
+            if future.cancelled():
+                continue  # close() hands these back
+            error = future.exception()
+            if error is None:
+                sent.append(item)
+        try:
+            async with self.engine.begin() as connection:
+                if sent:
+                    await connection.execute(
+                        update(OutboxMessage)
+                        .where(OutboxMessage.id.in_([item.id for item in sent]))
+                        .values(state="sent", sent_at=now, lease_until=None)
+                    )
+                for future, item in outcomes:
+                    if future.cancelled() or future.exception() is None:
+                        continue
+                    await connection.execute(
+                        update(OutboxMessage)
+                        .where(OutboxMessage.id == item.id)
+                        .values(**self._after_failure(item, future.exception(), now))
+                    )
+        except Exception:
+            # The rows stay "sending": their lease expires and they are sent
+            # again, a duplicate rather than a loss.
+            log.exception("Could not record the outcome of %d outbox messages", len(outcomes))
+            return
+        await self._signal(outcomes)
+
+    def _after_failure(
+        self, item: _Claimed, error: BaseException | None, now: datetime
+    ) -> dict[str, Any]:
+        attempts = item.attempts + 1
+        code = getattr(error, "code", None)
+        values: dict[str, Any] = {
+            "attempts": attempts,
+            "lease_until": None,
+            "last_error_code": code,
+            "last_error": str(error)[:2000],
+        }
+        settings = self._state.settings
+        transient = isinstance(error, SendError) and error.transient
+        if transient and attempts <= settings.retries:
+            delay = backoff(settings.retry_delay, attempts)
+            values.update(state="queued", next_attempt_at=now + timedelta(seconds=delay))
+            log.info("Outbox: retrying %s in %.2f s: %s", item.envelope.message_id, delay, error)
+        else:
+            values["state"] = "failed"
+            log.error("Not sent: %s (SMTP code %s): %s", item.envelope.message_id, code, error)
+        return values
+
+    async def _signal(self, outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]]) -> None:
+        # The Message object stayed with the process that enqueued it; the
+        # receivers get one rebuilt from the stored headers.
+        app = self._state.app
+        for future, item in outcomes:
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is None and email_dispatched.receivers:
+                await notify(email_dispatched, _rebuilt(item.envelope), app=app)
+            elif error is not None and email_failed.receivers:
+                failure = error if isinstance(error, MailError) else MailError(str(error))
+                await notify(email_failed, _rebuilt(item.envelope), app=app, error=failure)
+
+    # PostgreSQL LISTEN
+
+    async def _listen(self) -> None:
+        try:
+            connection = await self.engine.connect()
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            await driver.add_listener(_CHANNEL, self._notified)  # type: ignore[union-attr]
+        except Exception:
+            log.warning("No LISTEN on PostgreSQL; polling every %g s", self._poll, exc_info=True)
+            return
+        self._listener = connection
+
+    def _notified(self, *args: object) -> None:
+        self._wake.set()
+
+    async def _unlisten(self) -> None:
+        connection, self._listener = self._listener, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                raw = await connection.get_raw_connection()
+                await raw.driver_connection.remove_listener(_CHANNEL, self._notified)
+            await connection.close()
+
+
+_header_parser = email.parser.BytesHeaderParser(policy=email.policy.default)
+
+
+def _rebuilt(envelope: Envelope) -> Message:
+    """A Message with the subject, sender, recipients and Message-ID of a
+    stored one (not its bodies or attachments), for signal receivers."""
+    headers = _header_parser.parsebytes(envelope.data)
+    message = Message(
+        str(headers.get("Subject", "")),
+        sender=envelope.sender,
+        recipients=list(envelope.recipients),
+    )
+    message.msg_id = envelope.message_id
+    return message

@@ -1,0 +1,273 @@
+"""The durable outbox, on SQLite and on PostgreSQL, against the real SMTP test server.
+
+PostgreSQL tests use QUARTMAIL_TEST_POSTGRES (default: the database .ci/run
+creates) and skip, saying so, when no server answers there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from quart import Quart
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from quartmail import Mail, Message, email_dispatched
+from quartmail.app.models import Base as AppBase
+from quartmail.outbox import OutboxBase, OutboxMessage
+from quartmail.testing import SMTPTestServer
+
+from conftest import SENDER, postgres_url
+
+FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05}
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """An empty database (no outbox or app tables) on SQLite (a file) or PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/outbox.db"
+    else:
+        url = await postgres_url()
+    engine = create_async_engine(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(OutboxBase.metadata.drop_all)
+        await connection.run_sync(AppBase.metadata.drop_all)
+    yield engine
+    await engine.dispose()
+
+
+def make_app(engine: AsyncEngine, server: SMTPTestServer, **config: Any) -> tuple[Quart, Mail]:
+    app = Quart(__name__)
+    app.config.update(server.mail_config(), MAIL_DEFAULT_SENDER=SENDER, **FAST)
+    app.config.update(config)
+    mail = Mail(app)
+    mail.init_outbox(app, engine)
+    return app, mail
+
+
+def message(n: int = 0) -> Message:
+    return Message(f"outbox {n}", recipients=["admin@example.com"], body=f"body {n}")
+
+
+async def rows(engine: AsyncEngine) -> list[OutboxMessage]:
+    async with engine.connect() as connection:
+        result = await connection.execute(select(OutboxMessage).order_by(OutboxMessage.id))
+        return [OutboxMessage(**row._mapping) for row in result]
+
+
+async def wait_for(condition: Callable[[], Any], within: float = 10.0) -> None:
+    async with asyncio.timeout(within):
+        while not await condition():  # noqa: ASYNC110 (a database has no event to wait on)
+            await asyncio.sleep(0.02)
+
+
+async def test_enqueue_is_part_of_the_callers_transaction(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(engine, smtp_server)
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message(1))
+            await session.rollback()
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            kept = await mail.outbox.enqueue(session, message(2))
+            await session.commit()
+        await smtp_server.wait_for_messages(1)
+    [received] = smtp_server.messages
+    assert received.parsed()["Message-ID"] == kept
+    assert received.parsed()["Subject"] == "outbox 2"
+    [row] = await rows(engine)
+    assert (row.state, row.message_id, row.attempts) == ("sent", kept, 0)
+    assert row.sent_at is not None
+
+
+async def test_rows_of_a_killed_process_are_sent_when_their_lease_expires(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(engine, smtp_server, MAIL_OUTBOX_LEASE=60)
+    now = datetime.now(UTC)
+    async with app.app_context():
+        envelopes = [mail.state.envelope(message(n)) for n in range(3)]
+    async with engine.begin() as connection:
+        await connection.run_sync(OutboxBase.metadata.create_all)
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        for envelope, lease in zip(envelopes, [-1, -1, 30], strict=True):
+            # Left "sending" by a process that died: two leases have expired,
+            # one has 30 s to go.
+            session.add(
+                OutboxMessage(
+                    message_id=envelope.message_id,
+                    sender=envelope.sender,
+                    recipients=envelope.recipients,
+                    data=envelope.data,
+                    mail_options=[],
+                    rcpt_options=[],
+                    state="sending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    lease_until=now + timedelta(seconds=lease),
+                    created_at=now,
+                )
+            )
+        await session.commit()
+    async with app.test_app():
+        await smtp_server.wait_for_messages(2)
+        await asyncio.sleep(0.2)  # several polls: the third is still leased
+    sent = {m.parsed()["Message-ID"] for m in smtp_server.messages}
+    assert sent == {envelopes[0].message_id, envelopes[1].message_id}
+    states = [row.state for row in await rows(engine)]
+    assert states == ["sent", "sent", "sending"]
+
+
+async def test_a_permanent_failure_ends_failed_with_its_error(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    smtp_server.data_replies.append("554 5.6.0 Rejected content")
+    app, mail = make_app(engine, smtp_server)
+
+    async def failed() -> bool:
+        return [row.state for row in await rows(engine)] == ["failed"]
+
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message())
+            await session.commit()
+        await wait_for(failed)
+        status = await mail.outbox.status()
+    [row] = await rows(engine)
+    assert row.last_error_code == 554
+    assert row.last_error is not None and "Rejected content" in row.last_error
+    assert row.attempts == 1
+    assert smtp_server.data_attempts == 1
+    assert status.counts == {"failed": 1}
+
+
+async def test_transient_failures_are_retried_from_the_table(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    smtp_server.data_replies.extend(["451 4.3.0 Try again later", "421 4.3.2 Closing"])
+    app, mail = make_app(engine, smtp_server)
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message())
+            await session.commit()
+        await smtp_server.wait_for_messages(1)
+    [row] = await rows(engine)
+    assert (row.state, row.attempts) == ("sent", 2)
+    assert row.last_error_code == 421  # the last error is kept for the record
+    assert smtp_server.data_attempts == 3
+
+
+async def test_smtp_server_down_then_back_delivers_everything(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(engine, smtp_server, MAIL_RETRIES=10)
+    await smtp_server.stop()
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            for n in range(20):
+                await mail.outbox.enqueue(session, message(n))
+            await session.commit()
+        await asyncio.sleep(0.3)
+        await smtp_server.restart()
+        await smtp_server.wait_for_messages(20)
+    assert {m.parsed()["Subject"] for m in smtp_server.messages} == {
+        f"outbox {n}" for n in range(20)
+    }
+    assert {row.state for row in await rows(engine)} == {"sent"}
+
+
+async def test_retry_and_purge(engine: AsyncEngine, smtp_server: SMTPTestServer) -> None:
+    smtp_server.data_replies.append("550 5.1.1 Mailbox unavailable")
+    app, mail = make_app(engine, smtp_server)
+
+    async def state_is(state: str) -> bool:
+        return [row.state for row in await rows(engine)] == [state]
+
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message())
+            await session.commit()
+        await wait_for(lambda: state_is("failed"))
+        assert await mail.outbox.retry(failed=True) == 1
+        await wait_for(lambda: state_is("sent"))
+        assert await mail.outbox.purge(datetime.now(UTC) - timedelta(days=1)) == 0
+        assert await mail.outbox.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert await rows(engine) == []
+    assert len(smtp_server.messages) == 1
+
+
+async def test_delivered_outbox_mail_is_signalled(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    seen: list[Message] = []
+    app, mail = make_app(engine, smtp_server)
+    with email_dispatched.connected_to(lambda m, **_: seen.append(m)):
+        async with app.test_app(), app.app_context():
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                kept = await mail.outbox.enqueue(session, message(7))
+                await session.commit()
+            await smtp_server.wait_for_messages(1)
+            await asyncio.sleep(0.1)
+    assert [(m.subject, m.msg_id) for m in seen] == [("outbox 7", kept)]
+
+
+async def test_many_messages_are_each_sent_once(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(engine, smtp_server, MAIL_POOL_SIZE=4)
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            ids = [await mail.outbox.enqueue(session, message(n)) for n in range(200)]
+            await session.commit()
+        await smtp_server.wait_for_messages(200)
+    received = [m.parsed()["Message-ID"] for m in smtp_server.messages]
+    assert sorted(received) == sorted(ids)
+    async with engine.connect() as connection:
+        assert (
+            await connection.scalar(select(func.count()).where(OutboxMessage.state == "sent"))
+            == 200
+        )
+
+
+async def test_sign_up_stores_the_user_and_its_mail_in_one_commit(
+    engine: AsyncEngine, smtp_server: SMTPTestServer, tmp_path: Path
+) -> None:
+    from quartmail.app import create_app
+
+    await smtp_server.stop()  # the mail must wait, durably, in the table
+    app = create_app(
+        "testing",
+        DATABASE_URL=engine.url.render_as_string(hide_password=False),
+        FLASKY_ADMIN="admin@example.com",
+        MAIL_OUTBOX=True,
+        MAIL_RETRIES=100,  # never "failed" while the server is down
+        MAIL_SHUTDOWN_TIMEOUT=0.5,
+        **FAST,
+        **smtp_server.mail_config(),  # (MAIL_SUPPRESS_SEND=False among them)
+    )
+    async with app.test_app() as test_app:
+        response = await test_app.test_client().post("/api/users", json={"name": "Ada"})
+        assert response.status_code == 201
+    [row] = await rows(engine)
+    assert row.state == "queued"  # kept for the next start, not lost at shutdown
+    assert b"Subject: [Flasky] New User" in row.data
+
+    await smtp_server.restart()
+    app = create_app(
+        "testing",
+        DATABASE_URL=engine.url.render_as_string(hide_password=False),
+        MAIL_OUTBOX=True,
+        **FAST,
+        **smtp_server.mail_config(),
+    )
+    async with app.test_app():
+        [received] = await smtp_server.wait_for_messages(1)
+    assert received.parsed()["Message-ID"] == row.message_id
