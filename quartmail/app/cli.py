@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import click
 from quart import Quart
 
 from quartmail import MailError, Message
+from quartmail.outbox import Outbox
 
 from .db import Database
 from .extensions import mail
@@ -33,6 +35,36 @@ def register_commands(app: Quart) -> None:
     def create_db() -> None:
         """Create the database tables that do not exist yet."""
         asyncio.run(_serving(app, lambda: _create_db(app)))
+
+    @app.cli.group("outbox")
+    def outbox() -> None:
+        """Look after the mail outbox (MAIL_OUTBOX)."""
+
+    @outbox.command("status")
+    def outbox_status() -> None:
+        """Count the messages by state; show the oldest queued one's age."""
+        asyncio.run(_with_outbox(app, _status))
+
+    @outbox.command("retry")
+    @click.argument("ids", nargs=-1, type=int)
+    @click.option("--failed", is_flag=True, help="Queue every failed message again.")
+    def outbox_retry(ids: tuple[int, ...], failed: bool) -> None:
+        """Queue failed messages (by ID, or all with --failed) to be sent again."""
+        if not ids and not failed:
+            raise click.UsageError("give message IDs, or --failed for all failed messages")
+        asyncio.run(_with_outbox(app, lambda outbox: _retry(outbox, ids, failed)))
+
+    @outbox.command("purge")
+    @click.option(
+        "--sent-before",
+        "days",
+        type=click.FloatRange(min=0),
+        required=True,
+        help="Delete messages sent more than DAYS days ago.",
+    )
+    def outbox_purge(days: float) -> None:
+        """Delete sent messages older than --sent-before DAYS."""
+        asyncio.run(_with_outbox(app, lambda outbox: _purge(outbox, days)))
 
 
 async def _serving(app: Quart, command: Callable[[], Awaitable[None]]) -> None:
@@ -62,6 +94,37 @@ async def _send_test_mail(app: Quart, address: str) -> None:
     click.echo(f"Sent {result.message_id} to {address} via {where}")
     for refused, (code, text) in result.refused.items():
         click.echo(f"Refused: {refused}: {code} {text}")
+
+
+async def _with_outbox(app: Quart, command: Callable[[Outbox], Awaitable[None]]) -> None:
+    # No lifespan here: the app's dispatcher must not start sending from a
+    # command that only looks at the table.
+    database = Database.of(app)
+    state = app.extensions["mail"]
+    outbox = state.outbox or Outbox(state, database.engine)
+    try:
+        await outbox.create_table()
+        await command(outbox)
+    finally:
+        await database.engine.dispose()
+
+
+async def _status(outbox: Outbox) -> None:
+    status = await outbox.status()
+    for state in ("queued", "sending", "sent", "failed"):
+        click.echo(f"{state:8} {status.counts.get(state, 0)}")
+    if status.oldest_queued_age is not None:
+        click.echo(f"oldest queued: {status.oldest_queued_age:.0f} s ago")
+
+
+async def _retry(outbox: Outbox, ids: tuple[int, ...], failed: bool) -> None:
+    count = await outbox.retry(ids, failed=failed)
+    click.echo(f"{count} message(s) queued again")
+
+
+async def _purge(outbox: Outbox, days: float) -> None:
+    count = await outbox.purge(datetime.now(UTC) - timedelta(days=days))
+    click.echo(f"{count} sent message(s) deleted")
 
 
 async def _create_db(app: Quart) -> None:
