@@ -118,14 +118,8 @@ class OutboxMessage(OutboxBase):
     sent_at: Mapped[datetime | None] = mapped_column(_UTCDateTime(), nullable=True)
 
     def envelope(self) -> Envelope:
-        return Envelope(
-            sender=self.sender,
-            recipients=list(self.recipients),
-            data=self.data,
-            message_id=self.message_id,
-            mail_options=list(self.mail_options),
-            rcpt_options=list(self.rcpt_options),
-        )
+        """The stored message, ready to send again."""
+        return _envelope(self)
 
 
 @dataclass(frozen=True)
@@ -364,18 +358,7 @@ class Outbox:
             log.exception("Could not claim outbox messages")
             return []
         return [
-            _Claimed(
-                id=row.id,
-                attempts=row.attempts,
-                envelope=Envelope(
-                    sender=row.sender,
-                    recipients=list(row.recipients),
-                    data=row.data,
-                    message_id=row.message_id,
-                    mail_options=list(row.mail_options),
-                    rcpt_options=list(row.rcpt_options),
-                ),
-            )
+            _Claimed(id=row.id, attempts=row.attempts, envelope=_envelope(row))
             for row in sorted(rows, key=lambda row: row.id)
         ]
 
@@ -471,6 +454,18 @@ class Outbox:
                 raw = await connection.get_raw_connection()
                 await raw.driver_connection.remove_listener(_CHANNEL, self._notified)
             await connection.close()
+
+
+def _envelope(row: Any) -> Envelope:
+    """An Envelope from an OutboxMessage, or a result row with its columns."""
+    return Envelope(
+        sender=row.sender,
+        recipients=list(row.recipients),
+        data=row.data,
+        message_id=row.message_id,
+        mail_options=list(row.mail_options),
+        rcpt_options=list(row.rcpt_options),
+    )
 
 
 _header_parser = email.parser.BytesHeaderParser(policy=email.policy.default)
