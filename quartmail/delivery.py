@@ -150,10 +150,10 @@ class Delivery:
         self._queue.put_nowait(job)
         return job.future
 
-    async def close(self) -> None:
-        """Stop taking messages, deliver what is pending within
-        ``MAIL_SHUTDOWN_TIMEOUT``, close every session, and give up (logged
-        by Message-ID) on what is left."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Stop taking messages, deliver what is pending by *deadline* (a
+        loop time; default ``MAIL_SHUTDOWN_TIMEOUT`` from now), close every
+        session, and give up (logged by Message-ID) on what is left."""
         if self._closed:
             return
         self._closed = True
@@ -165,8 +165,10 @@ class Delivery:
                 job.retry = None
                 self._queue.put_nowait(job)
         timeout = self._settings.shutdown_timeout
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + timeout
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._idle.wait()
         self._stopping.set()
         for _ in self._workers:

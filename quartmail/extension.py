@@ -55,10 +55,12 @@ class MailState:
             await self.outbox.start()
 
     async def shutdown(self) -> None:
-        """The app's ``after_serving``: stop the outbox, drain background delivery."""
+        """The app's ``after_serving``: stop the outbox, drain background
+        delivery, both within one ``MAIL_SHUTDOWN_TIMEOUT``."""
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
         if self.outbox is not None:
-            await self.outbox.close()
-        await self.delivery.close()
+            await self.outbox.close(deadline)
+        await self.delivery.close(deadline)
 
     def envelope(self, message: Message) -> Envelope:
         """Check *message*, fill in the default sender, and flatten it."""

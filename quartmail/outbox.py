@@ -71,6 +71,7 @@ __all__ = ["Outbox", "OutboxBase", "OutboxMessage", "OutboxStatus"]
 log = logging.getLogger("quartmail.outbox")
 
 _CHANNEL = "quartmail_outbox"
+_WAKE_PENDING = "quartmail.outbox.wake"  # in session.info
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -266,16 +267,16 @@ class Outbox:
             await self._listen()
         self._task = asyncio.create_task(self._run(), name="quartmail-outbox")
 
-    async def close(self) -> None:
-        """Stop claiming, let what is in flight finish (within
-        ``MAIL_SHUTDOWN_TIMEOUT``), record the outcomes, and hand back what
-        is left to the next dispatcher (its rows are queued again)."""
+    async def close(self, deadline: float) -> None:
+        """Stop claiming, let what is in flight finish by *deadline* (a loop
+        time), record the outcomes, and hand back what is left to the next
+        dispatcher (its rows are queued again)."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             task, self._task = self._task, None
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._state.settings.shutdown_timeout):
+                async with asyncio.timeout_at(deadline):
                     await asyncio.shield(task)
             if not task.done():
                 task.cancel()
