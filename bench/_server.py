@@ -13,6 +13,7 @@ not share one event loop, or one CPU core::
         app.config.update(srv.mail_config())   # the same MAIL_* as SMTPTestServer.mail_config()
         ...
         srv.stats()                 # {"received": ..., "data_attempts": ..., "connections": ...}
+        srv.set_data_delay(0.0)     # change the delay per DATA while the server runs
 
 Lifetime: the child watches its stdin, a pipe from the parent. Leaving the ``with`` block
 closes it and the child stops the server and exits (it is terminated, then killed, if it has
@@ -101,6 +102,13 @@ class ServerProcess:
         reply = self._command("stats")
         return {key: int(value) for key, value in reply.items()}
 
+    def set_data_delay(self, seconds: float) -> None:
+        """Change the server's wait before answering each DATA, from the next DATA on
+        (those already waiting keep their delay): a slow relay that becomes fast, say."""
+        if not seconds >= 0:
+            raise ValueError(f"data_delay must be 0 or more seconds, not {seconds!r}")
+        self._command(f"data_delay {seconds!r}")
+
     def _command(self, command: str) -> dict[str, Any]:
         stdin = self._process.stdin
         if stdin is None or self._process.poll() is not None:
@@ -121,7 +129,8 @@ def smtp_server_process(
     Args:
         tls: ``"none"``, ``"starttls"`` (required before MAIL) or ``"implicit"`` (port 465 style).
         auth: ``(username, password)``; AUTH is then required before MAIL.
-        data_delay: seconds the server waits before answering each DATA (a slow relay).
+        data_delay: seconds the server waits before answering each DATA (a slow relay);
+            see also :meth:`ServerProcess.set_data_delay`.
 
     Raises:
         RuntimeError: if the child fails to start (its traceback is on stderr).
@@ -271,6 +280,9 @@ async def _serve(options: dict[str, Any]) -> None:
                         "connections": server.connections,
                     }
                 )
+            elif command.startswith("data_delay "):
+                server.data_delay = float(command.split()[1])
+                reply({"data_delay": server.data_delay})
             else:
                 reply({"error": f"unknown command {command!r}"})
         drainer.cancel()
