@@ -242,8 +242,8 @@ class Delivery:
         if not isinstance(error, SendError):
             raise error
         if reused and isinstance(error, ConnectError) and not job.reconnected:
-            # The server closed the idle session under us: the message never
-            # reached it. Send it on a fresh session, without an attempt.
+            # Most likely the server closed the idle session under us before
+            # the message: send it on a fresh session, without an attempt.
             job.reconnected = True
             self._queue.put_nowait(job)
             return
