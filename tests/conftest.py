@@ -7,8 +7,16 @@ The SMTP test server fixtures (``smtp_server``, ``smtp_server_factory``,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +35,7 @@ POSTGRES_DEFAULT = "postgresql+asyncpg://quartmail:quartmail@127.0.0.1:5432/quar
 async def postgres_url() -> str:
     """The test PostgreSQL database's URL; skips the test when none answers."""
     url = os.environ.get("QUARTMAIL_TEST_POSTGRES", POSTGRES_DEFAULT)
+    pytest.importorskip("asyncpg", reason="the PostgreSQL tests need asyncpg (the test extra)")
     engine = create_async_engine(url)
     try:
         async with engine.connect():
@@ -54,3 +63,123 @@ def make_mail() -> MakeMail:
         return app, Mail(app)
 
     return make
+
+
+# --- the app served by the real Hypercorn (tests/test_e2e.py, tests/test_browser.py) ---
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_RUNNING_ON = re.compile(r"Running on http://127\.0\.0\.1:(\d+) ")
+
+
+@dataclass
+class ServedApp:
+    """``hypercorn -c hypercorn.toml`` serving the sign-up app, as started by :func:`serve_app`."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def stdout(self) -> str:
+        """What Hypercorn wrote to stdout so far (its access log)."""
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        """What Hypercorn and the app wrote to stderr so far (the error log)."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        """Send SIGTERM to Hypercorn's main process, as a process manager does."""
+        self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout: float) -> int:  # noqa: ASYNC109 (a test's bound)
+        """Wait at most *timeout* seconds for Hypercorn to exit; return its exit code."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.process.wait()
+        except TimeoutError:
+            pytest.fail(f"Hypercorn still running {timeout} s after SIGTERM\n{self.stderr}")
+
+
+@asynccontextmanager
+async def serve_app(
+    app_spec: str, env: Mapping[str, str], log_dir: Path, *, ready_timeout: float = 20.0
+) -> AsyncIterator[ServedApp]:
+    """Serve *app_spec* with ``python -m hypercorn -c hypercorn.toml`` from the repository root
+    on a free loopback port, its environment the test's minus the app's settings, plus *env*.
+
+    Yields once the app has started (Hypercorn logs "Running on" after the app's start-up)
+    and its port accepts connections; fails with Hypercorn's stderr if it exits first or does
+    not get there within *ready_timeout* seconds. Awaiting in between lets the SMTP test server
+    in the test's loop serve the app. On the way out the whole process group (Hypercorn and its
+    worker) is killed unless it has exited: stop it with :meth:`ServedApp.terminate` and
+    :meth:`ServedApp.wait` to test a clean shutdown.
+    """
+    from quartmail.app.config import ENVIRONMENT_KEYS
+
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ENVIRONMENT_KEYS and not key.startswith("QUART_")
+    }
+    environment.update(env)
+    stdout_path, stderr_path = log_dir / "hypercorn.out", log_dir / "hypercorn.err"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hypercorn",
+            "-c",
+            "hypercorn.toml",
+            # Port 0: the kernel picks a free port, which Hypercorn holds from the start
+            # (no race with other programs) and reports in its "Running on" line.
+            "--bind",
+            "127.0.0.1:0",
+            app_spec,
+            cwd=REPO_ROOT,
+            env=environment,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            # Its own process group, so that the clean-up below also reaches the worker.
+            start_new_session=True,
+        )
+    served = ServedApp(process, "", stdout_path, stderr_path)
+    try:
+        served.url = await _wait_until_serving(served, ready_timeout)
+        yield served
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        # A worker whose main process died first (never after a clean exit).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+async def _wait_until_serving(served: ServedApp, timeout: float) -> str:  # noqa: ASYNC109
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if served.process.returncode is not None:
+                    pytest.fail(
+                        f"Hypercorn exited with {served.process.returncode} before serving:\n"
+                        f"{served.stderr}"
+                    )
+                found = _RUNNING_ON.search(served.stderr)
+                if found is not None:
+                    port = int(found.group(1))
+                    try:
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    except OSError:
+                        pass
+                    else:
+                        writer.close()
+                        await writer.wait_closed()
+                        return f"http://127.0.0.1:{port}"
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"Hypercorn did not serve within {timeout} s:\n{served.stderr}")
