@@ -29,6 +29,7 @@ import contextlib
 import email.parser
 import email.policy
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -113,6 +114,8 @@ class OutboxMessage(OutboxBase):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(_UTCDateTime())
     lease_until: Mapped[datetime | None] = mapped_column(_UTCDateTime(), nullable=True)
+    # Which dispatcher holds the lease: its updates touch only rows it still holds.
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     last_error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(_UTCDateTime())
@@ -160,6 +163,9 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._in_flight: dict[asyncio.Future[SendResult], _Claimed] = {}
         self._listener: Any = None  # the PostgreSQL connection that LISTENs
+        # This dispatcher's name on the rows it claims.
+        self._token = secrets.token_hex(16)
+        self._renew_at = 0.0  # loop time to extend the leases of rows in flight
 
     def __repr__(self) -> str:
         return (
@@ -200,14 +206,24 @@ class Outbox:
         if self._postgres:
             # Transactional: delivered to the listeners only on commit.
             await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": _CHANNEL})
-        loop = asyncio.get_running_loop()
-        event.listen(
-            session.sync_session,
-            "after_commit",
-            lambda _: loop.call_soon(self._wake.set),
-            once=True,
-        )
+        self._wake_after_commit(session)
         return envelope.message_id
+
+    def _wake_after_commit(self, session: AsyncSession) -> None:
+        """Wake this process's dispatcher when *session* commits: one
+        listener per transaction, however many messages it enqueues (after a
+        rollback it stays for the next commit, which only wakes us early)."""
+        info = session.info
+        if info.get(_WAKE_PENDING):
+            return
+        info[_WAKE_PENDING] = True
+        loop = asyncio.get_running_loop()
+
+        def wake(_: object) -> None:
+            info.pop(_WAKE_PENDING, None)
+            loop.call_soon(self._wake.set)
+
+        event.listen(session.sync_session, "after_commit", wake, once=True)
 
     async def status(self) -> OutboxStatus:
         """Counts by state, and how long the oldest queued message has waited."""
@@ -290,10 +306,8 @@ class Outbox:
             async with self.engine.begin() as connection:
                 await connection.execute(
                     update(OutboxMessage)
-                    .where(
-                        OutboxMessage.id.in_([c.id for c in left]), OutboxMessage.state == "sending"
-                    )
-                    .values(state="queued", lease_until=None)
+                    .where(OutboxMessage.id.in_([c.id for c in left]), self._held())
+                    .values(state="queued", lease_until=None, claimed_by=None)
                 )
             log.warning("%d outbox messages left for the next dispatcher", len(left))
         await self._unlisten()
@@ -317,9 +331,32 @@ class Outbox:
                     future.add_done_callback(lambda _: self._wake.set())
                 if claimed and len(claimed) < room:
                     continue  # there may be more due; a full batch waits for results
+            await self._renew_leases()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll):
                     await self._wake.wait()
+
+    def _held(self) -> Any:
+        """Rows this dispatcher still holds: no other has taken its lease over."""
+        return and_(OutboxMessage.state == "sending", OutboxMessage.claimed_by == self._token)
+
+    async def _renew_leases(self) -> None:
+        """Extend the leases of the rows in flight, a third of a lease before
+        they would run out, so that a slow send is not taken for a dead process."""
+        loop = asyncio.get_running_loop()
+        if not self._in_flight or loop.time() < self._renew_at:
+            return
+        self._renew_at = loop.time() + self._lease.total_seconds() / 3
+        ids = [item.id for item in self._in_flight.values()]
+        try:
+            async with self.engine.begin() as connection:
+                await connection.execute(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.id.in_(ids), self._held())
+                    .values(lease_until=_now() + self._lease)
+                )
+        except Exception:
+            log.exception("Could not renew the leases of %d outbox messages", len(ids))
 
     async def _claim(self, limit: int) -> list[_Claimed]:
         now = _now()
@@ -339,7 +376,7 @@ class Outbox:
         statement = (
             update(OutboxMessage)
             .where(OutboxMessage.id.in_(candidates.scalar_subquery()))
-            .values(state="sending", lease_until=now + self._lease)
+            .values(state="sending", lease_until=now + self._lease, claimed_by=self._token)
             .returning(
                 OutboxMessage.id,
                 OutboxMessage.attempts,
@@ -378,15 +415,15 @@ class Outbox:
                 if sent:
                     await connection.execute(
                         update(OutboxMessage)
-                        .where(OutboxMessage.id.in_([item.id for item in sent]))
-                        .values(state="sent", sent_at=now, lease_until=None)
+                        .where(OutboxMessage.id.in_([item.id for item in sent]), self._held())
+                        .values(state="sent", sent_at=now, lease_until=None, claimed_by=None)
                     )
                 for future, item in outcomes:
                     if future.cancelled() or future.exception() is None:
                         continue
                     await connection.execute(
                         update(OutboxMessage)
-                        .where(OutboxMessage.id == item.id)
+                        .where(OutboxMessage.id == item.id, self._held())
                         .values(**self._after_failure(item, future.exception(), now))
                     )
         except Exception:
@@ -404,6 +441,7 @@ class Outbox:
         values: dict[str, Any] = {
             "attempts": attempts,
             "lease_until": None,
+            "claimed_by": None,
             "last_error_code": code,
             "last_error": str(error)[:2000],
         }

@@ -271,3 +271,20 @@ async def test_sign_up_stores_the_user_and_its_mail_in_one_commit(
     async with app.test_app():
         [received] = await smtp_server.wait_for_messages(1)
     assert received.parsed()["Message-ID"] == row.message_id
+
+
+async def test_a_send_slower_than_the_lease_is_not_sent_twice(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    # The lease runs out three times over while the server takes its time:
+    # the dispatcher renews it, so nobody takes the row for a dead process's.
+    smtp_server.data_delay = 1.5
+    app, mail = make_app(engine, smtp_server, MAIL_OUTBOX_LEASE=0.5)
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message())
+            await session.commit()
+        await smtp_server.wait_for_messages(1)
+    assert smtp_server.data_attempts == 1
+    [row] = await rows(engine)
+    assert (row.state, row.claimed_by) == ("sent", None)

@@ -1,0 +1,650 @@
+"""The durable outbox across real processes: kill -9, SIGTERM, two dispatchers, the CLI.
+
+Nothing is mocked. The sign-up app runs under the real Hypercorn (``hypercorn.toml``), the
+dispatchers are real Python processes, the database is a real SQLite file or the test
+PostgreSQL (QUARTMAIL_TEST_POSTGRES; skipped, saying so, when none answers; in a database of
+this module's own beside it, when the role may create one), and the mail goes to the SMTP test
+server served in the test's own event loop: every wait on a process is awaited, so that the
+server keeps answering meanwhile.
+
+Run as a script, ``python tests/test_outbox_processes.py DATABASE_URL CONFIG_JSON``, this
+module is one dispatcher of test_two_dispatchers_share_the_outbox_with_no_duplicate: it
+builds an app with ``Mail`` and ``init_outbox``, says ``ready``, waits for a line on stdin,
+runs the app's lifespan until the outbox has nothing queued or sending, and prints the
+Message-IDs it delivered, as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from quart import Quart
+from sqlalchemy import func, make_url, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from quartmail import Mail, Message, email_dispatched
+from quartmail.app.config import ENVIRONMENT_KEYS
+from quartmail.app.models import Base as AppBase
+from quartmail.app.models import User
+from quartmail.outbox import Outbox, OutboxBase, OutboxMessage
+from quartmail.testing import ReceivedMessage, SMTPTestServer
+
+from conftest import SENDER, postgres_url
+
+SCRIPT = Path(__file__).resolve()
+REPO = SCRIPT.parent.parent
+BIN = Path(sys.executable).parent
+ADMIN = "admin@example.com"
+# Every wait on a process or on the mail is bounded by this; generous, for slow CI machines.
+WITHIN = 60.0
+
+Process = asyncio.subprocess.Process
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    message_id: str
+    state: str
+    attempts: int
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    """``(url, engine)`` of an empty database (no outbox or app tables): an SQLite file, or
+    the test PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    else:
+        url = await own_postgres_url()
+    engine = create_async_engine(url)
+    try:
+        await drop_tables(engine)
+        yield url, engine
+    finally:
+        await engine.dispose()
+
+
+async def own_postgres_url() -> str:
+    """The test PostgreSQL (skipping when none answers), in a database of this module's own,
+    ``<test database>_processes``, made here if the role may create one: other test runs
+    drop and fill the tables of the shared test database while these processes run."""
+    shared = make_url(await postgres_url())
+    own = shared.set(database=f"{shared.database}_processes")
+    engine = create_async_engine(shared, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": own.database}
+            )
+            if not exists:
+                await connection.execute(text(f'CREATE DATABASE "{own.database}"'))
+    except DBAPIError as error:
+        if "already exists" not in str(error):  # (made meanwhile by another run)
+            logger.warning("Sharing the database %s: %s", shared.database, error)
+            own = shared
+    finally:
+        await engine.dispose()
+    return own.render_as_string(hide_password=False)
+
+
+async def drop_tables(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(OutboxBase.metadata.drop_all)
+        await connection.run_sync(AppBase.metadata.drop_all)
+
+
+async def outbox_rows(engine: AsyncEngine) -> list[Row]:
+    async with engine.connect() as connection:
+        result = await connection.execute(
+            select(
+                OutboxMessage.id,
+                OutboxMessage.message_id,
+                OutboxMessage.state,
+                OutboxMessage.attempts,
+            ).order_by(OutboxMessage.id)
+        )
+        return [Row(*row) for row in result]
+
+
+def message_id(received: ReceivedMessage) -> str:
+    return str(received.parsed()["Message-ID"])
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], what: str, within: float = WITHIN
+) -> None:
+    """Wait until *condition* holds, checking every 50 ms, for at most *within* seconds."""
+    try:
+        async with asyncio.timeout(within):
+            while not await condition():  # noqa: ASYNC110 (a database has no event to wait on)
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {within} s: {what}") from None
+
+
+def clean_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any of the app's settings, plus *settings*."""
+    env = {key: value for key, value in os.environ.items() if key not in ENVIRONMENT_KEYS}
+    env.pop("QUART_APP", None)
+    env.update(settings)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def http(port: int, method: str, path: str, body: object = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a new connection (``Connection: close``): status and body."""
+    data = b"" if body is None else json.dumps(body).encode()
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+        f"Content-Length: {len(data)}\r\n"
+    )
+    if body is not None:
+        head += "Content-Type: application/json\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode() + b"\r\n" + data)
+        response = await reader.read()  # to the end: the server closes after its response
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    status_line, _, rest = response.partition(b"\r\n")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionError(f"no HTTP response: {response[:200]!r}")
+    return int(parts[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def tail(log: Path, lines: int = 40) -> str:
+    content = log.read_text(errors="replace") if log.exists() else ""
+    return "\n".join(content.splitlines()[-lines:])
+
+
+# --- Hypercorn ----------------------------------------------------------------------------
+
+
+def app_environment(database_url: str, server: SMTPTestServer, **settings: str) -> dict[str, str]:
+    """The environment of the production app, with the outbox, sending to *server*."""
+    return clean_environment(
+        SECRET_KEY="outbox-processes-test-secret",
+        DATABASE_URL=database_url,
+        FLASKY_ADMIN=ADMIN,
+        MAIL_SERVER=server.host,
+        MAIL_PORT=str(server.port),
+        MAIL_TIMEOUT="40",
+        MAIL_POOL_SIZE=str(POOL_SIZE),
+        MAIL_OUTBOX="true",
+        MAIL_OUTBOX_POLL="0.1",
+        **settings,
+    )
+
+
+async def start_hypercorn(env: dict[str, str], port: int, log: Path) -> Process:
+    """Serve the production app under Hypercorn, in a process group of its own (the master
+    and its worker), its output appended to *log*."""
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        return await asyncio.create_subprocess_exec(
+            str(BIN / "hypercorn"),
+            "-c",
+            "hypercorn.toml",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "quartmail.app:create_app('production')",
+            cwd=REPO,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        os.close(out)
+
+
+async def wait_until_serving(process: Process, port: int, log: Path) -> None:
+    async def serving() -> bool:
+        if process.returncode is not None:
+            raise AssertionError(f"Hypercorn exited with {process.returncode}:\n{tail(log)}")
+        try:
+            async with asyncio.timeout(5):
+                status, _ = await http(port, "GET", "/api/users/0")
+        except OSError:  # refused, reset, or no answer yet (TimeoutError)
+            return False
+        return status == 404
+
+    await eventually(serving, f"Hypercorn serving on port {port}")
+
+
+async def reap(process: Process) -> None:
+    """Kill the process group of *process* if its master still runs; wait for the master."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+# --- 1. kill -9 and SIGTERM under Hypercorn ------------------------------------------------
+
+SIGN_UPS = 200
+POOL_SIZE = 2
+BATCH = 2 * POOL_SIZE  # what one dispatcher claims at most (Outbox._batch)
+
+
+async def test_kill_9_under_hypercorn_loses_no_mail(
+    database: tuple[str, AsyncEngine], smtp_server: SMTPTestServer, tmp_path: Path
+) -> None:
+    url, engine = database
+    server = smtp_server
+    # A short lease, so that the next process soon sends what the killed one had in flight;
+    # still three times what a claimed row waits here (its own DATA and the one before it).
+    env = app_environment(url, server, MAIL_OUTBOX_LEASE="3")
+    log = tmp_path / "hypercorn.log"
+
+    # Slow while the users sign up (2 sessions, 2 mails a second each), so that most of
+    # their mail is still to be sent when the sign-ups are done; then 0.05 s per DATA until
+    # the kill.
+    server.data_delay = 0.5
+    port = free_port()
+    first = await start_hypercorn(env, port, log)
+    try:
+        await wait_until_serving(first, port, log)
+        limit = asyncio.Semaphore(8)
+
+        async def sign_up(n: int) -> None:
+            async with limit:
+                status, body = await http(port, "POST", "/api/users", {"name": f"user {n:03}"})
+            assert status == 201, (status, body, tail(log))
+
+        async with asyncio.timeout(WITHIN):
+            await asyncio.gather(*(sign_up(n) for n in range(SIGN_UPS)))
+        assert len(server.messages) < SIGN_UPS // 4, "the sign-ups were too slow for this test"
+        server.data_delay = 0.05
+        await server.wait_for_messages(SIGN_UPS // 4, timeout=WITHIN)
+        os.killpg(first.pid, signal.SIGKILL)  # the master and its worker, at once
+        await first.wait()
+    finally:
+        await reap(first)
+    await asyncio.sleep(0.1)  # the server sees the connections drop
+    arrived_before = Counter(message_id(m) for m in server.messages)
+
+    at_kill = await outbox_rows(engine)
+    assert len(at_kill) == SIGN_UPS
+    in_flight = {row.message_id for row in at_kill if row.state == "sending"}
+    marked_sent = {row.message_id for row in at_kill if row.state == "sent"}
+    assert 0 < sum(arrived_before.values()) < SIGN_UPS
+    assert max(arrived_before.values()) == 1
+    # A row is marked sent only once the server has taken its message, and nothing reached
+    # the server that was not claimed first.
+    assert marked_sent <= set(arrived_before)
+    assert set(arrived_before) <= marked_sent | in_flight
+    assert 0 < len(in_flight) <= BATCH
+
+    server.data_delay = 0.01  # the slow part is over: the rest may go quickly
+    second = await start_hypercorn(env, free_port(), log)
+    try:
+
+        async def all_sent() -> bool:
+            if second.returncode is not None:
+                raise AssertionError(f"Hypercorn exited with {second.returncode}:\n{tail(log)}")
+            return {row.state for row in await outbox_rows(engine)} == {"sent"}
+
+        await eventually(all_sent, "every outbox row sent after the restart")
+        second.send_signal(signal.SIGTERM)  # the master only: a graceful shutdown
+        async with asyncio.timeout(WITHIN):
+            returncode = await second.wait()
+    finally:
+        await reap(second)
+    assert returncode == 0, tail(log)
+
+    rows = await outbox_rows(engine)
+    received = Counter(message_id(m) for m in server.messages)
+    assert len(rows) == SIGN_UPS
+    assert {row.state for row in rows} == {"sent"}
+    assert set(received) == {row.message_id for row in rows}  # all 200, nothing else
+    duplicated = {mid for mid, count in received.items() if count > 1}
+    duplicates = sum(received.values()) - len(received)
+    # At least once: only what was in flight at the kill may have been sent twice.
+    assert duplicated <= in_flight
+    assert duplicates <= len(in_flight) <= BATCH
+    async with engine.connect() as connection:
+        assert await connection.scalar(select(func.count()).select_from(User)) == SIGN_UPS
+    print(
+        f"\n{engine.dialect.name}: {sum(arrived_before.values())} of {SIGN_UPS} arrived before "
+        f"the kill, {len(in_flight)} in flight, {duplicates} sent twice"
+    )
+
+
+async def test_sigterm_hands_back_what_is_in_flight(
+    database: tuple[str, AsyncEngine], smtp_server: SMTPTestServer, tmp_path: Path
+) -> None:
+    """A graceful stop that cannot finish its sends queues their rows again, so that the
+    next process sends them at once instead of after the lease (300 s, the default)."""
+    url, engine = database
+    server = smtp_server
+    env = app_environment(url, server, MAIL_SHUTDOWN_TIMEOUT="1")
+    log = tmp_path / "hypercorn.log"
+    server.data_delay = 30  # no DATA is answered before the shutdown deadline
+    port = free_port()
+    first = await start_hypercorn(env, port, log)
+    try:
+        await wait_until_serving(first, port, log)
+        for n in range(10):
+            status, body = await http(port, "POST", "/api/users", {"name": f"user {n}"})
+            assert status == 201, (status, body)
+
+        async def both_sessions_in_data() -> bool:
+            claimed = [row for row in await outbox_rows(engine) if row.state == "sending"]
+            return len(claimed) == BATCH and server.data_attempts == POOL_SIZE
+
+        await eventually(both_sessions_in_data, "a full batch claimed, 2 sessions in DATA")
+        first.send_signal(signal.SIGTERM)  # the master only: a graceful shutdown
+        async with asyncio.timeout(WITHIN):
+            returncode = await first.wait()
+    finally:
+        await reap(first)
+    assert returncode == 0, tail(log)
+    assert f"{BATCH} outbox messages left for the next dispatcher" in tail(log, 1000)
+    rows = await outbox_rows(engine)
+    assert [(row.state, row.attempts) for row in rows] == [("queued", 0)] * 10
+    assert server.messages == []
+
+    server.data_delay = 0
+    second = await start_hypercorn(env, free_port(), log)
+    try:
+
+        async def all_sent() -> bool:
+            if second.returncode is not None:
+                raise AssertionError(f"Hypercorn exited with {second.returncode}:\n{tail(log)}")
+            return {row.state for row in await outbox_rows(engine)} == {"sent"}
+
+        await eventually(all_sent, "every outbox row sent by the next process")
+        second.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WITHIN):
+            returncode = await second.wait()
+    finally:
+        await reap(second)
+    assert returncode == 0, tail(log)
+    received = [message_id(m) for m in server.messages]
+    assert sorted(received) == sorted(row.message_id for row in rows)
+
+
+# --- 2. two dispatchers on one PostgreSQL database ----------------------------------------
+
+MAILS = 1000
+DISPATCHERS = 2
+
+
+async def test_two_dispatchers_share_the_outbox_with_no_duplicate(
+    smtp_server: SMTPTestServer,
+) -> None:
+    url = await own_postgres_url()
+    server = smtp_server
+    server.data_delay = 0.02  # one dispatcher alone would need seconds: both get a share
+    config: dict[str, Any] = {
+        **server.mail_config(),
+        "MAIL_DEFAULT_SENDER": SENDER,
+        "MAIL_POOL_SIZE": 4,
+        "MAIL_OUTBOX_POLL": 0.1,
+    }
+    engine = create_async_engine(url)
+    try:
+        await drop_tables(engine)
+        # Enqueued through the extension, with no dispatcher running here (no lifespan).
+        app = Quart(__name__)
+        app.config.update(config)
+        mail = Mail(app)
+        outbox = mail.init_outbox(app, engine)
+        await outbox.create_table()
+        async with app.app_context(), AsyncSession(engine) as session:
+            ids = [
+                await outbox.enqueue(
+                    session,
+                    Message(f"outbox {n}", recipients=[ADMIN], body=f"message {n}"),
+                )
+                for n in range(MAILS)
+            ]
+            await session.commit()
+        assert len(set(ids)) == MAILS
+
+        outputs = await run_dispatchers(url, config, server)
+
+        rows = await outbox_rows(engine)
+    finally:
+        await engine.dispose()
+
+    received = [message_id(m) for m in server.messages]
+    assert len(received) == MAILS
+    assert len(set(received)) == MAILS
+    assert set(received) == set(ids) == {row.message_id for row in rows}
+    assert {row.state for row in rows} == {"sent"}
+    assert {row.attempts for row in rows} == {0}
+    shares = [set(sent) for sent in outputs]
+    assert [len(share) for share in shares] == [len(sent) for sent in outputs]
+    assert all(shares), f"one dispatcher sent nothing: {[len(s) for s in shares]}"
+    assert sum(len(share) for share in shares) == MAILS
+    assert set.union(*shares) == set(ids)
+    print(f"\nshares of {MAILS}: {[len(share) for share in shares]}")
+
+
+async def run_dispatchers(
+    url: str, config: dict[str, Any], server: SMTPTestServer
+) -> list[list[str]]:
+    """Start the dispatcher processes, let them go at once, wait until all the mail has
+    arrived and they have ended; return the Message-IDs each one delivered."""
+    processes: list[Process] = []
+    try:
+        for _ in range(DISPATCHERS):
+            processes.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    str(SCRIPT),
+                    url,
+                    json.dumps(config),
+                    cwd=REPO,
+                    env=clean_environment(),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+            )
+        for process in processes:
+            assert process.stdout is not None
+            async with asyncio.timeout(WITHIN):
+                line = await process.stdout.readline()
+            if line != b"ready\n":
+                _, err = await process.communicate()
+                raise AssertionError(f"dispatcher did not start: {line!r}\n{err.decode()}")
+        for process in processes:  # both start their dispatchers at the same moment
+            assert process.stdin is not None
+            process.stdin.write(b"go\n")
+            await process.stdin.drain()
+            process.stdin.close()
+            await process.stdin.wait_closed()
+        await server.wait_for_messages(MAILS, timeout=WITHIN)
+        outputs: list[list[str]] = []
+        for process in processes:
+            async with asyncio.timeout(WITHIN):
+                out, err = await process.communicate()
+            assert process.returncode == 0, err.decode()
+            outputs.append(json.loads(out.decode().splitlines()[-1]))
+        return outputs
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.communicate()
+
+
+def dispatcher_process(database_url: str, config: str) -> None:
+    """One dispatcher process (see the module docstring)."""
+    engine = create_async_engine(database_url)
+    app = Quart("dispatcher")
+    app.config.update(json.loads(config))
+    mail = Mail(app)
+    outbox = mail.init_outbox(app, engine)
+    sent: list[str] = []
+
+    def on_sent(message: Message, **_: object) -> None:
+        sent.append(message.msg_id)
+
+    email_dispatched.connect(on_sent, weak=False)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    asyncio.run(dispatch_until_done(app, outbox, engine))
+    print(json.dumps(sent), flush=True)
+
+
+async def dispatch_until_done(app: Quart, outbox: Outbox, engine: AsyncEngine) -> None:
+    await app.startup()
+    try:
+        async with asyncio.timeout(WITHIN):
+            while True:
+                counts = (await outbox.status()).counts
+                if not counts.get("queued") and not counts.get("sending"):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await app.shutdown()
+        await engine.dispose()
+
+
+# --- 3. the outbox CLI --------------------------------------------------------------------
+
+
+async def run_outbox_cli(database_url: str, *args: str) -> tuple[int, str, str]:
+    """``quart --app "quartmail.app:create_app('testing')" outbox *args``, awaited."""
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "quart"),
+        "--app",
+        "quartmail.app:create_app('testing')",
+        "outbox",
+        *args,
+        cwd=REPO,
+        env=clean_environment(DATABASE_URL=database_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(WITHIN):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def status_counts(out: str) -> dict[str, int]:
+    counts = dict(re.findall(r"^(queued|sending|sent|failed) +(\d+)$", out, re.MULTILINE))
+    return {state: int(count) for state, count in counts.items()}
+
+
+async def test_outbox_cli_status_retry_and_purge(database: tuple[str, AsyncEngine]) -> None:
+    url, engine = database
+    now = datetime.now(UTC)
+    async with engine.begin() as connection:
+        await connection.run_sync(OutboxBase.metadata.create_all)
+
+    def row(n: int, state: str, age: timedelta, sent: timedelta | None = None) -> OutboxMessage:
+        return OutboxMessage(
+            message_id=f"<cli-{n}@example.com>",
+            sender="sender@example.com",
+            recipients=[ADMIN],
+            data=f"Subject: cli {n}\r\nMessage-ID: <cli-{n}@example.com>\r\n\r\nbody\r\n".encode(),
+            mail_options=[],
+            rcpt_options=[],
+            state=state,
+            attempts=3 if state == "failed" else 0,
+            # Not due for an hour: nothing would send the queued one even if it could.
+            next_attempt_at=now + timedelta(hours=1),
+            last_error="550 5.1.1 Mailbox unavailable" if state == "failed" else None,
+            created_at=now - age,
+            sent_at=None if sent is None else now - sent,
+        )
+
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        failed_1 = row(1, "failed", timedelta(hours=2))
+        failed_2 = row(2, "failed", timedelta(hours=2))
+        sent_long_ago = row(3, "sent", timedelta(days=10), sent=timedelta(days=10))
+        sent_lately = row(4, "sent", timedelta(hours=1), sent=timedelta(hours=1))
+        queued = row(5, "queued", timedelta(hours=1))
+        session.add_all([failed_1, failed_2, sent_long_ago, sent_lately, queued])
+        await session.commit()
+
+    async def states() -> dict[int, tuple[str, int]]:
+        return {r.id: (r.state, r.attempts) for r in await outbox_rows(engine)}
+
+    (code, out, err), usage = await asyncio.gather(
+        run_outbox_cli(url, "status"),
+        run_outbox_cli(url, "retry"),  # (touches nothing: it may run meanwhile)
+    )
+    assert code == 0, err
+    assert status_counts(out) == {"queued": 1, "sending": 0, "sent": 2, "failed": 2}
+    age = re.search(r"^oldest queued: (\d+) s ago$", out, re.MULTILINE)
+    assert age is not None, out
+    assert 3600 <= int(age[1]) <= 3600 + WITHIN
+    code, out, err = usage
+    assert code != 0
+    assert "Usage:" in err and "give message IDs, or --failed" in err
+    assert out == ""
+
+    # Only failed messages are queued again, by ID...
+    ids = [failed_1.id, sent_lately.id, queued.id]
+    code, out, err = await run_outbox_cli(url, "retry", *map(str, ids))
+    assert (code, out.strip()) == (0, "1 message(s) queued again"), err
+    assert await states() == {
+        failed_1.id: ("queued", 0),
+        failed_2.id: ("failed", 3),
+        sent_long_ago.id: ("sent", 0),
+        sent_lately.id: ("sent", 0),
+        queued.id: ("queued", 0),
+    }
+    # ... or all of them.
+    code, out, err = await run_outbox_cli(url, "retry", "--failed")
+    assert (code, out.strip()) == (0, "1 message(s) queued again"), err
+    assert (await states())[failed_2.id] == ("queued", 0)
+
+    code, out, err = await run_outbox_cli(url, "purge", "--sent-before", "7")
+    assert (code, out.strip()) == (0, "1 sent message(s) deleted"), err
+    assert await states() == {
+        failed_1.id: ("queued", 0),
+        failed_2.id: ("queued", 0),
+        sent_lately.id: ("sent", 0),
+        queued.id: ("queued", 0),
+    }
+
+
+if __name__ == "__main__":
+    dispatcher_process(*sys.argv[1:])
