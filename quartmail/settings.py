@@ -103,6 +103,15 @@ class MailSettings:
                 server,
             )
 
+        outbox_lease = reader.seconds("MAIL_OUTBOX_LEASE", OUTBOX_LEASE)
+        outbox_poll = reader.seconds("MAIL_OUTBOX_POLL", OUTBOX_POLL)
+        if outbox_lease < 3 * outbox_poll:
+            # A dispatcher renews its leases between polls: a shorter lease
+            # could run out under a live dispatcher.
+            raise ConfigError(
+                f"MAIL_OUTBOX_LEASE ({outbox_lease:g} s) must be at least three times "
+                f"MAIL_OUTBOX_POLL ({outbox_poll:g} s)"
+            )
         return cls(
             default_sender=reader.address("MAIL_DEFAULT_SENDER"),
             max_emails=reader.optional_number("MAIL_MAX_EMAILS", low=1),
@@ -113,8 +122,8 @@ class MailSettings:
             retry_delay=reader.seconds("MAIL_RETRY_DELAY", RETRY_DELAY),
             shutdown_timeout=reader.seconds("MAIL_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT),
             outbox=reader.flag("MAIL_OUTBOX", False),
-            outbox_lease=reader.seconds("MAIL_OUTBOX_LEASE", OUTBOX_LEASE),
-            outbox_poll=reader.seconds("MAIL_OUTBOX_POLL", OUTBOX_POLL),
+            outbox_lease=outbox_lease,
+            outbox_poll=outbox_poll,
             smtp=SMTPSettings(
                 hostname=server,
                 port=port,

@@ -162,6 +162,9 @@ def test_tls_and_ssl_together_fail_at_init(make_mail: MakeMail) -> None:
         ("MAIL_USE_TLS", "maybe"),
         ("MAIL_DEFAULT_SENDER", "not an address"),
         ("MAIL_CA_FILE", "/no/such/ca.pem"),
+        ("MAIL_POOL_SIZE", "lots"),
+        ("MAIL_RETRY_DELAY", -1),
+        ("MAIL_OUTBOX_LEASE", 1),  # under 3 x MAIL_OUTBOX_POLL (1 s)
     ],
 )
 def test_bad_setting_fails_at_init_naming_it(
