@@ -256,6 +256,27 @@ async def reap(process: Process) -> None:
 
 # --- 1. kill -9 and SIGTERM under Hypercorn ------------------------------------------------
 
+
+async def serve_until_all_sent(env: dict[str, str], log: Path, engine: AsyncEngine) -> None:
+    """Start Hypercorn again, wait until every outbox row is sent, and stop it with
+    SIGTERM (to the master only: a graceful shutdown), which must exit 0."""
+    process = await start_hypercorn(env, free_port(), log)
+    try:
+
+        async def all_sent() -> bool:
+            if process.returncode is not None:
+                raise AssertionError(f"Hypercorn exited with {process.returncode}:\n{tail(log)}")
+            return {row.state for row in await outbox_rows(engine)} == {"sent"}
+
+        await eventually(all_sent, "every outbox row sent by the restarted app")
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WITHIN):
+            returncode = await process.wait()
+    finally:
+        await reap(process)
+    assert returncode == 0, tail(log)
+
+
 SIGN_UPS = 200
 POOL_SIZE = 2
 BATCH = 2 * POOL_SIZE  # what one dispatcher claims at most (Outbox._batch)
@@ -311,21 +332,7 @@ async def test_kill_9_under_hypercorn_loses_no_mail(
     assert 0 < len(in_flight) <= BATCH
 
     server.data_delay = 0.01  # the slow part is over: the rest may go quickly
-    second = await start_hypercorn(env, free_port(), log)
-    try:
-
-        async def all_sent() -> bool:
-            if second.returncode is not None:
-                raise AssertionError(f"Hypercorn exited with {second.returncode}:\n{tail(log)}")
-            return {row.state for row in await outbox_rows(engine)} == {"sent"}
-
-        await eventually(all_sent, "every outbox row sent after the restart")
-        second.send_signal(signal.SIGTERM)  # the master only: a graceful shutdown
-        async with asyncio.timeout(WITHIN):
-            returncode = await second.wait()
-    finally:
-        await reap(second)
-    assert returncode == 0, tail(log)
+    await serve_until_all_sent(env, log, engine)
 
     rows = await outbox_rows(engine)
     received = Counter(message_id(m) for m in server.messages)
@@ -380,21 +387,7 @@ async def test_sigterm_hands_back_what_is_in_flight(
     assert server.messages == []
 
     server.data_delay = 0
-    second = await start_hypercorn(env, free_port(), log)
-    try:
-
-        async def all_sent() -> bool:
-            if second.returncode is not None:
-                raise AssertionError(f"Hypercorn exited with {second.returncode}:\n{tail(log)}")
-            return {row.state for row in await outbox_rows(engine)} == {"sent"}
-
-        await eventually(all_sent, "every outbox row sent by the next process")
-        second.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(WITHIN):
-            returncode = await second.wait()
-    finally:
-        await reap(second)
-    assert returncode == 0, tail(log)
+    await serve_until_all_sent(env, log, engine)
     received = [message_id(m) for m in server.messages]
     assert sorted(received) == sorted(row.message_id for row in rows)
 
