@@ -8,8 +8,10 @@ created at start-up when missing, and the engine is disposed at shutdown.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from quart import Quart, current_app
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -31,12 +33,33 @@ def database_url(app: Quart) -> str:
     return f"sqlite+aiosqlite:///{os.path.join(app.instance_path, 'quartmail.sqlite')}"
 
 
+def _create_engine(url: str) -> AsyncEngine:
+    if not url.startswith("sqlite"):
+        return create_async_engine(url)
+    # SQLite has one writer at a time, and writers that find the file locked
+    # sleep and retry rather than queue: under load some lose until they fail
+    # with "database is locked". One connection makes the app's requests take
+    # turns in order instead; WAL lets other processes (a CLI command) read
+    # meanwhile, and synchronous=NORMAL is what WAL needs to stay safe.
+    engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _pragmas(connection: Any, _: object) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
+
+
 class Database:
     """The app's engine and session factory, in ``app.extensions["db"]``."""
 
     def __init__(self, app: Quart) -> None:
         self.url = database_url(app)
-        self.engine: AsyncEngine = create_async_engine(self.url)
+        self.engine: AsyncEngine = _create_engine(self.url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         app.extensions["db"] = self
         app.before_serving(self.create_tables)
