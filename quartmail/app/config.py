@@ -65,6 +65,8 @@ class Config:
     DEV_INBOX_SIZE = 50
     # A sign-up's form and JSON bodies are tiny.
     MAX_CONTENT_LENGTH = 64 * 1024
+    # gc.freeze() once started (see create_app): a server's choice, not a test run's.
+    GC_FREEZE = False
 
     @staticmethod
     def init_app(app: Quart) -> None:
@@ -94,6 +96,8 @@ class TestingConfig(Config):
 
 
 class ProductionConfig(Config):
+    GC_FREEZE = True
+
     @staticmethod
     def init_app(app: Quart) -> None:
         missing = [key for key in ("SECRET_KEY", "MAIL_SERVER") if not app.config.get(key)]
