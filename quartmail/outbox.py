@@ -50,7 +50,6 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    or_,
     select,
     text,
     update,
@@ -73,6 +72,7 @@ log = logging.getLogger("quartmail.outbox")
 
 _CHANNEL = "quartmail_outbox"
 _WAKE_PENDING = "quartmail.outbox.wake"  # in session.info
+_NOTIFIED = "quartmail.outbox.notified"  # in session.info: the transaction that did
 
 
 class _UTCDateTime(TypeDecorator[datetime]):
@@ -154,9 +154,9 @@ class Outbox:
         settings = state.settings
         self._lease = timedelta(seconds=settings.outbox_lease)
         self._poll = settings.outbox_poll
-        # Enough claimed to keep every pooled session busy, few enough that
-        # a dying process strands little behind its lease.
-        self._batch = settings.pool_size * 2
+        # Enough claimed to keep every pooled session busy between claims,
+        # few enough that a dying process strands little behind its lease.
+        self._batch = settings.pool_size * 4
         self._postgres = engine.dialect.name == "postgresql"
         self._wake = asyncio.Event()
         self._stopping = False
@@ -166,6 +166,7 @@ class Outbox:
         # This dispatcher's name on the rows it claims.
         self._token = secrets.token_hex(16)
         self._renew_at = 0.0  # loop time to extend the leases of rows in flight
+        self._reclaim_at = 0.0  # loop time to look for expired leases
 
     def __repr__(self) -> str:
         return (
@@ -203,9 +204,12 @@ class Outbox:
                 created_at=now,
             )
         )
-        if self._postgres:
-            # Transactional: delivered to the listeners only on commit.
+        transaction = session.sync_session.get_transaction()
+        if self._postgres and session.info.get(_NOTIFIED) is not transaction:
+            # Transactional: delivered to the listeners only on commit; one
+            # per transaction is enough.
             await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": _CHANNEL})
+            session.info[_NOTIFIED] = session.sync_session.get_transaction()
         self._wake_after_commit(session)
         return envelope.message_id
 
@@ -316,25 +320,46 @@ class Outbox:
         delivery = self._state.delivery
         while True:
             self._wake.clear()
+            if not self._stopping:
+                await self._reclaim_expired()
+                room = self._batch - len(self._in_flight)
+                # Claim a pool's worth or more at a time: each claim is a
+                # transaction, and the pool works through what it has meanwhile.
+                if room >= self._state.settings.pool_size or not self._in_flight:
+                    for item in await self._claim(room):
+                        future = delivery.attempt(item.envelope)
+                        self._in_flight[future] = item
+                        future.add_done_callback(lambda _: self._wake.set())
             outcomes = [(f, c) for f, c in self._in_flight.items() if f.done()]
             if outcomes:
                 await self._record(outcomes)
-            if self._stopping:
-                if not self._in_flight:
-                    return
-            else:
-                room = self._batch - len(self._in_flight)
-                claimed = await self._claim(room) if room > 0 else []
-                for item in claimed:
-                    future = delivery.attempt(item.envelope)
-                    self._in_flight[future] = item
-                    future.add_done_callback(lambda _: self._wake.set())
-                if claimed and len(claimed) < room:
-                    continue  # there may be more due; a full batch waits for results
+            if self._stopping and not self._in_flight:
+                return
             await self._renew_leases()
+            # Results that came in meanwhile have set the event again.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll):
                     await self._wake.wait()
+
+    async def _reclaim_expired(self) -> None:
+        """Queue again the rows whose lease ran out (their dispatcher died),
+        once a poll: a separate statement keeps the claim an index scan."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._reclaim_at:
+            return
+        self._reclaim_at = loop.time() + self._poll
+        try:
+            async with self.engine.begin() as connection:
+                result = await connection.execute(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.state == "sending", OutboxMessage.lease_until < _now())
+                    .values(state="queued", lease_until=None, claimed_by=None)
+                )
+        except Exception:
+            log.exception("Could not look for expired outbox leases")
+            return
+        if result.rowcount:
+            log.warning("%d outbox messages were left by a dispatcher that died", result.rowcount)
 
     def _held(self) -> Any:
         """Rows this dispatcher still holds: no other has taken its lease over."""
@@ -360,16 +385,13 @@ class Outbox:
 
     async def _claim(self, limit: int) -> list[_Claimed]:
         now = _now()
-        due = or_(
-            and_(OutboxMessage.state == "queued", OutboxMessage.next_attempt_at <= now),
-            and_(OutboxMessage.state == "sending", OutboxMessage.lease_until < now),
-        )
-        # SKIP LOCKED: concurrent dispatchers take disjoint rows without
-        # waiting for each other (ignored by SQLite, which has one writer).
+        # In the order of the (state, next_attempt_at) index, so that a long
+        # queue costs no sort. SKIP LOCKED: concurrent dispatchers take
+        # disjoint rows without waiting for each other (SQLite has one writer).
         candidates = (
             select(OutboxMessage.id)
-            .where(due)
-            .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
+            .where(OutboxMessage.state == "queued", OutboxMessage.next_attempt_at <= now)
+            .order_by(OutboxMessage.next_attempt_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
