@@ -52,9 +52,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
+import aiosmtplib
+
 from quartmail.testing import SMTPTestServer, TLSCertificates
 
-__all__ = ["ServerProcess", "TLSMode", "smtp_server_process"]
+__all__ = ["ServerProcess", "TLSMode", "shut_down", "smtp_server_process"]
 
 TLSMode = Literal["none", "starttls", "implicit"]
 
@@ -95,6 +97,18 @@ class ServerProcess:
         if self.ca_file is None:
             return None
         return ssl.create_default_context(cafile=self.ca_file)
+
+    def raw_client(self, local_hostname: str, timeout: float) -> aiosmtplib.SMTP:
+        """A plain aiosmtplib client for this server: the benchmarks' baseline."""
+        return aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            use_tls=self.tls == "implicit",
+            start_tls=self.tls == "starttls",
+            tls_context=self.tls_context(),
+            local_hostname=local_hostname,
+            timeout=timeout,
+        )
 
     def stats(self) -> dict[str, int]:
         """Counters since the server started: ``received`` (messages accepted),
@@ -166,7 +180,7 @@ def smtp_server_process(
                 _replies=replies,
             )
         finally:
-            _shut_down(process)
+            shut_down(process)
 
 
 def _start_reader(stdout: IO[bytes]) -> queue.Queue[bytes]:
@@ -201,7 +215,7 @@ def _read_reply(
     return reply
 
 
-def _shut_down(process: subprocess.Popen[bytes]) -> None:
+def shut_down(process: subprocess.Popen[bytes]) -> None:
     """Close the child's stdin (its signal to stop); terminate, then kill, if it lingers."""
     if process.stdin is not None:
         with contextlib.suppress(OSError):  # BrokenPipeError if it is gone already

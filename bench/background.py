@@ -184,16 +184,7 @@ class Section:
         }
 
     def raw_client(self) -> aiosmtplib.SMTP:
-        server = self.server
-        return aiosmtplib.SMTP(
-            hostname=server.host,
-            port=server.port,
-            use_tls=server.tls == "implicit",
-            start_tls=server.tls == "starttls",
-            tls_context=server.tls_context(),
-            local_hostname=self.local_hostname,
-            timeout=30,
-        )
+        return self.server.raw_client(self.local_hostname, timeout=30)
 
     async def _raw_session(self, indices: range) -> None:
         smtp = self.raw_client()

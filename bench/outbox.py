@@ -91,7 +91,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from _server import ServerProcess, smtp_server_process
+from _server import ServerProcess, shut_down, smtp_server_process
 from quart import Quart
 from send import build_message
 from sqlalchemy import MetaData, delete, func, select, text
@@ -248,21 +248,7 @@ class Child:
 
     def shut_down(self) -> None:
         """Close stdin (the child's signal to stop); terminate, then kill, if it lingers."""
-        process = self.process
-        if process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        shut_down(self.process)
 
 
 @contextlib.asynccontextmanager

@@ -151,16 +151,7 @@ class Benchmark:
         }
 
     def raw_client(self) -> aiosmtplib.SMTP:
-        server = self.server
-        return aiosmtplib.SMTP(
-            hostname=server.host,
-            port=server.port,
-            use_tls=server.tls == "implicit",
-            start_tls=server.tls == "starttls",
-            tls_context=server.tls_context(),
-            local_hostname=self.local_hostname,
-            timeout=5,
-        )
+        return self.server.raw_client(self.local_hostname, timeout=5)
 
     async def run_raw(self, count: int) -> float:
         smtp = self.raw_client()
