@@ -89,6 +89,11 @@ class MailSettings:
         if ca_file is not None and not os.path.isfile(ca_file):
             raise ConfigError(f"MAIL_CA_FILE: no such file: {ca_file!r}")
         debug_smtp = reader.flag("MAIL_DEBUG", debug)
+        local_hostname = reader.text("MAIL_LOCAL_HOSTNAME")
+        if local_hostname is not None and (
+            not local_hostname.isascii() or any(c.isspace() for c in local_hostname)
+        ):
+            raise ConfigError(f"MAIL_LOCAL_HOSTNAME must be a host name, got {local_hostname!r}")
 
         tls_context = None
         if use_tls or use_ssl:
@@ -133,6 +138,7 @@ class MailSettings:
                 password=password,
                 timeout=timeout,
                 tls_context=tls_context,
+                local_hostname=local_hostname,
                 debug=debug_smtp,
             ),
         )

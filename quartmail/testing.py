@@ -108,6 +108,8 @@ class ReceivedMessage:
     tls: bool = False
     #: The AUTH user name, if the session authenticated.
     login: str | None = None
+    #: The name the client gave in EHLO (or HELO).
+    helo: str | None = None
 
     def parsed(self) -> email.message.EmailMessage:
         """Parse :attr:`data` with ``email.policy.default``, as a mail store would see it.
@@ -475,6 +477,7 @@ class _Handler:
                     rcpt_options=list(envelope.rcpt_options),
                     tls=_is_encrypted(server, session),
                     login=login if isinstance(login, str) else None,
+                    helo=session.host_name,
                 )
             )
         _close_after_421(server, reply)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 from email.message import MIMEPart
 from typing import Any, Literal
 
@@ -165,6 +166,7 @@ def test_tls_and_ssl_together_fail_at_init(make_mail: MakeMail) -> None:
         ("MAIL_POOL_SIZE", "lots"),
         ("MAIL_RETRY_DELAY", -1),
         ("MAIL_OUTBOX_LEASE", 1),  # under 3 x MAIL_OUTBOX_POLL (1 s)
+        ("MAIL_LOCAL_HOSTNAME", "two words"),
     ],
 )
 def test_bad_setting_fails_at_init_naming_it(
@@ -317,6 +319,16 @@ async def test_max_emails_reconnects(smtp_server: SMTPTestServer, make_mail: Mak
             await conn.send_message(f"m{n}", recipients=["a@example.com"], body="x")
     assert len(smtp_server.messages) == 5
     assert smtp_server.connections == 3
+
+
+@pytest.mark.parametrize("setting", [None, "mailer.example.com"])
+async def test_ehlo_gives_the_local_hostname(
+    smtp_server: SMTPTestServer, make_mail: MakeMail, setting: str | None
+) -> None:
+    app, mail = make_mail(smtp_server, MAIL_LOCAL_HOSTNAME=setting)
+    async with app.app_context():
+        await mail.send_message("hi", recipients=["a@example.com"], body="x")
+    assert smtp_server.messages[0].helo == (setting or socket.getfqdn())
 
 
 async def test_each_send_opens_its_own_session(
