@@ -38,7 +38,7 @@ class MailState:
     def __init__(self, app: Quart, settings: MailSettings) -> None:
         self.app = app
         self.settings = settings
-        self.outboxes: list[list[Message]] = []  # open record_messages() blocks
+        self.recordings: list[list[Message]] = []  # open record_messages() blocks
         self.delivery = Delivery(self)
         self.outbox: Outbox | None = None
         self._smtp: SMTPSettings = settings.smtp
@@ -81,8 +81,8 @@ class MailState:
 
     def record(self, message: Message) -> None:
         """Add an accepted (or suppressed) message to every open record_messages() list."""
-        for outbox in self.outboxes:
-            outbox.append(message)
+        for recording in self.recordings:
+            recording.append(message)
 
     async def dispatched(self, message: Message) -> None:
         """A message was accepted (or suppressed): record it and signal it."""
@@ -225,14 +225,14 @@ class Mail:
         # Recorded directly rather than through email_dispatched (as
         # Flask-Mail does), so that a message is in the list as soon as it is
         # sent, before the async signal receivers have run.
-        outboxes = self.state.outboxes
+        recordings = self.state.recordings
         outbox: list[Message] = []
-        outboxes.append(outbox)
+        recordings.append(outbox)
         try:
             yield outbox
         finally:
             # By identity: two open lists may be equal (both empty, say).
-            outboxes[:] = [other for other in outboxes if other is not outbox]
+            recordings[:] = [other for other in recordings if other is not outbox]
 
 
 class Connection:
