@@ -65,10 +65,24 @@ def make_mail() -> MakeMail:
     return make
 
 
-# --- the app served by the real Hypercorn (tests/test_e2e.py, tests/test_browser.py) ---
+# --- the app served by the real Hypercorn (test_e2e, test_browser, test_outbox_processes) ---
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUNNING_ON = re.compile(r"Running on http://127\.0\.0\.1:(\d+) ")
+
+
+def clean_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any of the app's settings (its ENVIRONMENT_KEYS
+    and QUART_ variables), plus *settings*: for the app, or its CLI, in a subprocess."""
+    from quartmail.app.config import ENVIRONMENT_KEYS
+
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ENVIRONMENT_KEYS and not key.startswith("QUART_")
+    }
+    environment.update(settings)
+    return environment
 
 
 @dataclass
@@ -94,13 +108,18 @@ class ServedApp:
         """Send SIGTERM to Hypercorn's main process, as a process manager does."""
         self.process.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        """Send SIGKILL to Hypercorn's whole process group (main process and any worker) at
+        once, as ``kill -9`` does; :func:`serve_app` starts it in a session of its own."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+
     async def wait(self, timeout: float) -> int:  # noqa: ASYNC109 (a test's bound)
         """Wait at most *timeout* seconds for Hypercorn to exit; return its exit code."""
         try:
             async with asyncio.timeout(timeout):
                 return await self.process.wait()
         except TimeoutError:
-            pytest.fail(f"Hypercorn still running {timeout} s after SIGTERM\n{self.stderr}")
+            pytest.fail(f"Hypercorn still running {timeout} s after the signal\n{self.stderr}")
 
 
 @asynccontextmanager
@@ -117,14 +136,7 @@ async def serve_app(
     worker) is killed unless it has exited: stop it with :meth:`ServedApp.terminate` and
     :meth:`ServedApp.wait` to test a clean shutdown.
     """
-    from quartmail.app.config import ENVIRONMENT_KEYS
-
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ENVIRONMENT_KEYS and not key.startswith("QUART_")
-    }
-    environment.update(env)
+    environment = clean_environment(**env)
     stdout_path, stderr_path = log_dir / "hypercorn.out", log_dir / "hypercorn.err"
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
@@ -153,11 +165,11 @@ async def serve_app(
     finally:
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+                served.kill()
             await process.wait()
         # A worker whose main process died first (never after a clean exit).
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+            served.kill()
 
 
 async def _wait_until_serving(served: ServedApp, timeout: float) -> str:  # noqa: ASYNC109

@@ -17,21 +17,19 @@ Message-IDs it delivered, as JSON.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
-import signal
-import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 from quart import Quart
@@ -40,18 +38,18 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from quartmail import Mail, Message, email_dispatched
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.models import Base as AppBase
 from quartmail.app.models import User
 from quartmail.outbox import Outbox, OutboxBase, OutboxMessage
 from quartmail.testing import ReceivedMessage, SMTPTestServer
 
-from conftest import SENDER, postgres_url
+from conftest import SENDER, ServedApp, clean_environment, postgres_url, serve_app
 
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parent.parent
 BIN = Path(sys.executable).parent
 ADMIN = "admin@example.com"
+APP_SPEC = "quartmail.app:create_app('production')"
 # Every wait on a process or on the mail is bounded by this; generous, for slow CI machines.
 WITHIN = 60.0
 
@@ -146,135 +144,56 @@ async def eventually(
         raise AssertionError(f"not within {within} s: {what}") from None
 
 
-def clean_environment(**settings: str) -> dict[str, str]:
-    """This process's environment without any of the app's settings, plus *settings*."""
-    env = {key: value for key, value in os.environ.items() if key not in ENVIRONMENT_KEYS}
-    env.pop("QUART_APP", None)
-    env.update(settings)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-async def http(port: int, method: str, path: str, body: object = None) -> tuple[int, bytes]:
-    """One HTTP/1.1 request on a new connection (``Connection: close``): status and body."""
-    data = b"" if body is None else json.dumps(body).encode()
-    head = (
-        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-        f"Content-Length: {len(data)}\r\n"
-    )
-    if body is not None:
-        head += "Content-Type: application/json\r\n"
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head.encode() + b"\r\n" + data)
-        response = await reader.read()  # to the end: the server closes after its response
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    status_line, _, rest = response.partition(b"\r\n")
-    parts = status_line.split()
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise ConnectionError(f"no HTTP response: {response[:200]!r}")
-    return int(parts[1]), rest.partition(b"\r\n\r\n")[2]
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    content = log.read_text(errors="replace") if log.exists() else ""
-    return "\n".join(content.splitlines()[-lines:])
-
-
 # --- Hypercorn ----------------------------------------------------------------------------
 
 
 def app_environment(database_url: str, server: SMTPTestServer, **settings: str) -> dict[str, str]:
-    """The environment of the production app, with the outbox, sending to *server*."""
-    return clean_environment(
-        SECRET_KEY="outbox-processes-test-secret",
-        DATABASE_URL=database_url,
-        FLASKY_ADMIN=ADMIN,
-        MAIL_SERVER=server.host,
-        MAIL_PORT=str(server.port),
-        MAIL_TIMEOUT="40",
-        MAIL_POOL_SIZE=str(POOL_SIZE),
-        MAIL_OUTBOX="true",
-        MAIL_OUTBOX_POLL="0.1",
+    """The settings of the production app, with the outbox, sending to *server*
+    (:func:`serve_app` adds them to an environment without any of the app's settings)."""
+    return {
+        "SECRET_KEY": "outbox-processes-test-secret",
+        "DATABASE_URL": database_url,
+        "FLASKY_ADMIN": ADMIN,
+        "MAIL_SERVER": server.host,
+        "MAIL_PORT": str(server.port),
+        "MAIL_TIMEOUT": "40",
+        "MAIL_POOL_SIZE": str(POOL_SIZE),
+        "MAIL_OUTBOX": "true",
+        "MAIL_OUTBOX_POLL": "0.1",
         **settings,
-    )
+    }
 
 
-async def start_hypercorn(env: dict[str, str], port: int, log: Path) -> Process:
-    """Serve the production app under Hypercorn, in a process group of its own (the master
-    and its worker), its output appended to *log*."""
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        return await asyncio.create_subprocess_exec(
-            str(BIN / "hypercorn"),
-            "-c",
-            "hypercorn.toml",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "quartmail.app:create_app('production')",
-            cwd=REPO,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-    finally:
-        os.close(out)
+def serve(env: dict[str, str], log_dir: Path) -> AbstractAsyncContextManager[ServedApp]:
+    """The production app under Hypercorn (:func:`serve_app`), its logs in *log_dir*."""
+    log_dir.mkdir(exist_ok=True)
+    return serve_app(APP_SPEC, env, log_dir, ready_timeout=WITHIN)
 
 
-async def wait_until_serving(process: Process, port: int, log: Path) -> None:
-    async def serving() -> bool:
-        if process.returncode is not None:
-            raise AssertionError(f"Hypercorn exited with {process.returncode}:\n{tail(log)}")
-        try:
-            async with asyncio.timeout(5):
-                status, _ = await http(port, "GET", "/api/users/0")
-        except OSError:  # refused, reset, or no answer yet (TimeoutError)
-            return False
-        return status == 404
-
-    await eventually(serving, f"Hypercorn serving on port {port}")
-
-
-async def reap(process: Process) -> None:
-    """Kill the process group of *process* if its master still runs; wait for the master."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
+def http_client(served: ServedApp) -> httpx.AsyncClient:
+    # trust_env=False: no HTTP(S)_PROXY from the environment between us and loopback.
+    return httpx.AsyncClient(base_url=served.url, timeout=WITHIN, trust_env=False)
 
 
 # --- 1. kill -9 and SIGTERM under Hypercorn ------------------------------------------------
 
 
-async def serve_until_all_sent(env: dict[str, str], log: Path, engine: AsyncEngine) -> None:
+async def serve_until_all_sent(env: dict[str, str], log_dir: Path, engine: AsyncEngine) -> None:
     """Start Hypercorn again, wait until every outbox row is sent, and stop it with
     SIGTERM (to the master only: a graceful shutdown), which must exit 0."""
-    process = await start_hypercorn(env, free_port(), log)
-    try:
+    async with serve(env, log_dir) as served:
 
         async def all_sent() -> bool:
-            if process.returncode is not None:
-                raise AssertionError(f"Hypercorn exited with {process.returncode}:\n{tail(log)}")
+            if served.process.returncode is not None:
+                raise AssertionError(
+                    f"Hypercorn exited with {served.process.returncode}:\n{served.stderr}"
+                )
             return {row.state for row in await outbox_rows(engine)} == {"sent"}
 
         await eventually(all_sent, "every outbox row sent by the restarted app")
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(WITHIN):
-            returncode = await process.wait()
-    finally:
-        await reap(process)
-    assert returncode == 0, tail(log)
+        served.terminate()
+        returncode = await served.wait(WITHIN)
+    assert returncode == 0, served.stderr
 
 
 SIGN_UPS = 200
@@ -290,32 +209,31 @@ async def test_kill_9_under_hypercorn_loses_no_mail(
     # A short lease, so that the next process soon sends what the killed one had in flight;
     # still three times what a claimed row waits here (its own DATA and the one before it).
     env = app_environment(url, server, MAIL_OUTBOX_LEASE="3")
-    log = tmp_path / "hypercorn.log"
 
     # Slow while the users sign up (2 sessions, 2 mails a second each), so that most of
     # their mail is still to be sent when the sign-ups are done; then 0.05 s per DATA until
     # the kill.
     server.data_delay = 0.5
-    port = free_port()
-    first = await start_hypercorn(env, port, log)
-    try:
-        await wait_until_serving(first, port, log)
+    async with serve(env, tmp_path / "first") as first:
         limit = asyncio.Semaphore(8)
+        async with http_client(first) as client:
 
-        async def sign_up(n: int) -> None:
-            async with limit:
-                status, body = await http(port, "POST", "/api/users", {"name": f"user {n:03}"})
-            assert status == 201, (status, body, tail(log))
+            async def sign_up(n: int) -> None:
+                async with limit:
+                    response = await client.post("/api/users", json={"name": f"user {n:03}"})
+                assert response.status_code == 201, (
+                    response.status_code,
+                    response.text,
+                    first.stderr,
+                )
 
-        async with asyncio.timeout(WITHIN):
-            await asyncio.gather(*(sign_up(n) for n in range(SIGN_UPS)))
+            async with asyncio.timeout(WITHIN):
+                await asyncio.gather(*(sign_up(n) for n in range(SIGN_UPS)))
         assert len(server.messages) < SIGN_UPS // 4, "the sign-ups were too slow for this test"
         server.data_delay = 0.05
         await server.wait_for_messages(SIGN_UPS // 4, timeout=WITHIN)
-        os.killpg(first.pid, signal.SIGKILL)  # the master and its worker, at once
-        await first.wait()
-    finally:
-        await reap(first)
+        first.kill()  # SIGKILL to the process group: the master and any worker, at once
+        await first.wait(WITHIN)
     await asyncio.sleep(0.1)  # the server sees the connections drop
     arrived_before = Counter(message_id(m) for m in server.messages)
 
@@ -332,7 +250,7 @@ async def test_kill_9_under_hypercorn_loses_no_mail(
     assert 0 < len(in_flight) <= BATCH
 
     server.data_delay = 0.01  # the slow part is over: the rest may go quickly
-    await serve_until_all_sent(env, log, engine)
+    await serve_until_all_sent(env, tmp_path / "restarted", engine)
 
     rows = await outbox_rows(engine)
     received = Counter(message_id(m) for m in server.messages)
@@ -360,15 +278,12 @@ async def test_sigterm_hands_back_what_is_in_flight(
     url, engine = database
     server = smtp_server
     env = app_environment(url, server, MAIL_SHUTDOWN_TIMEOUT="1")
-    log = tmp_path / "hypercorn.log"
     server.data_delay = 30  # no DATA is answered before the shutdown deadline
-    port = free_port()
-    first = await start_hypercorn(env, port, log)
-    try:
-        await wait_until_serving(first, port, log)
-        for n in range(10):
-            status, body = await http(port, "POST", "/api/users", {"name": f"user {n}"})
-            assert status == 201, (status, body)
+    async with serve(env, tmp_path / "first") as first:
+        async with http_client(first) as client:
+            for n in range(10):
+                response = await client.post("/api/users", json={"name": f"user {n}"})
+                assert response.status_code == 201, (response.status_code, response.text)
 
         claimed: list[Row] = []
 
@@ -379,19 +294,16 @@ async def test_sigterm_hands_back_what_is_in_flight(
             return POOL_SIZE <= len(claimed) <= BATCH and server.data_attempts == POOL_SIZE
 
         await eventually(both_sessions_in_data, "rows claimed, 2 sessions in DATA")
-        first.send_signal(signal.SIGTERM)  # the master only: a graceful shutdown
-        async with asyncio.timeout(WITHIN):
-            returncode = await first.wait()
-    finally:
-        await reap(first)
-    assert returncode == 0, tail(log)
-    assert f"{len(claimed)} outbox messages left for the next dispatcher" in tail(log, 1000)
+        first.terminate()  # SIGTERM to the master only: a graceful shutdown
+        returncode = await first.wait(WITHIN)
+    assert returncode == 0, first.stderr
+    assert f"{len(claimed)} outbox messages left for the next dispatcher" in first.stderr
     rows = await outbox_rows(engine)
     assert [(row.state, row.attempts) for row in rows] == [("queued", 0)] * 10
     assert server.messages == []
 
     server.data_delay = 0
-    await serve_until_all_sent(env, log, engine)
+    await serve_until_all_sent(env, tmp_path / "restarted", engine)
     received = [message_id(m) for m in server.messages]
     assert sorted(received) == sorted(row.message_id for row in rows)
 
