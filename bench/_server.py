@@ -56,7 +56,14 @@ import aiosmtplib
 
 from quartmail.testing import SMTPTestServer, TLSCertificates
 
-__all__ = ["ServerProcess", "TLSMode", "shut_down", "smtp_server_process"]
+__all__ = [
+    "ServerProcess",
+    "TLSMode",
+    "read_commands",
+    "reply",
+    "shut_down",
+    "smtp_server_process",
+]
 
 TLSMode = Literal["none", "starttls", "implicit"]
 
@@ -236,6 +243,28 @@ def shut_down(process: subprocess.Popen[bytes]) -> None:
 # The child.
 
 
+def read_commands() -> asyncio.Queue[str | None]:
+    """A child's commands from its parent, one per stdin line, in the running loop;
+    ``None`` once stdin closes (the parent's signal to stop)."""
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def read_stdin() -> None:
+        for line in sys.stdin.buffer:
+            loop.call_soon_threadsafe(commands.put_nowait, line.decode("ascii").strip())
+        loop.call_soon_threadsafe(commands.put_nowait, None)  # EOF: the parent is done
+
+    threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+    return commands
+
+
+def reply(data: dict[str, Any]) -> None:
+    """A child's answer to its parent: one JSON line on stdout."""
+    with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+
+
 async def _serve(options: dict[str, Any]) -> None:
     certificates = None
     if options["cert_dir"] is not None:
@@ -268,21 +297,10 @@ async def _serve(options: dict[str, Any]) -> None:
             await asyncio.sleep(_DRAIN_INTERVAL)
             drain()
 
-    loop = asyncio.get_running_loop()
-    commands: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def read_stdin() -> None:
-        for line in sys.stdin.buffer:
-            loop.call_soon_threadsafe(commands.put_nowait, line.decode("ascii").strip())
-        loop.call_soon_threadsafe(commands.put_nowait, None)  # EOF: the parent is done
-
-    def reply(data: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(data) + "\n")
-        sys.stdout.flush()
+    commands = read_commands()
 
     async with server:
         drainer = asyncio.create_task(drain_periodically())
-        threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
         reply({"mail_config": server.mail_config()})
         while (command := await commands.get()) is not None:
             if command == "stats":

@@ -91,7 +91,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from _server import ServerProcess, shut_down, smtp_server_process
+from _server import ServerProcess, read_commands, reply, shut_down, smtp_server_process
 from quart import Quart
 from send import build_message
 from sqlalchemy import MetaData, delete, func, select, text
@@ -290,20 +290,7 @@ async def child_main(options: dict[str, Any]) -> None:
     else:
         messages = [build_message(i) for i in range(options["n"])]
 
-    loop = asyncio.get_running_loop()
-    commands: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def read_stdin() -> None:
-        for line in sys.stdin.buffer:
-            loop.call_soon_threadsafe(commands.put_nowait, line.decode("ascii").strip())
-        loop.call_soon_threadsafe(commands.put_nowait, None)  # EOF: the parent is done
-
-    def reply(data: dict[str, Any]) -> None:
-        with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
-            sys.stdout.write(json.dumps(data) + "\n")
-            sys.stdout.flush()
-
-    threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+    commands = read_commands()
     reply({"ready": True, "pid": os.getpid()})
     if (command := await commands.get()) != "go":
         while command is not None:  # wait for EOF, as below
