@@ -35,27 +35,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Dialect,
-    Index,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    TypeDecorator,
-    and_,
-    delete,
-    event,
-    func,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from ._extras import missing_extra
+
+try:
+    from sqlalchemy import (
+        JSON,
+        BigInteger,
+        DateTime,
+        Dialect,
+        Index,
+        Integer,
+        LargeBinary,
+        String,
+        Text,
+        TypeDecorator,
+        and_,
+        delete,
+        event,
+        func,
+        select,
+        text,
+        update,
+    )
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "outbox", "The durable outbox") from None
 
 from .delivery import backoff
 from .errors import MailError, SendError

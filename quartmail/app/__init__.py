@@ -18,14 +18,19 @@ from quart.logging import default_handler
 from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
-from .api import JSONErrorsRequest, api
-from .cli import register_commands
-from .config import CONFIGS, config_values, from_environment
-from .csrf import csrf_token
-from .db import Database
-from .devmail import DevMailServer
-from .extensions import mail, schema
-from .views import main
+from .._extras import missing_extra
+
+try:
+    from .api import JSONErrorsRequest, api
+    from .cli import register_commands
+    from .config import CONFIGS, config_values, from_environment
+    from .csrf import csrf_token
+    from .db import Database
+    from .devmail import DevMailServer
+    from .extensions import mail, schema
+    from .views import main
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "app", "The sign-up app (quartmail.app)") from None
 
 __all__ = ["create_app"]
 
