@@ -26,6 +26,7 @@ against 0.4 ms for Ed25519; callers on an event loop run it in a thread
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -41,6 +42,7 @@ from .errors import ConfigError, MessageError
 
 try:
     import dkim
+    import nacl.signing  # noqa: F401 (dkimpy's Ed25519 backend: fail here, not at the first send)
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -77,6 +79,9 @@ _DOMAIN_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # signature: up to 68 characters fit.
 _MAX_DOMAIN = 64
 
+# A PEM key is a few KiB; read no more of whatever file the setting names.
+_MAX_KEY_FILE = 64 * 1024
+
 Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 
 
@@ -110,6 +115,13 @@ class DKIMSigner:
         """True when :meth:`sign` takes long enough (RSA) that an event loop
         should run it in a thread (``await asyncio.to_thread(signer.sign, data)``)."""
         return any(key.algorithm == "rsa-sha256" for key in self.keys)
+
+    async def sign_async(self, message: bytes) -> bytes:
+        """:meth:`sign`, in a worker thread when the keys make it slow (RSA),
+        so that the event loop keeps serving meanwhile."""
+        if self.blocks:
+            return await asyncio.to_thread(self.sign, message)
+        return self.sign(message)
 
     def dns_records(self, domain: str | None = None) -> dict[str, str]:
         """The TXT records to publish: ``{"<selector>._domainkey.<domain>": "v=DKIM1; ..."}``."""
@@ -248,7 +260,7 @@ def _key_bytes(setting: str, value: object) -> bytes:
         )
     try:
         with open(value, "rb") as file:
-            return file.read()
+            return file.read(_MAX_KEY_FILE)
     except OSError as err:
         # Never the value itself: a mangled key must not end up in a log.
         raise ConfigError(

@@ -142,7 +142,9 @@ def test_tampering_breaks_the_signature(rsa_signer: DKIMSigner, ed_signer: DKIMS
         signed = signer.sign(unicode_message().as_bytes())
         head, _, body = signed.partition(b"\r\n\r\n")
         assert verify(signed, dns)
-        assert not verify(head + b"\r\n\r\n" + body.replace(b"anbei", b"ANBEI", 1), dns)
+        tampered = body.replace(b"anbei", b"ANBEI", 1)
+        assert tampered != body
+        assert not verify(head + b"\r\n\r\n" + tampered, dns)
         assert not verify(signed.replace(b"To: ", b"To: evil@example.net, ", 1), dns)
         # A second From, added above the first, is caught because From is
         # signed once more than it occurs.
@@ -210,6 +212,37 @@ def test_d_needs_one_from_domain(ed_signer: DKIMSigner) -> None:
     two_domains = data.replace(b"From: ", b"From: a@one.example, ", 1)
     with pytest.raises(MessageError, match="MAIL_DKIM_DOMAIN"):
         ed_signer.sign(two_domains)
+    with pytest.raises(MessageError, match="cannot be parsed"):
+        ed_signer.sign(b"From: a@example.com\r\nnot a header line\r\n\r\nbody\r\n")
+
+
+async def test_sign_async_gives_the_same_verifiable_bytes(
+    rsa_signer: DKIMSigner, ed_signer: DKIMSigner
+) -> None:
+    assert rsa_signer.blocks  # RSA is slow in dkimpy: a thread keeps the loop free
+    assert not ed_signer.blocks
+    for signer in (rsa_signer, ed_signer):
+        data = unicode_message().as_bytes()
+        signed = await signer.sign_async(data)
+        assert signed.endswith(data)
+        assert verify(signed, dns_for(signer, "example.com"))
+
+
+def test_an_international_dkim_domain_is_written_as_a_labels(
+    ed_key: ed25519.Ed25519PrivateKey,
+) -> None:
+    signer = dkim_signer_from_config(
+        {
+            "MAIL_DKIM_KEY": pem(ed_key),
+            "MAIL_DKIM_SELECTOR": "e",
+            "MAIL_DKIM_DOMAIN": "Bücher.Example.",
+        }
+    )
+    assert signer is not None
+    assert signer.domain == "xn--bcher-kva.example"
+    signed = signer.sign(unicode_message().as_bytes())
+    assert signature_tags(signed)["d"] == "xn--bcher-kva.example"
+    assert verify(signed, dns_for(signer, "xn--bcher-kva.example"))
 
 
 async def test_a_signed_message_arrives_verifiable(
@@ -298,7 +331,8 @@ def _small_rsa_key(bits: int) -> rsa.RSAPrivateKey:
 
     def prime(size: int) -> int:
         while True:
-            candidate = secrets.randbits(size) | (1 << (size - 1)) | 1
+            # The top two bits set, so that p * q has exactly 2 * size bits.
+            candidate = secrets.randbits(size) | (3 << (size - 2)) | 1
             if all(pow(base, candidate - 1, candidate) == 1 for base in (2, 3, 5, 7, 11, 13)):
                 return candidate
 
