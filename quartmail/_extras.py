@@ -17,7 +17,18 @@ __all__ = ["OPTIONAL_PACKAGES", "missing_extra"]
 
 #: The import names of every package an extra adds.
 OPTIONAL_PACKAGES = frozenset(
-    {"sqlalchemy", "asyncpg", "aiosqlite", "aiosmtpd", "trustme", "quart_schema", "pydantic"}
+    {
+        "sqlalchemy",
+        "asyncpg",
+        "aiosqlite",
+        "aiosmtpd",
+        "trustme",
+        "quart_schema",
+        "pydantic",
+        "dkim",
+        "nacl",
+        "cryptography",
+    }
 )
 
 

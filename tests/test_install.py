@@ -75,7 +75,7 @@ async def test_the_extension_sends_without_any_extra(smtp_server: SMTPTestServer
 
 @pytest.mark.parametrize(
     ("module", "extra"),
-    [("quartmail.outbox", "outbox"), ("quartmail.app", "app")],
+    [("quartmail.outbox", "outbox"), ("quartmail.app", "app"), ("quartmail.dkim", "dkim")],
 )
 async def test_a_part_without_its_extra_names_the_extra(module: str, extra: str) -> None:
     code, _, stderr = await _run(f"import {module}")
