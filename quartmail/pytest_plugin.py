@@ -58,7 +58,7 @@ def _testing_extra() -> Iterator[None]:
         if (error.name or "").partition(".")[0] not in OPTIONAL_PACKAGES:
             raise
         # The message (from quartmail._extras) names pip install 'quartmail[testing]'.
-        pytest.fail(str(error), pytrace=False)
+        raise pytest.fail.Exception(str(error), pytrace=False) from None
 
 
 def _with_certificates(request: pytest.FixtureRequest, options: dict[str, Any]) -> None:
