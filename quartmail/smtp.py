@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 from aiosmtplib.typing import Default
 
 from .errors import (
@@ -98,7 +99,7 @@ class SMTPSession:
     ``sent`` counts the messages this session delivered.
     """
 
-    def __init__(self, settings: SMTPSettings, client: aiosmtplib.SMTP) -> None:
+    def __init__(self, settings: SMTPSettings, client: _SMTP) -> None:
         self.settings = settings
         self.sent = 0
         self._client = client
@@ -125,11 +126,7 @@ class SMTPSession:
             local_hostname=settings.local_hostname,
             timeout=settings.timeout,
         )
-        client = (
-            _LoggingSMTP(settings.secrets(), **options)
-            if settings.debug
-            else aiosmtplib.SMTP(**options)  # type: ignore[arg-type]
-        )
+        client = _LoggingSMTP(settings.secrets(), **options) if settings.debug else _SMTP(**options)
         try:
             await client.connect()
             if settings.username is not None:
@@ -137,6 +134,7 @@ class SMTPSession:
         except BaseException as err:
             client.close()
             if isinstance(err, Exception):
+                await client.wait_closed(settings.timeout)
                 raise _wrap(err, settings) from err
             raise
         return cls(settings, client)
@@ -181,12 +179,14 @@ class SMTPSession:
         )
 
     async def close(self) -> None:
-        """QUIT politely if the connection still works, then close it."""
+        """QUIT politely if the connection still works, then close it and wait
+        (at most MAIL_TIMEOUT) until the socket is closed."""
         if self._client.is_connected:
             # If the server went away first, closing is all that is left.
             with contextlib.suppress(aiosmtplib.SMTPException, OSError):
                 await self._client.quit()
         self._client.close()
+        await self._client.wait_closed(self.settings.timeout)
 
     def abort(self) -> None:
         """Close at once, without QUIT: for a session whose state is unknown
@@ -269,7 +269,41 @@ def _redact(text: str, settings: SMTPSettings) -> str:
     return text
 
 
-class _LoggingSMTP(aiosmtplib.SMTP):
+class _SMTP(aiosmtplib.SMTP):
+    """aiosmtplib's client, whose closing can be waited for.
+
+    ``close()`` only starts closing a connection: over TLS, asyncio keeps the
+    socket open until the server's close_notify comes back (RFC 8446, 6.1). A
+    caller whose event loop ends meanwhile leaves the socket behind
+    ("ResourceWarning: unclosed transport"), as tests with a server in another
+    thread did. :meth:`wait_closed` waits for aiosmtplib's report that each
+    connection closed here is gone.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._closing: dict[SMTPProtocol, asyncio.Future[None]] = {}
+
+    def close(self) -> None:
+        # Every way out (quit(), a failed connect(), ours) closes through here.
+        protocol = self.protocol
+        if protocol is not None and protocol.transport is not None:
+            self._closing.setdefault(protocol, asyncio.get_running_loop().create_future())
+        super().close()
+
+    def _on_connection_lost(self, protocol: SMTPProtocol) -> None:
+        gone = self._closing.pop(protocol, None)
+        if gone is not None and not gone.done():
+            gone.set_result(None)
+        super()._on_connection_lost(protocol)
+
+    async def wait_closed(self, timeout: float) -> None:  # noqa: ASYNC109 (MAIL_TIMEOUT)
+        """Wait at most *timeout* seconds until every connection closed so far is gone."""
+        if self._closing:
+            await asyncio.wait(list(self._closing.values()), timeout=timeout)
+
+
+class _LoggingSMTP(_SMTP):
     """aiosmtplib's client, logging the conversation (MAIL_DEBUG).
 
     AUTH arguments, and every line sent while the server is asking for

@@ -19,20 +19,32 @@ import asyncio
 import email
 import email.message
 import email.policy
+import functools
 import hmac
+import html.parser
 import logging
 import pathlib
+import re
 import ssl
 import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, AnyStr, Literal, Protocol, TypeVar, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+from ._extras import missing_extra
+
+try:
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+except ModuleNotFoundError as error:
+    raise missing_extra(error, "testing", "The SMTP test server (quartmail.testing)") from None
+
+if TYPE_CHECKING:
+    from quart import Quart
 
 __all__ = [
+    "ReceivedAttachment",
     "ReceivedMessage",
     "SMTPServerFactory",
     "SMTPTestServer",
@@ -40,6 +52,7 @@ __all__ = [
 ]
 
 TLSMode = Literal["none", "starttls", "implicit"]
+_T = TypeVar("_T")
 
 _SERVER_HOSTNAME = "localhost"
 _ACCEPTED = "250 2.0.0 Message accepted for delivery"
@@ -77,7 +90,10 @@ class TLSCertificates:
     def create(cls, directory: pathlib.Path) -> TLSCertificates:
         """Make a new CA and server certificate and write them as PEM files into ``directory``."""
         # trustme (and cryptography) are test-only dependencies: import them only when asked.
-        import trustme
+        try:
+            import trustme
+        except ModuleNotFoundError as error:
+            raise missing_extra(error, "testing", "TLSCertificates.create") from None
 
         directory.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA()
@@ -120,6 +136,100 @@ class ReceivedMessage:
         return email.message_from_bytes(
             self.data.replace(b"\r\n", b"\n"), policy=email.policy.default
         )
+
+    # What a test checks most, read from one parse of the message (kept).
+
+    @functools.cached_property
+    def _email(self) -> email.message.EmailMessage:
+        return self.parsed()
+
+    @property
+    def subject(self) -> str | None:
+        """The Subject header, decoded (RFC 2047), or None if there is none."""
+        subject = self._email["Subject"]
+        return None if subject is None else str(subject)
+
+    @property
+    def text(self) -> str | None:
+        """The text/plain body (decoded, LF line endings), or None if there is none."""
+        return self._body("plain")
+
+    @property
+    def html(self) -> str | None:
+        """The text/html body (decoded), or None if there is none."""
+        return self._body("html")
+
+    @property
+    def links(self) -> list[str]:
+        """The URLs a reader could follow: every ``<a href>`` of the HTML body, then every
+        http(s) URL of the text body, in order and without repeats."""
+        found = _LinkParser.hrefs(self.html or "")
+        found += _URL.findall(self.text or "")
+        return list(dict.fromkeys(found))
+
+    @property
+    def attachments(self) -> list[ReceivedAttachment]:
+        """The attachments, in order (parts that are not the message's body)."""
+        return [
+            ReceivedAttachment(
+                filename=part.get_filename() or "",
+                content_type=part.get_content_type(),
+                data=cast(bytes, part.get_payload(decode=True) or b""),
+            )
+            for part in self._email.iter_attachments()
+        ]
+
+    def attachment(self, filename: str) -> ReceivedAttachment:
+        """The attachment called *filename*.
+
+        Raises:
+            KeyError: if there is none, naming the attachments there are.
+        """
+        attachments = self.attachments
+        for attachment in attachments:
+            if attachment.filename == filename:
+                return attachment
+        names = [attachment.filename for attachment in attachments]
+        raise KeyError(f"no attachment named {filename!r}; the message has {names}")
+
+    def _body(self, subtype: str) -> str | None:
+        part = self._email.get_body(preferencelist=(subtype,))
+        if part is None or part.get_content_subtype() != subtype:
+            return None
+        return cast(str, part.get_content())
+
+
+@dataclass(frozen=True)
+class ReceivedAttachment:
+    """One attachment of a :class:`ReceivedMessage`: its file name, type and decoded bytes."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+# An http(s) URL in plain text: up to white space, or a character that closes it in prose.
+_URL = re.compile(r"https?://[^\s<>\"')\]]+")
+
+
+class _LinkParser(html.parser.HTMLParser):
+    """Collects the ``href`` of every ``<a>`` (entities decoded, as a browser reads them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    @classmethod
+    def hrefs(cls, document: str) -> list[str]:
+        parser = cls()
+        parser.feed(document)
+        parser.close()
+        return parser.found
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        href = dict(attrs).get("href") if tag == "a" else None
+        if href:
+            self.found.append(href.strip())
 
 
 class SMTPServerFactory(Protocol):
@@ -189,6 +299,12 @@ class SMTPTestServer:
             raise ValueError(f"max_connections must be at least 1, not {max_connections!r}")
         if idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be positive, not {idle_timeout!r}")
+        if auth is not None and not _is_credentials(auth):
+            # Not the value itself: it holds a password.
+            raise ValueError(
+                "auth must be a (username, password) tuple of two str, such as "
+                f"auth=('user', 'pass'), not a {type(auth).__name__}"
+            )
         self.tls: TLSMode = tls
         self.certificates = certificates
         self.auth = auth
@@ -223,7 +339,8 @@ class SMTPTestServer:
         self._server: asyncio.Server | None = None
         self._tls_context: ssl.SSLContext | None = None
         self._handler = _Handler(self)
-        self._arrived = asyncio.Condition()
+        # Futures of wait_for() calls, woken by _notify() whenever the server's state changes.
+        self._waiters: set[asyncio.Future[None]] = set()
         self._active_sessions = 0
         # Every live transport, so that stop() can drop it, with a future that
         # connection_lost() resolves; and every aiosmtpd session task, so that stop() can wait.
@@ -231,6 +348,10 @@ class SMTPTestServer:
         self._session_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
+        # Safe on an object whose constructor failed (pytest shows it in tracebacks).
+        attributes = vars(self)
+        if "_server" not in attributes:
+            return "<SMTPTestServer (not constructed)>"
         state = "running" if self._server is not None else "stopped"
         return f"<SMTPTestServer {self.host}:{self.port} tls={self.tls} {state}>"
 
@@ -327,8 +448,7 @@ class SMTPTestServer:
             TimeoutError: if fewer than ``count`` arrived within ``timeout`` seconds.
         """
         try:
-            async with asyncio.timeout(timeout), self._arrived:
-                await self._arrived.wait_for(lambda: len(self.messages) >= count)
+            await self.wait_for(lambda: len(self.messages) >= count, timeout)
         except TimeoutError:
             raise TimeoutError(
                 f"expected {count} message(s) within {timeout} s, but {len(self.messages)} "
@@ -361,7 +481,118 @@ class SMTPTestServer:
             "MAIL_TIMEOUT": 5,
         }
 
+    async def wait_for(
+        self,
+        predicate: Callable[[], _T],
+        timeout: float = 5.0,  # noqa: ASYNC109 (a test helper's deadline, like pytest's)
+    ) -> _T:
+        """Wait until ``predicate()`` returns something true, and return that.
+
+        The predicate is called now and again after each event of the server (a connection
+        opened or closed, a reply sent, a message recorded), so it should look at the
+        server::
+
+            [bounce] = await server.wait_for(lambda: server.find(to="admin@example.com"))
+            await server.wait_for(lambda: server.data_attempts >= 3)
+
+        Raises:
+            TimeoutError: if it was still false after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                while not (result := predicate()):
+                    waiter = loop.create_future()
+                    self._waiters.add(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        self._waiters.discard(waiter)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the condition was still false after {timeout} s ({len(self.messages)} "
+                f"message(s), {self.data_attempts} DATA attempt(s), {self.connections} session(s))"
+            ) from None
+        return result
+
+    def find(
+        self, *, to: str | None = None, subject: str | None = None, sender: str | None = None
+    ) -> list[ReceivedMessage]:
+        """The messages received so far that match every criterion given, in order.
+
+        ``to`` is one of the envelope recipients (RCPT TO, so Cc and Bcc count), ``sender``
+        the envelope sender (MAIL FROM), both compared without regard to case; ``subject``
+        is the decoded Subject, compared exactly.
+        """
+        return [
+            message
+            for message in self.messages
+            if (to is None or to.lower() in {r.lower() for r in message.rcpt_tos})
+            and (sender is None or sender.lower() == message.mail_from.lower())
+            and (subject is None or subject == message.subject)
+        ]
+
+    def assert_no_bcc(self) -> None:
+        """Fail if a received message carries a ``Bcc:`` header.
+
+        RFC 5322 (3.6.3) lets a sender keep Bcc in the copies it sends, but then every
+        recipient reads who was blind-copied; quartmail names Bcc recipients only in the
+        envelope (RCPT TO). This checks what reached the wire.
+
+        Raises:
+            AssertionError: naming each message that has one, and who received it.
+        """
+        leaks = [
+            f"{message.subject!r} to {message.rcpt_tos} has Bcc: {message._email['Bcc']!s}"
+            for message in self.messages
+            if "Bcc" in message._email
+        ]
+        if leaks:
+            raise AssertionError("Bcc header sent over SMTP: " + "; ".join(leaks))
+
+    def reset(self) -> None:
+        """Forget what was received and every fault set since: a fresh server, still running.
+
+        Clears :attr:`messages` and :attr:`auth_attempts`, sets every counter to 0, empties
+        :attr:`refuse_recipients` and :attr:`data_replies` and sets :attr:`data_delay` to 0.
+        The options given to the constructor stay. Meant for a server shared by many
+        tests (a session-scoped fixture): reset it before each test.
+        """
+        self.messages = []
+        self.connections = 0
+        self.refused_connections = 0
+        self.data_attempts = 0
+        self.refuse_recipients = {}
+        self.data_replies = []
+        self.data_delay = 0.0
+        self._auth_attempts = []
+
+    def configure(self, app: Quart) -> None:
+        """Point *app* at this server: :meth:`mail_config` into its config, which also turns
+        ``MAIL_SUPPRESS_SEND`` off (Quart's ``TESTING`` would otherwise suppress sending).
+
+        Call it before ``Mail(app)`` or ``mail.init_app(app)``: they read the settings once.
+
+        Raises:
+            RuntimeError: if *app* already has Mail, whose settings would then stay as
+                they were (and the test would pass with nothing sent).
+        """
+        if "mail" in app.extensions:
+            raise RuntimeError(
+                f"server.configure(app) after Mail(app): app {app.name!r} has read its MAIL_* "
+                "settings already and would not use this server. Call server.configure(app) "
+                "before Mail(app) / mail.init_app(app), or pass server.mail_config() to your "
+                "app factory"
+            )
+        app.config.update(self.mail_config())
+
     # Internals used by the protocols below.
+
+    def _notify(self) -> None:
+        """Wake every wait_for(): something about the server changed."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _choose_protocol(self) -> asyncio.BaseProtocol:
         # Called once per connection from _Gate.connection_made, one connection at a time, so
@@ -405,11 +636,13 @@ class SMTPTestServer:
         # Stream transports, TCP or TLS: both are full asyncio.Transport objects with abort().
         closed = asyncio.get_running_loop().create_future()
         self._transports[cast(asyncio.Transport, transport)] = closed
+        self._notify()
 
     def _untrack(self, transport: asyncio.BaseTransport) -> None:
         closed = self._transports.pop(cast(asyncio.Transport, transport), None)
         if closed is not None and not closed.done():
             closed.set_result(None)
+        self._notify()
 
     def _track_task(self, task: asyncio.Task[None]) -> None:
         self._session_tasks.add(task)
@@ -426,9 +659,8 @@ class SMTPTestServer:
                 _log.warning("%r: SMTP session ended with %r", self, error)
 
     async def _record(self, message: ReceivedMessage) -> None:
-        async with self._arrived:
-            self.messages.append(message)
-            self._arrived.notify_all()
+        self.messages.append(message)
+        self._notify()
 
 
 class _Handler:
@@ -546,6 +778,11 @@ class _Session(SMTP):
         super().connection_lost(error)
         self._end()
 
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        # After every reply: the state a reply reports (a message, a counter) is now set.
+        self._owner._notify()
+
     def _end(self, task: object = None) -> None:
         # Normally connection_lost() ends the session (and cancels its task). A connection
         # aborted during the STARTTLS handshake never reports connection_lost() to aiosmtpd,
@@ -606,6 +843,12 @@ class _SilentProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._owner._untrack(self._transport)
+
+
+def _is_credentials(auth: object) -> bool:
+    return (
+        isinstance(auth, tuple) and len(auth) == 2 and all(isinstance(part, str) for part in auth)
+    )
 
 
 def _is_encrypted(server: SMTP, session: Session) -> bool:
