@@ -257,15 +257,17 @@ class Connection:
     ) -> None:
         await self.close()
 
-    async def send(self, message: Message, envelope_from: str | None = None) -> SendResult:
+    async def send(
+        self, message: Message, envelope_from: str | tuple[str, str] | None = None
+    ) -> SendResult:
         """Send *message* on this connection; see :meth:`Mail.send`.
 
         ``envelope_from`` overrides the envelope sender (``MAIL FROM``), as in
         Flask-Mail.
         """
         envelope = self._state.envelope(message)
-        if envelope_from is not None:
-            envelope = replace(envelope, sender=envelope_from)
+        if envelope_from:  # checked like any address; "" or None: the sender, as in Flask-Mail
+            envelope = envelope.with_sender(envelope_from)
         if self._state.settings.suppress_send:
             await self._state.dispatched(message)
             return SendResult(message_id=envelope.message_id)
