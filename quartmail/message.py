@@ -29,12 +29,16 @@ from datetime import UTC, datetime
 from email import policy as email_policy
 from email.message import MIMEPart
 from email.utils import format_datetime, make_msgid
+from typing import Protocol, TypeVar
+
+from quart import current_app, has_app_context
 
 from . import mime
 from .addresses import (
     AddressLike,
     Mailbox,
     check_header_value,
+    format_address,
     parse_address,
     parse_addresses,
 )
@@ -118,6 +122,25 @@ class Envelope:
         return replace(self, sender=mailbox.addr, mail_options=list(options))
 
 
+class _AppMail(Protocol):
+    """What a message reads from the current app's ``app.extensions["mail"]``."""
+
+    @property
+    def default_sender(self) -> AddressLike | None: ...
+
+    @property
+    def ascii_attachments(self) -> bool: ...
+
+
+_Result = TypeVar("_Result", covariant=True)
+
+
+class _Sender(Protocol[_Result]):
+    """A :class:`~quartmail.Connection`, as far as a message needs to know."""
+
+    async def send(self, message: Message) -> _Result: ...
+
+
 class Message:
     """An e-mail message, as in Flask-Mail.
 
@@ -128,18 +151,24 @@ class Message:
         msg.html = "<b>HTML</b>"
         msg.attach("report.pdf", "application/pdf", pdf_bytes)
 
-    Addresses may be ``"a@x.org"``, ``"Name <a@x.org>"`` or ``("Name", "a@x.org")``.
-    ``date`` is a Unix timestamp or an aware datetime (default: when sent).
+    Addresses may be ``"a@x.org"``, ``"Name <a@x.org>"`` or ``("Name", "a@x.org")``;
+    a ``(name, address)`` sender reads back as ``"name <address>"``, as in
+    Flask-Mail. Without a sender, a message made in an app context takes the
+    app's ``MAIL_DEFAULT_SENDER`` at once, any other when it is sent.
+    ``alts`` maps MIME subtypes to more alternatives (``{"json": ...}``);
+    ``html`` is ``alts["html"]``. ``date`` is a Unix timestamp or an aware
+    datetime; it is set when the message is sent if it is None.
     Nothing is checked until the message is sent (or :meth:`envelope` is
     called), so a message can be built up step by step.
     """
 
     def __init__(
         self,
-        subject: str = "",
+        subject: str | None = "",
         recipients: Sequence[AddressLike] | AddressLike | None = None,
         body: str | None = None,
         html: str | None = None,
+        alts: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         sender: AddressLike | None = None,
         cc: Sequence[AddressLike] | AddressLike | None = None,
         bcc: Sequence[AddressLike] | AddressLike | None = None,
@@ -154,8 +183,14 @@ class Message:
         self.subject = subject
         self.recipients: list[AddressLike] = _as_list(recipients)
         self.body = body
-        self.html = html
-        self.sender = sender
+        self.alts: dict[str, str] = dict(alts or {})
+        if html is not None:  # html=None keeps an alts["html"] (Flask-Mail would drop it)
+            self.html = html
+        self._sender_pair: tuple[str, str] | None = None
+        self._sender: str | None = None
+        # Flask-Mail takes the default sender here, so it shows on the message at once.
+        state = _app_mail()
+        self.sender = sender if sender is not None or state is None else state.default_sender
         self.cc: list[AddressLike] = _as_list(cc)
         self.bcc: list[AddressLike] = _as_list(bcc)
         self.attachments: list[Attachment] = list(attachments or [])
@@ -174,14 +209,53 @@ class Message:
             f"to {len(self.send_recipients)} recipient(s)>"
         )
 
+    def __str__(self) -> str:
+        return self.as_string()
+
+    def __bytes__(self) -> bytes:
+        return self.as_bytes()
+
+    @property
+    def sender(self) -> str | None:
+        """The sender as Flask-Mail shows it: a ``(name, address)`` pair
+        reads back as the string ``"name <address>"``."""
+        return self._sender
+
+    @sender.setter
+    def sender(self, value: AddressLike | None) -> None:
+        if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            # The pair itself is what is sent, so that the name goes on the
+            # wire exactly as given, whatever it holds.
+            self._sender_pair = value
+            self._sender = format_address(value[0].strip(), value[1].strip())
+        else:
+            self._sender_pair = None
+            self._sender = value  # type: ignore[assignment]  # anything else fails when checked
+
+    def _sender_value(self) -> AddressLike | None:
+        return self._sender_pair if self._sender_pair is not None else self._sender
+
+    @property
+    def html(self) -> str | None:
+        """The HTML alternative: ``alts["html"]``, as in Flask-Mail."""
+        return self.alts.get("html")
+
+    @html.setter
+    def html(self, value: str | None) -> None:
+        if value is None:
+            self.alts.pop("html", None)
+        else:
+            self.alts["html"] = value
+
     @property
     def msg_id(self) -> str:
         """The ``Message-ID``, made on first use and then kept, so that a
         message sent again (a retry, the outbox) keeps the same one."""
         if self._msg_id is None:
             domain = "localhost"
-            if self.sender is not None:
-                domain = parse_address(self.sender, "sender").domain
+            sender = self._sender_value()
+            if sender is not None:
+                domain = parse_address(sender, "sender").domain
             self._msg_id = make_msgid(domain=domain)
         return self._msg_id
 
@@ -199,6 +273,16 @@ class Message:
     def send_recipients(self) -> list[AddressLike]:
         """Everyone the message goes to: To, then Cc, then Bcc."""
         return [*self.recipients, *self.cc, *self.bcc]
+
+    @property
+    def send_to(self) -> set[AddressLike]:
+        """Flask-Mail's set of everyone the message goes to (To, Cc and Bcc);
+        the envelope has each mailbox once."""
+        return set(self.send_recipients)
+
+    async def send(self, connection: _Sender[_Result]) -> _Result:
+        """Flask-Mail's ``message.send(connection)``: ``await connection.send(message)``."""
+        return await connection.send(self)
 
     def add_recipient(self, recipient: AddressLike) -> None:
         """Add a To recipient."""
@@ -233,7 +317,8 @@ class Message:
         recipient or a malformed address; in either case nothing is sent.
         """
         self._check_headers()
-        sender_value = self.sender if self.sender is not None else default_sender
+        sender_value = self._sender_value()
+        sender_value = sender_value if sender_value is not None else default_sender
         if sender_value is None:
             raise MessageError("The message has no sender: pass sender= or set MAIL_DEFAULT_SENDER")
         sender = parse_address(sender_value, "sender")
@@ -267,18 +352,30 @@ class Message:
         )
 
     def as_bytes(self, default_sender: AddressLike | None = None) -> bytes:
-        """The message as it goes on the wire (without the envelope)."""
-        return self.envelope(default_sender).data
+        """The message as it goes on the wire (without the envelope): once
+        it was sent, the very bytes sent. In an app context the app's
+        ``MAIL_DEFAULT_SENDER`` and ``MAIL_ASCII_ATTACHMENTS`` apply."""
+        state = _app_mail()
+        if state is None:
+            return self.envelope(default_sender).data
+        if default_sender is None:
+            default_sender = state.default_sender
+        return self.envelope(default_sender, ascii_attachments=state.ascii_attachments).data
 
     def as_string(self, default_sender: AddressLike | None = None) -> str:
         """:meth:`as_bytes`, decoded; the bytes are ASCII unless an address needs SMTPUTF8."""
         return self.as_bytes(default_sender).decode("utf-8")
 
     def _check_headers(self) -> None:
-        check_header_value("subject", self.subject)
-        for field_name, text in (("body", self.body), ("html", self.html)):
-            if text is not None:
-                _check_text(field_name, text)
+        if self.subject is not None:
+            check_header_value("subject", self.subject)
+        if self.body is not None:
+            _check_text("body", self.body)
+        for subtype, text in self.alts.items():
+            check_header_value("alts", subtype)
+            if not _TOKEN.fullmatch(subtype):
+                raise MessageError(f"alts: {subtype!r} is not a MIME subtype")
+            _check_text("html" if subtype == "html" else f"alts[{subtype!r}]", text)
         for name, value in self.extra_headers.items():
             _check_field_name("extra_headers", name)
             check_header_value(f"extra_headers[{name!r}]", value)
@@ -288,7 +385,7 @@ class Message:
                 )
         for attachment in self.attachments:
             _check_attachment(attachment)
-        for field_name, address in (("sender", self.sender), ("reply_to", self.reply_to)):
+        for field_name, address in (("sender", self._sender_value()), ("reply_to", self.reply_to)):
             _check_address_value(field_name, address)
         for field_name, addresses in (
             ("recipients", self.recipients),
@@ -309,10 +406,11 @@ class Message:
                     raise MessageError(f"{field_name}: {option!r} is not an ESMTP parameter")
 
     def _texts(self) -> list[tuple[str, str]]:
-        """The text alternatives, as (subtype, text), plain text first."""
-        texts = [(subtype, text) for subtype, text in (("plain", self.body), ("html", self.html))]
-        present = [(subtype, text) for subtype, text in texts if text is not None]
-        return present or [("plain", "")]
+        """The text alternatives, as (subtype, text): the body, then ``alts``
+        in order. One alone is the whole message (an HTML-only message is one
+        text/html part, not an empty text/plain beside it)."""
+        texts = [("plain", self.body)] if self.body is not None else []
+        return [*texts, *self.alts.items()] or [("plain", "")]
 
     def _checked_charset(self) -> str:
         """The bodies' charset, checked: known, ASCII-compatible (RFC 2046
@@ -394,7 +492,7 @@ class _Headers:
     to: list[Mailbox]
     cc: list[Mailbox]
     reply_to: Mailbox | None
-    subject: str
+    subject: str | None
     date: datetime
     message_id: str
     extra: Mapping[str, str]
@@ -411,7 +509,7 @@ class _Headers:
         ):
             if mailboxes and name.lower() not in replaced:
                 lines.append(mime.address_header(name, mailboxes))
-        if "subject" not in replaced:
+        if self.subject and "subject" not in replaced:  # none when empty, as in Flask-Mail
             lines.append(mime.text_header("Subject", self.subject))
         if "date" not in replaced:
             lines.append(mime.plain_header("Date", format_datetime(self.date)))
@@ -420,6 +518,15 @@ class _Headers:
         for name, value in self.extra.items():
             lines.append(mime.text_header(name, value))
         return b"".join(lines)
+
+
+def _app_mail() -> _AppMail | None:
+    """The current app's mail state, when there is an app context with Mail
+    (Flask-Mail reads its default sender and ASCII setting from there)."""
+    if not has_app_context():
+        return None
+    state: _AppMail | None = current_app.extensions.get("mail")
+    return state
 
 
 def _check_text(field_name: str, text: object) -> None:

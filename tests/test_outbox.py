@@ -209,7 +209,7 @@ async def test_delivered_outbox_mail_is_signalled(
 ) -> None:
     seen: list[Message] = []
     app, mail = make_app(engine, smtp_server)
-    with email_dispatched.connected_to(lambda m, **_: seen.append(m)):
+    with email_dispatched.connected_to(lambda app, message, **_: seen.append(message)):
         async with app.test_app(), app.app_context():
             async with AsyncSession(engine, expire_on_commit=False) as session:
                 kept = await mail.outbox.enqueue(session, message(7))
