@@ -542,7 +542,8 @@ def _check_text(field_name: str, text: object) -> None:
 
 def _check_field_name(field_name: str, name: str) -> None:
     check_header_value(field_name, name)
-    if not _FIELD_NAME.fullmatch(name):
+    # 76: a name, ": " and a value still fit RFC 5322's 78 columns.
+    if not _FIELD_NAME.fullmatch(name) or len(name) > 76:
         raise MessageError(f"{field_name}: {name!r} is not a header name")
 
 

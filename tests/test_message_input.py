@@ -165,6 +165,7 @@ def bad_inputs() -> list[tuple[str, dict[str, Any]]]:
     cases += [
         ("extra header surrogate", {"extra_headers": {"X-A": "\ud800"}}),
         ("extra header name surrogate", {"extra_headers": {"X-\ud800": "a"}}),
+        ("extra header name of 1000 octets", {"extra_headers": {"X-" + "n" * 998: "a"}}),
         ("date NaN", {"date": float("nan")}),
         ("date inf", {"date": float("inf")}),
         ("date -inf", {"date": float("-inf")}),
