@@ -549,6 +549,8 @@ def _check_field_name(field_name: str, name: str) -> None:
 
 def _check_attachment(attachment: Attachment) -> None:
     """Every field of an attachment that ends up in a part header."""
+    if not isinstance(attachment, Attachment):
+        raise MessageError(f"attachments must be Attachment objects, got {attachment!r}")
     filename = attachment.filename
     if filename is not None:
         check_header_value("attachment filename", filename)

@@ -187,6 +187,8 @@ def bad_inputs() -> list[tuple[str, dict[str, Any]]]:
         ("space in a string domain", {"recipients": ["bob@exa mple.com"]}),
         ("tab in a string domain", {"recipients": ["bob@exa\tmple.com"]}),
         ("stray >", {"recipients": ["bob@example.com>"]}),
+        ("attachment not an Attachment", {"attachments": ["report.pdf"]}),
+        ("attachment data not bytes", {"attachments": [Attachment("a", "text/plain", 7)]}),  # type: ignore[arg-type]
     ]
     return cases
 
