@@ -652,9 +652,10 @@ def _is_seven_bit(data: bytes) -> bool:
 
 
 def _ascii_filename(filename: str) -> str:
-    """Flask-Mail's MAIL_ASCII_ATTACHMENTS: drop accents, then anything non-ASCII."""
+    """Flask-Mail's MAIL_ASCII_ATTACHMENTS: drop accents, then anything
+    non-ASCII, then runs of white space."""
     ascii_name = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode("ascii")
-    return ascii_name or "attachment"
+    return " ".join(ascii_name.split()) or "attachment"
 
 
 def _guess_type(filename: str | None) -> str:

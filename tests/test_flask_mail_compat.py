@@ -225,6 +225,8 @@ async def test_as_string_follows_a_changed_ascii_attachments(make_mail: MakeMail
         msg = Message("s", recipients=["to@example.com"], body="hello")
         msg.attach("ünicödeß ←.→ ✓.txt", "text/plain", b"this is a test")
         assert 'Content-Disposition: attachment; filename="unicode . .txt"' in msg.as_string()
+        msg.attachments[0].filename = " ✓ a ✓ ✓ b ✓.txt"
+        assert 'Content-Disposition: attachment; filename="a b .txt"' in msg.as_string()
 
 
 # --- 9. app.extensions["mail"] -------------------------------------------------------------
