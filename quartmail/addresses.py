@@ -18,9 +18,22 @@ from email.headerregistry import Address as HeaderAddress
 
 from .errors import BadHeaderError, MessageError
 
-__all__ = ["AddressLike", "Mailbox", "check_header_value", "parse_address", "parse_addresses"]
+__all__ = [
+    "AddressLike",
+    "Mailbox",
+    "check_header_value",
+    "format_address",
+    "parse_address",
+    "parse_addresses",
+]
 
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# Everything str.splitlines() breaks at: CR and LF, but also VT, FF, FS, GS,
+# RS, NEL, LS and PS, which some readers (and the email package) treat as
+# line ends too.
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+# RFC 5322 3.2.3 specials, plus white space: a display name holding one is quoted.
+_NAME_SPECIALS = frozenset('()<>[]:;@\\,."')
 
 #: What users may pass wherever an address is expected.
 AddressLike = str | tuple[str, str]
@@ -38,6 +51,13 @@ class Mailbox:
         return self.addr.rpartition("@")[2]
 
     @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the mailbox: the local part as written (it may be
+        case-sensitive, RFC 5321 2.4) and the domain in lower case (it is not)."""
+        local, _, domain = self.addr.rpartition("@")
+        return local, domain.lower()
+
+    @property
     def needs_smtputf8(self) -> bool:
         """A non-ASCII local part can only travel with the SMTPUTF8 extension.
 
@@ -45,20 +65,37 @@ class Mailbox:
         """
         return not self.addr.isascii()
 
-    def header(self) -> HeaderAddress:
-        """The value for a ``From``/``To``/... header; the email package
-        RFC 2047-encodes a non-ASCII display name when the message is flattened."""
-        local, _, domain = self.addr.rpartition("@")
-        return HeaderAddress(display_name=self.name, username=local, domain=domain)
-
     def __str__(self) -> str:
-        return str(self.header())
+        return format_address(self.name, self.addr)
 
 
-def check_header_value(field: str, value: str) -> None:
-    """Raise :class:`BadHeaderError` if *value* could start a new header line."""
-    if "\r" in value or "\n" in value:
-        raise BadHeaderError(f"{field} contains a line break (CR or LF): {value!r}")
+def check_header_value(field: str, value: object) -> None:
+    """The one check of every value that ends up in a header (or an SMTP
+    command): raise :class:`BadHeaderError` if it holds a line break (CR, LF
+    or a Unicode one) and :class:`MessageError` if it is not text UTF-8 can
+    carry. Other control characters are encoded when the header is written."""
+    if not isinstance(value, str):
+        raise MessageError(f"{field} must be a string, got {type(value).__name__}")
+    if _LINE_BREAKS.search(value):
+        raise BadHeaderError(f"{field} contains a line break: {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise MessageError(f"{field} holds text UTF-8 cannot encode (a lone surrogate)") from err
+
+
+def format_address(name: str, addr: str) -> str:
+    """``("Name", "a@x.org")`` as Flask-Mail shows it, ``"Name <a@x.org>"``;
+    the name is quoted when it needs it, so that the string parses back to the
+    same mailbox."""
+    if not name:
+        return addr
+    if any(char in _NAME_SPECIALS or (char.isspace() and char != " ") for char in name) or (
+        "  " in name or name != name.strip() or "=?" in name
+    ):
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}" <{addr}>'
+    return f"{name} <{addr}>"
 
 
 def parse_address(value: AddressLike, field: str = "address") -> Mailbox:
@@ -104,7 +141,12 @@ def _parse_string(value: str, field: str) -> Mailbox:
         raise MessageError(f"{field}: invalid address {value!r}") from err
     if len(addresses) != 1 or defects:
         raise MessageError(f"{field}: expected one valid address, got {value!r}")
-    return _parse_pair(addresses[0].display_name, addresses[0].addr_spec, field)
+    addr_spec = addresses[0].addr_spec
+    if addr_spec not in value:
+        # The parser dropped something from the address itself (white space
+        # inside a domain, quotes): refuse rather than send elsewhere.
+        raise MessageError(f"{field}: invalid address {value!r}: write it as local@domain")
+    return _parse_pair(addresses[0].display_name, addr_spec, field)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -126,4 +168,19 @@ def _parse_pair(name: str, addr: str, field: str) -> Mailbox:
         HeaderAddress(addr_spec=f"{probe}@{domain}")
     except (HeaderParseError, UnicodeError, ValueError, IndexError) as err:
         raise MessageError(f"{field}: invalid address {addr!r}") from err
+    _check_lengths(field, local, domain)
     return Mailbox(name=name, addr=f"{local}@{domain}")
+
+
+def _check_lengths(field: str, local: str, domain: str) -> None:
+    # RFC 5321 4.5.3.1: a local part of at most 64 octets, a domain of at most
+    # 255 (and labels of at most 63, RFC 1035 2.3.4), a path of at most 256
+    # octets with its angle brackets. Longer ones are refused by servers, and
+    # these limits keep every header line within 998 octets.
+    local_octets = len(local.encode("utf-8"))
+    if local_octets > 64:
+        raise MessageError(f"{field}: the local part is {local_octets} octets (at most 64)")
+    if len(domain) > 255 or any(len(label) > 63 for label in domain.split(".")):
+        raise MessageError(f"{field}: the domain is too long (255 octets, 63 per label)")
+    if local_octets + 1 + len(domain) > 254:
+        raise MessageError(f"{field}: the address is longer than 254 octets")

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from quart import Quart, current_app, has_app_context
 
+from .compat import FlaskMailSettings
 from .delivery import Delivery
 from .message import Envelope, Message
 from .settings import MailSettings
@@ -32,8 +34,14 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
 
 
-class MailState:
-    """One app's mail state, kept in ``app.extensions["mail"]``."""
+class MailState(FlaskMailSettings):
+    """One app's mail state, kept in ``app.extensions["mail"]``.
+
+    It is also what Flask-Mail code finds there: the settings as attributes
+    (``server``, ``port``, ``default_sender``, ...; see
+    :class:`~quartmail.compat.FlaskMailSettings`) and ``send``,
+    ``send_message``, ``connect`` and ``record_messages``.
+    """
 
     def __init__(self, app: Quart, settings: MailSettings) -> None:
         self.app = app
@@ -63,7 +71,9 @@ class MailState:
         await self.delivery.close(deadline)
 
     def envelope(self, message: Message) -> Envelope:
-        """Check *message*, fill in the default sender, and flatten it."""
+        """Check *message*, fill in the default sender and the date, and flatten it."""
+        if message.date is None:
+            message.date = time.time()  # as Flask-Mail does when it sends
         envelope = message.envelope(
             self.settings.default_sender, ascii_attachments=self.settings.ascii_attachments
         )
@@ -88,6 +98,35 @@ class MailState:
         """A message was accepted (or suppressed): record it and signal it."""
         self.record(message)
         await notify(email_dispatched, message, app=self.app)
+
+    # Flask-Mail's methods on app.extensions["mail"], for code that calls them there.
+
+    async def send(self, message: Message) -> SendResult:
+        """Send *message* over a new SMTP session; see :meth:`Mail.send`."""
+        async with self.connect() as connection:
+            return await connection.send(message)
+
+    async def send_message(self, *args: Any, **kwargs: Any) -> SendResult:
+        """Build a :class:`~quartmail.Message` from the arguments and send it."""
+        return await self.send(Message(*args, **kwargs))
+
+    def connect(self) -> Connection:
+        """One SMTP session for many messages; see :meth:`Mail.connect`."""
+        return Connection(self)
+
+    @contextmanager
+    def record_messages(self) -> Iterator[list[Message]]:
+        """Collect every message this app sends; see :meth:`Mail.record_messages`."""
+        # Recorded directly rather than through email_dispatched (as
+        # Flask-Mail does), so that a message is in the list as soon as it is
+        # sent, before the async signal receivers have run.
+        outbox: list[Message] = []
+        self.recordings.append(outbox)
+        try:
+            yield outbox
+        finally:
+            # By identity: two open lists may be equal (both empty, say).
+            self.recordings[:] = [other for other in self.recordings if other is not outbox]
 
 
 class Mail:
@@ -114,8 +153,9 @@ class Mail:
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Quart) -> None:
-        """Read and check the app's ``MAIL_*`` settings.
+    def init_app(self, app: Quart) -> MailState:
+        """Read and check the app's ``MAIL_*`` settings; return the state
+        kept in ``app.extensions["mail"]``.
 
         Raises :class:`~quartmail.errors.ConfigError` naming the setting
         when one is wrong.
@@ -126,6 +166,21 @@ class Mail:
         # Quart drains its own background tasks before after_serving.
         app.before_serving(state.startup)
         app.after_serving(state.shutdown)
+        return state
+
+    def init_mail(
+        self, config: Mapping[str, Any], debug: bool | int = False, testing: bool = False
+    ) -> MailState:
+        """Flask-Mail's: a state read from *config* (checked as in
+        :meth:`init_app`), for the app given to ``Mail(app)`` or the current
+        one. It is neither kept in ``app.extensions`` nor started."""
+        app = self.app
+        if app is None and has_app_context():
+            app = cast(Any, current_app)._get_current_object()  # the app, not the proxy
+        if app is None:
+            raise RuntimeError("No app: use Mail(app), or call init_mail in an app context")
+        settings = MailSettings.from_config(config, testing=testing, debug=bool(debug))
+        return MailState(app, settings)
 
     def init_outbox(self, app: Quart, engine: AsyncEngine) -> Outbox:
         """Keep *app*'s mail in a durable outbox in *engine*'s database (call
@@ -168,8 +223,7 @@ class Mail:
         before connecting, and a :class:`~quartmail.errors.SendError` when the
         server or the network fails, or refuses every recipient.
         """
-        async with self.connect() as connection:
-            return await connection.send(message)
+        return await self.state.send(message)
 
     async def send_message(self, *args: Any, **kwargs: Any) -> SendResult:
         """Build a :class:`~quartmail.Message` from the arguments and send it."""
@@ -211,7 +265,7 @@ class Mail:
         It connects at the first send, and reconnects after
         ``MAIL_MAX_EMAILS`` messages when that is set.
         """
-        return Connection(self.state)
+        return self.state.connect()
 
     @contextmanager
     def record_messages(self) -> Iterator[list[Message]]:
@@ -222,17 +276,8 @@ class Mail:
                 await mail.send_message("Hi", recipients=["a@x.org"])
             assert outbox[0].subject == "Hi"
         """
-        # Recorded directly rather than through email_dispatched (as
-        # Flask-Mail does), so that a message is in the list as soon as it is
-        # sent, before the async signal receivers have run.
-        recordings = self.state.recordings
-        outbox: list[Message] = []
-        recordings.append(outbox)
-        try:
+        with self.state.record_messages() as outbox:
             yield outbox
-        finally:
-            # By identity: two open lists may be equal (both empty, say).
-            recordings[:] = [other for other in recordings if other is not outbox]
 
 
 class Connection:
@@ -257,15 +302,17 @@ class Connection:
     ) -> None:
         await self.close()
 
-    async def send(self, message: Message, envelope_from: str | None = None) -> SendResult:
+    async def send(
+        self, message: Message, envelope_from: str | tuple[str, str] | None = None
+    ) -> SendResult:
         """Send *message* on this connection; see :meth:`Mail.send`.
 
         ``envelope_from`` overrides the envelope sender (``MAIL FROM``), as in
         Flask-Mail.
         """
         envelope = self._state.envelope(message)
-        if envelope_from is not None:
-            envelope = replace(envelope, sender=envelope_from)
+        if envelope_from:  # checked like any address; "" or None: the sender, as in Flask-Mail
+            envelope = envelope.with_sender(envelope_from)
         if self._state.settings.suppress_send:
             await self._state.dispatched(message)
             return SendResult(message_id=envelope.message_id)

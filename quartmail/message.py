@@ -7,23 +7,41 @@ recipient (To, Cc and Bcc) and the RFC 5322 bytes, which carry a Message-ID, a
 Date and MIME-Version, RFC 2047-encoded headers, RFC 2231 file names, no
 ``Bcc:`` header, no ``>From`` mangling, and only 7-bit-safe transfer
 encodings, so that no line exceeds 998 octets and any server accepts them.
+
+Every header value passes one check (:func:`~quartmail.addresses.check_header_value`)
+and the top-level headers are written by one writer (:mod:`quartmail.mime`),
+whether the body is written directly or by the email package (attachments,
+another charset), so both give the same bytes for the same input.
 """
 
 from __future__ import annotations
 
+import codecs
+import email
+import math
 import mimetypes
 import re
+import secrets
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email import policy as email_policy
-from email.message import EmailMessage
+from email.message import MIMEPart
 from email.utils import format_datetime, make_msgid
-from typing import cast
+from typing import Protocol, TypeVar
+
+from quart import current_app, has_app_context
 
 from . import mime
-from .addresses import AddressLike, Mailbox, check_header_value, parse_address, parse_addresses
+from .addresses import (
+    AddressLike,
+    Mailbox,
+    check_header_value,
+    format_address,
+    parse_address,
+    parse_addresses,
+)
 from .errors import MessageError
 
 __all__ = ["Attachment", "Envelope", "Message"]
@@ -31,11 +49,23 @@ __all__ = ["Attachment", "Envelope", "Message"]
 # Never 8bit: bodies are 7bit when they are ASCII with short lines, otherwise
 # quoted-printable or base64, so that a server without 8BITMIME takes them and
 # no line runs past 998 octets. mangle_from_ is already off in these policies.
-_POLICY = email_policy.SMTP.clone(cte_type="7bit")
-_POLICY_UTF8 = email_policy.SMTPUTF8.clone(cte_type="7bit")
+# refold_source="none": the part headers we write ourselves (set_raw) are
+# already encoded and folded; the email package must not parse them again.
+_POLICY = email_policy.SMTP.clone(cte_type="7bit", refold_source="none")
 
 # RFC 5322 field names: printable ASCII but the colon.
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
+# RFC 2045 5.1: a token (a MIME type, subtype, disposition or charset name).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 5322 3.6.4: "<" id-left "@" id-right ">", printable ASCII.
+_MSG_ID = re.compile(r"<[!-;=?A-~]+@[!-;=?A-~]+>")
+# RFC 5321 4.1.2: esmtp-keyword ["=" esmtp-value].
+_ESMTP_PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(=[!-<>-~]+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Part headers the attachment's own fields decide.
+_PART_FIELDS = {"content-type", "content-transfer-encoding", "content-disposition", "mime-version"}
+# What a 7bit body may hold (RFC 2045 2.7): lines of at most 998 octets, no NUL.
+_SEVEN_BIT_LINE = re.compile(rb"[\x01-\x7f]{0,998}")
 
 
 class Attachment:
@@ -82,6 +112,34 @@ class Envelope:
     mail_options: list[str] = field(default_factory=list)
     rcpt_options: list[str] = field(default_factory=list)
 
+    def with_sender(self, value: AddressLike) -> Envelope:
+        """This envelope with another envelope sender (Flask-Mail's
+        ``envelope_from``), checked like any address."""
+        mailbox = parse_address(value, "envelope_from")
+        options = self.mail_options
+        if mailbox.needs_smtputf8 and "SMTPUTF8" not in (option.upper() for option in options):
+            options = [*options, "SMTPUTF8"]
+        return replace(self, sender=mailbox.addr, mail_options=list(options))
+
+
+class _AppMail(Protocol):
+    """What a message reads from the current app's ``app.extensions["mail"]``."""
+
+    @property
+    def default_sender(self) -> AddressLike | None: ...
+
+    @property
+    def ascii_attachments(self) -> bool: ...
+
+
+_Result = TypeVar("_Result", covariant=True)
+
+
+class _Sender(Protocol[_Result]):
+    """A :class:`~quartmail.Connection`, as far as a message needs to know."""
+
+    async def send(self, message: Message) -> _Result: ...
+
 
 class Message:
     """An e-mail message, as in Flask-Mail.
@@ -93,18 +151,24 @@ class Message:
         msg.html = "<b>HTML</b>"
         msg.attach("report.pdf", "application/pdf", pdf_bytes)
 
-    Addresses may be ``"a@x.org"``, ``"Name <a@x.org>"`` or ``("Name", "a@x.org")``.
-    ``date`` is a Unix timestamp or an aware datetime (default: when sent).
+    Addresses may be ``"a@x.org"``, ``"Name <a@x.org>"`` or ``("Name", "a@x.org")``;
+    a ``(name, address)`` sender reads back as ``"name <address>"``, as in
+    Flask-Mail. Without a sender, a message made in an app context takes the
+    app's ``MAIL_DEFAULT_SENDER`` at once, any other when it is sent.
+    ``alts`` maps MIME subtypes to more alternatives (``{"json": ...}``);
+    ``html`` is ``alts["html"]``. ``date`` is a Unix timestamp or an aware
+    datetime; it is set when the message is sent if it is None.
     Nothing is checked until the message is sent (or :meth:`envelope` is
     called), so a message can be built up step by step.
     """
 
     def __init__(
         self,
-        subject: str = "",
+        subject: str | None = "",
         recipients: Sequence[AddressLike] | AddressLike | None = None,
         body: str | None = None,
         html: str | None = None,
+        alts: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         sender: AddressLike | None = None,
         cc: Sequence[AddressLike] | AddressLike | None = None,
         bcc: Sequence[AddressLike] | AddressLike | None = None,
@@ -119,8 +183,14 @@ class Message:
         self.subject = subject
         self.recipients: list[AddressLike] = _as_list(recipients)
         self.body = body
-        self.html = html
-        self.sender = sender
+        self.alts: dict[str, str] = dict(alts or {})
+        if html is not None:  # html=None keeps an alts["html"] (Flask-Mail would drop it)
+            self.html = html
+        self._sender_pair: tuple[str, str] | None = None
+        self._sender: str | None = None
+        # Flask-Mail takes the default sender here, so it shows on the message at once.
+        state = _app_mail()
+        self.sender = sender if sender is not None or state is None else state.default_sender
         self.cc: list[AddressLike] = _as_list(cc)
         self.bcc: list[AddressLike] = _as_list(bcc)
         self.attachments: list[Attachment] = list(attachments or [])
@@ -131,6 +201,7 @@ class Message:
         self.mail_options: list[str] = list(mail_options or [])
         self.rcpt_options: list[str] = list(rcpt_options or [])
         self._msg_id: str | None = None
+        self._boundary_key: str | None = None  # kept, so flattening again gives the same bytes
 
     def __repr__(self) -> str:
         return (
@@ -138,20 +209,61 @@ class Message:
             f"to {len(self.send_recipients)} recipient(s)>"
         )
 
+    def __str__(self) -> str:
+        return self.as_string()
+
+    def __bytes__(self) -> bytes:
+        return self.as_bytes()
+
+    @property
+    def sender(self) -> str | None:
+        """The sender as Flask-Mail shows it: a ``(name, address)`` pair
+        reads back as the string ``"name <address>"``."""
+        return self._sender
+
+    @sender.setter
+    def sender(self, value: AddressLike | None) -> None:
+        if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            # The pair itself is what is sent, so that the name goes on the
+            # wire exactly as given, whatever it holds.
+            self._sender_pair = value
+            self._sender = format_address(value[0].strip(), value[1].strip())
+        else:
+            self._sender_pair = None
+            self._sender = value  # type: ignore[assignment]  # anything else fails when checked
+
+    def _sender_value(self) -> AddressLike | None:
+        return self._sender_pair if self._sender_pair is not None else self._sender
+
+    @property
+    def html(self) -> str | None:
+        """The HTML alternative: ``alts["html"]``, as in Flask-Mail."""
+        return self.alts.get("html")
+
+    @html.setter
+    def html(self, value: str | None) -> None:
+        if value is None:
+            self.alts.pop("html", None)
+        else:
+            self.alts["html"] = value
+
     @property
     def msg_id(self) -> str:
         """The ``Message-ID``, made on first use and then kept, so that a
         message sent again (a retry, the outbox) keeps the same one."""
         if self._msg_id is None:
             domain = "localhost"
-            if self.sender is not None:
-                domain = parse_address(self.sender, "sender").domain
+            sender = self._sender_value()
+            if sender is not None:
+                domain = parse_address(sender, "sender").domain
             self._msg_id = make_msgid(domain=domain)
         return self._msg_id
 
     @msg_id.setter
     def msg_id(self, value: str) -> None:
         check_header_value("msg_id", value)
+        if not _MSG_ID.fullmatch(value) or len(value) > 900:
+            raise MessageError(f"msg_id must look like <id@domain> in printable ASCII: {value!r}")
         self._msg_id = value
 
     #: Flask-Mail's spelling.
@@ -161,6 +273,16 @@ class Message:
     def send_recipients(self) -> list[AddressLike]:
         """Everyone the message goes to: To, then Cc, then Bcc."""
         return [*self.recipients, *self.cc, *self.bcc]
+
+    @property
+    def send_to(self) -> set[AddressLike]:
+        """Flask-Mail's set of everyone the message goes to (To, Cc and Bcc);
+        the envelope has each mailbox once."""
+        return set(self.send_recipients)
+
+    async def send(self, connection: _Sender[_Result]) -> _Result:
+        """Flask-Mail's ``message.send(connection)``: ``await connection.send(message)``."""
+        return await connection.send(self)
 
     def add_recipient(self, recipient: AddressLike) -> None:
         """Add a To recipient."""
@@ -195,7 +317,8 @@ class Message:
         recipient or a malformed address; in either case nothing is sent.
         """
         self._check_headers()
-        sender_value = self.sender if self.sender is not None else default_sender
+        sender_value = self._sender_value()
+        sender_value = sender_value if sender_value is not None else default_sender
         if sender_value is None:
             raise MessageError("The message has no sender: pass sender= or set MAIL_DEFAULT_SENDER")
         sender = parse_address(sender_value, "sender")
@@ -205,31 +328,23 @@ class Message:
         if not (to or cc or bcc):
             raise MessageError("The message has no recipients (recipients, cc and bcc are empty)")
         reply_to = parse_address(self.reply_to, "reply_to") if self.reply_to is not None else None
+        date = _as_datetime(self.date)
+        charset = self._checked_charset()
         if self._msg_id is None:
             self._msg_id = make_msgid(domain=sender.domain)
 
         everyone = [sender, *to, *cc, *bcc]
         utf8 = any(mailbox.needs_smtputf8 for mailbox in everyone)
         headers = _Headers(
-            sender,
-            to,
-            cc,
-            reply_to,
-            self.subject,
-            _as_datetime(self.date),
-            self._msg_id,
-            self.extra_headers,
+            sender, to, cc, reply_to, self.subject, date, self._msg_id, self.extra_headers
         )
-        data = self._fast_bytes(headers)
-        if data is None:
-            mime = self._mime(headers, ascii_attachments)
-            data = mime.as_bytes(policy=_POLICY_UTF8 if utf8 else _POLICY)
+        data = headers.lines() + self._flatten_body(charset, ascii_attachments)
         mail_options = list(self.mail_options)
         if utf8 and "SMTPUTF8" not in (option.upper() for option in mail_options):
             mail_options.append("SMTPUTF8")
         return Envelope(
             sender=sender.addr,
-            recipients=_unique(mailbox.addr for mailbox in [*to, *cc, *bcc]),
+            recipients=_unique([*to, *cc, *bcc]),
             data=data,
             message_id=self._msg_id,
             mail_options=mail_options,
@@ -237,40 +352,40 @@ class Message:
         )
 
     def as_bytes(self, default_sender: AddressLike | None = None) -> bytes:
-        """The message as it goes on the wire (without the envelope)."""
-        return self.envelope(default_sender).data
+        """The message as it goes on the wire (without the envelope): once
+        it was sent, the very bytes sent. In an app context the app's
+        ``MAIL_DEFAULT_SENDER`` and ``MAIL_ASCII_ATTACHMENTS`` apply."""
+        state = _app_mail()
+        if state is None:
+            return self.envelope(default_sender).data
+        if default_sender is None:
+            default_sender = state.default_sender
+        return self.envelope(default_sender, ascii_attachments=state.ascii_attachments).data
 
     def as_string(self, default_sender: AddressLike | None = None) -> str:
         """:meth:`as_bytes`, decoded; the bytes are ASCII unless an address needs SMTPUTF8."""
         return self.as_bytes(default_sender).decode("utf-8")
 
     def _check_headers(self) -> None:
-        check_header_value("subject", self.subject)
-        for field_name, text in (
-            ("subject", self.subject),
-            ("body", self.body),
-            ("html", self.html),
-        ):
-            if text is not None and not _encodable(text):
-                raise MessageError(
-                    f"{field_name} holds text UTF-8 cannot encode (a lone surrogate)"
-                )
+        if self.subject is not None:
+            check_header_value("subject", self.subject)
+        if self.body is not None:
+            _check_text("body", self.body)
+        for subtype, text in self.alts.items():
+            check_header_value("alts", subtype)
+            if not _TOKEN.fullmatch(subtype):
+                raise MessageError(f"alts: {subtype!r} is not a MIME subtype")
+            _check_text("html" if subtype == "html" else f"alts[{subtype!r}]", text)
         for name, value in self.extra_headers.items():
-            check_header_value("extra_headers", name)
+            _check_field_name("extra_headers", name)
             check_header_value(f"extra_headers[{name!r}]", value)
-            if not _FIELD_NAME.fullmatch(name):
-                raise MessageError(f"extra_headers: {name!r} is not a header name")
             if name.lower() == "mime-version" or name.lower().startswith("content-"):
                 raise MessageError(
                     f"extra_headers cannot set {name}: the message's structure decides it"
                 )
         for attachment in self.attachments:
-            if attachment.filename is not None:
-                check_header_value("attachment filename", attachment.filename)
-            for name, value in attachment.headers.items():
-                check_header_value("attachment headers", name)
-                check_header_value(f"attachment headers[{name!r}]", value)
-        for field_name, address in (("sender", self.sender), ("reply_to", self.reply_to)):
+            _check_attachment(attachment)
+        for field_name, address in (("sender", self._sender_value()), ("reply_to", self.reply_to)):
             _check_address_value(field_name, address)
         for field_name, addresses in (
             ("recipients", self.recipients),
@@ -279,42 +394,94 @@ class Message:
         ):
             for address in addresses:
                 _check_address_value(field_name, address)
+        # ESMTP parameters go into the MAIL and RCPT commands: a line break
+        # there would be a command of its own (RFC 5321 4.1.2 syntax).
+        for field_name, options in (
+            ("mail_options", self.mail_options),
+            ("rcpt_options", self.rcpt_options),
+        ):
+            for option in options:
+                check_header_value(field_name, option)
+                if not _ESMTP_PARAM.fullmatch(option):
+                    raise MessageError(f"{field_name}: {option!r} is not an ESMTP parameter")
 
-    def _fast_bytes(self, headers: _Headers) -> bytes | None:
-        """The common message, written directly (see :mod:`quartmail.mime`);
-        None when it needs the email package (attachments, another charset)."""
-        if self.attachments or (self.charset or "utf-8").lower() != "utf-8":
-            return None
-        lines = headers.fast()
-        if lines is None:
-            return None
-        if self.html is not None and self.body is not None:
-            body = mime.multipart_alternative(
-                [mime.text_part(self.body, "plain"), mime.text_part(self.html, "html")]
-            )
-        elif self.html is not None:
-            body = mime.text_part(self.html, "html")
-        else:
-            body = mime.text_part(self.body or "", "plain")
-        return b"".join(lines) + b"MIME-Version: 1.0\r\n" + body
+    def _texts(self) -> list[tuple[str, str]]:
+        """The text alternatives, as (subtype, text): the body, then ``alts``
+        in order. One alone is the whole message (an HTML-only message is one
+        text/html part, not an empty text/plain beside it)."""
+        texts = [("plain", self.body)] if self.body is not None else []
+        return [*texts, *self.alts.items()] or [("plain", "")]
 
-    def _mime(self, headers: _Headers, ascii_attachments: bool) -> EmailMessage:
-        mime_message = EmailMessage(policy=_POLICY)
-        for name, value in headers.items():
-            mime_message[name] = value
-
+    def _checked_charset(self) -> str:
+        """The bodies' charset, checked: known, ASCII-compatible (RFC 2046
+        4.1.2: CRLF must mean a line break) and able to encode every body."""
         charset = self.charset or "utf-8"
-        if self.html is not None and self.body is not None:
-            mime_message.set_content(self.body, charset=charset)
-            mime_message.add_alternative(self.html, subtype="html", charset=charset)
-        elif self.html is not None:
-            mime_message.set_content(self.html, subtype="html", charset=charset)
-        else:
-            mime_message.set_content(self.body or "", charset=charset)
+        check_header_value("charset", charset)
+        try:
+            if not _TOKEN.fullmatch(charset):
+                raise LookupError(charset)
+            codecs.lookup(charset)
+        except LookupError:
+            raise MessageError(f"charset: unknown charset {charset!r}") from None
+        probe = "".join(map(chr, range(32, 127))) + "\t\r\n"
+        try:
+            ascii_compatible = probe.encode(charset) == probe.encode("ascii")
+        except (UnicodeError, LookupError):
+            ascii_compatible = False
+        if not ascii_compatible:
+            raise MessageError(f"charset: {charset!r} is not ASCII-compatible, as MIME text needs")
+        for subtype, text in self._texts():
+            try:
+                text.encode(charset)
+            except UnicodeEncodeError as err:
+                bad = err.object[err.start : err.end]
+                raise MessageError(
+                    f"text/{subtype}: charset {charset!r} cannot encode {bad!r}"
+                ) from None
+        return charset
 
+    def _flatten_body(self, charset: str, ascii_attachments: bool) -> bytes:
+        """MIME-Version, the body's headers and the body."""
+        for _ in range(8):
+            if self._boundary_key is None:
+                self._boundary_key = secrets.token_hex(10)
+            if not self.attachments and charset.lower() == "utf-8":
+                body = self._fast_body(self._boundary_key)
+            else:
+                body = self._mime_body(self._boundary_key, charset, ascii_attachments)
+            if body is not None:
+                return body
+            self._boundary_key = None  # a part holds the boundary: take another
+        raise MessageError("no MIME boundary could be found that no part contains")
+
+    def _fast_body(self, key: str) -> bytes | None:
+        """The common message, written directly (see :mod:`quartmail.mime`)."""
+        parts = [mime.text_part(text, subtype) for subtype, text in self._texts()]
+        if len(parts) == 1:
+            return b"MIME-Version: 1.0\r\n" + parts[0]
+        boundary = mime.boundary(key, 0)
+        body = mime.multipart_alternative(parts, boundary)
+        if not mime.boundary_intact(body, boundary, len(parts)):
+            return None
+        return b"MIME-Version: 1.0\r\n" + body
+
+    def _mime_body(self, key: str, charset: str, ascii_attachments: bool) -> bytes | None:
+        """Attachments or another charset: the email package writes the body."""
+        mime_message = MIMEPart(policy=_POLICY)  # MIMEPart: no MIME-Version in each part
+        (subtype, text), *alternatives = self._texts()
+        mime_message.set_content(text, subtype=subtype, charset=charset)
+        for subtype, text in alternatives:
+            mime_message.add_alternative(text, subtype=subtype, charset=charset)
         for attachment in self.attachments:
             _attach(mime_message, attachment, ascii_attachments)
-        return mime_message
+        multiparts = [part for part in mime_message.walk() if part.is_multipart()]
+        for index, part in enumerate(multiparts):
+            part.set_boundary(mime.boundary(key, index))
+        data = b"MIME-Version: 1.0\r\n" + mime_message.as_bytes(policy=_POLICY)
+        for index, part in enumerate(multiparts):
+            if not mime.boundary_intact(data, mime.boundary(key, index), len(part.get_payload())):
+                return None
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,34 +492,15 @@ class _Headers:
     to: list[Mailbox]
     cc: list[Mailbox]
     reply_to: Mailbox | None
-    subject: str
+    subject: str | None
     date: datetime
     message_id: str
     extra: Mapping[str, str]
 
-    def items(self) -> list[tuple[str, object]]:
-        """(name, value) pairs for an EmailMessage; extra headers replace ours."""
-        own: list[tuple[str, object]] = [("From", self.sender.header())]
-        if self.to:
-            own.append(("To", [mailbox.header() for mailbox in self.to]))
-        if self.cc:
-            own.append(("Cc", [mailbox.header() for mailbox in self.cc]))
-        if self.reply_to is not None:
-            own.append(("Reply-To", self.reply_to.header()))
-        own += [
-            ("Subject", self.subject),
-            ("Date", format_datetime(self.date)),
-            ("Message-ID", self.message_id),
-        ]
+    def lines(self) -> bytes:
+        """The headers, encoded and folded; extra headers replace ours."""
         replaced = {name.lower() for name in self.extra}
-        return [item for item in own if item[0].lower() not in replaced] + list(self.extra.items())
-
-    def fast(self) -> list[bytes] | None:
-        """The same headers as encoded lines; None if one needs the email package."""
-        if not self.message_id.isascii():
-            return None
-        replaced = {name.lower() for name in self.extra}
-        lines: list[bytes | None] = []
+        lines: list[bytes] = []
         for name, mailboxes in (
             ("From", [self.sender]),
             ("To", self.to),
@@ -361,27 +509,77 @@ class _Headers:
         ):
             if mailboxes and name.lower() not in replaced:
                 lines.append(mime.address_header(name, mailboxes))
-        own = (
-            ("Subject", self.subject),
-            ("Date", format_datetime(self.date)),
-            ("Message-ID", self.message_id),
-        )
-        for name, value in own:
-            if name.lower() not in replaced:
-                lines.append(mime.text_header(name, value))
+        if self.subject and "subject" not in replaced:  # none when empty, as in Flask-Mail
+            lines.append(mime.text_header("Subject", self.subject))
+        if "date" not in replaced:
+            lines.append(mime.plain_header("Date", format_datetime(self.date)))
+        if "message-id" not in replaced:
+            lines.append(mime.plain_header("Message-ID", self.message_id))
         for name, value in self.extra.items():
             lines.append(mime.text_header(name, value))
-        if any(line is None for line in lines):
-            return None
-        return cast(list[bytes], lines)
+        return b"".join(lines)
 
 
-def _encodable(text: str) -> bool:
+def _app_mail() -> _AppMail | None:
+    """The current app's mail state, when there is an app context with Mail
+    (Flask-Mail reads its default sender and ASCII setting from there)."""
+    if not has_app_context():
+        return None
+    state: _AppMail | None = current_app.extensions.get("mail")
+    return state
+
+
+def _check_text(field_name: str, text: object) -> None:
+    if not isinstance(text, str):
+        raise MessageError(f"{field_name} must be a string, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        raise MessageError(
+            f"{field_name} holds text UTF-8 cannot encode (a lone surrogate)"
+        ) from None
+
+
+def _check_field_name(field_name: str, name: str) -> None:
+    check_header_value(field_name, name)
+    # 76: a name, ": " and a value still fit RFC 5322's 78 columns.
+    if not _FIELD_NAME.fullmatch(name) or len(name) > 76:
+        raise MessageError(f"{field_name}: {name!r} is not a header name")
+
+
+def _check_attachment(attachment: Attachment) -> None:
+    """Every field of an attachment that ends up in a part header."""
+    if not isinstance(attachment, Attachment):
+        raise MessageError(f"attachments must be Attachment objects, got {attachment!r}")
+    filename = attachment.filename
+    if filename is not None:
+        check_header_value("attachment filename", filename)
+        if _CONTROL.search(filename):
+            raise MessageError(f"attachment filename holds a control character: {filename!r}")
+    check_header_value("attachment content_type", attachment.content_type)
+    maintype, _, subtype = attachment.content_type.partition("/")
+    if not (_TOKEN.fullmatch(maintype) and _TOKEN.fullmatch(subtype)):
+        raise MessageError(
+            f"attachment content_type must be type/subtype: {attachment.content_type!r}"
+        )
+    if maintype.lower() == "multipart":
+        raise MessageError("attachment content_type cannot be multipart/*: attach each part")
+    check_header_value("attachment disposition", attachment.disposition)
+    if not _TOKEN.fullmatch(attachment.disposition):
+        raise MessageError(f"attachment disposition is not a token: {attachment.disposition!r}")
+    for name, value in attachment.headers.items():
+        _check_field_name("attachment headers", name)
+        check_header_value(f"attachment headers[{name!r}]", value)
+        if name.lower() in _PART_FIELDS:
+            raise MessageError(
+                f"attachment headers cannot set {name}: the attachment's fields decide it"
+            )
+    if isinstance(attachment.data, str):
+        _check_text(f"attachment {filename!r}", attachment.data)
+        if maintype.lower() not in ("text", "message"):
+            raise MessageError(f"attachment {filename!r}: str data needs a text/* content type")
+    elif not isinstance(attachment.data, bytes | bytearray | memoryview):
+        raise MessageError(f"attachment {filename!r}: data must be bytes or str")
 
 
 def _as_list(addresses: Sequence[AddressLike] | AddressLike | None) -> list[AddressLike]:
@@ -400,32 +598,64 @@ def _check_address_value(field: str, value: AddressLike | None) -> None:
             check_header_value(field, part)
 
 
-def _attach(mime: EmailMessage, attachment: Attachment, ascii_only: bool) -> None:
+def _attach(mime_message: MIMEPart, attachment: Attachment, ascii_only: bool) -> None:
     filename = attachment.filename
     if filename is not None and ascii_only:
         filename = _ascii_filename(filename)
-    maintype, _, subtype = attachment.content_type.partition("/")
-    if not subtype:
-        raise MessageError(
-            f"attachment content_type must be type/subtype: {attachment.content_type!r}"
-        )
-    options: dict[str, object] = {
-        "disposition": attachment.disposition,
-        "filename": filename,
-        "headers": [f"{name}: {value}" for name, value in attachment.headers.items()],
-    }
-    if isinstance(attachment.data, str):
-        if maintype != "text":
-            raise MessageError(f"attachment {filename!r}: str data needs a text/* content type")
-        mime.add_attachment(attachment.data, subtype=subtype, **options)  # type: ignore[arg-type]
+    maintype, _, subtype = attachment.content_type.lower().partition("/")
+    data = attachment.data
+    if maintype == "message" and subtype == "rfc822":
+        part = _rfc822_part(data, filename)
     else:
-        mime.add_attachment(attachment.data, maintype, subtype, **options)  # type: ignore[arg-type]
+        part = MIMEPart(policy=_POLICY)
+        if isinstance(data, str):
+            part.set_content(data, subtype=subtype)
+        else:
+            part.set_content(bytes(data), maintype, subtype)
+    part["Content-Disposition"] = attachment.disposition
+    if filename is not None:
+        part.set_param("filename", filename, header="Content-Disposition")
+    for name, value in attachment.headers.items():
+        # The same writer as the top-level headers (controls encoded, folded).
+        folded = mime.text_header(name, value).decode("ascii")
+        part.set_raw(name, folded[len(name) + 2 :].rstrip("\r\n"))
+    if mime_message.get_content_type() != "multipart/mixed":
+        mime_message.make_mixed()
+    mime_message.attach(part)
+
+
+def _rfc822_part(data: bytes | str, filename: str | None) -> MIMEPart:
+    """A message/rfc822 part: RFC 2046 5.2.1 allows no encoding but 7bit,
+    8bit or binary. The message goes as it is when it is 7bit already;
+    otherwise the email package re-encodes its parts (quoted-printable or
+    base64) so that it is."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    lines = raw.splitlines()
+    raw = b"\r\n".join(lines) + b"\r\n"
+    if not _is_seven_bit(raw):
+        parsed = email.message_from_bytes(b"\n".join(lines) + b"\n", policy=_POLICY)
+        raw = parsed.as_bytes(policy=_POLICY)
+        if not _is_seven_bit(raw):
+            raise MessageError(
+                f"attachment {filename!r}: a message/rfc822 attachment must be 7bit "
+                "(no NUL, lines of at most 998 octets) and this one cannot be made so"
+            )
+    part = MIMEPart(policy=_POLICY)
+    part["Content-Type"] = "message/rfc822"
+    part["Content-Transfer-Encoding"] = "7bit"
+    part.set_payload(raw.decode("ascii"))
+    return part
+
+
+def _is_seven_bit(data: bytes) -> bool:
+    return all(_SEVEN_BIT_LINE.fullmatch(line) for line in data.split(b"\r\n"))
 
 
 def _ascii_filename(filename: str) -> str:
-    """Flask-Mail's MAIL_ASCII_ATTACHMENTS: drop accents, then anything non-ASCII."""
+    """Flask-Mail's MAIL_ASCII_ATTACHMENTS: drop accents, then anything
+    non-ASCII, then runs of white space."""
     ascii_name = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode("ascii")
-    return ascii_name or "attachment"
+    return " ".join(ascii_name.split()) or "attachment"
 
 
 def _guess_type(filename: str | None) -> str:
@@ -433,16 +663,30 @@ def _guess_type(filename: str | None) -> str:
     return guessed or "application/octet-stream"
 
 
-def _as_datetime(date: float | datetime | None) -> datetime:
+def _as_datetime(date: object) -> datetime:
     if date is None:
         return datetime.now(UTC).replace(microsecond=0)
     if isinstance(date, datetime):
         if date.tzinfo is None:
             raise MessageError("date must be timezone-aware (or a Unix timestamp)")
-        return date
-    return datetime.fromtimestamp(date, UTC)
+        value = date
+    elif isinstance(date, int | float) and not isinstance(date, bool) and math.isfinite(date):
+        try:
+            value = datetime.fromtimestamp(date, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise MessageError(f"date is out of range: {date!r}") from None
+    else:
+        raise MessageError(f"date must be a Unix timestamp or an aware datetime, got {date!r}")
+    # RFC 5322 3.3: a four-digit year, 1900 or later.
+    if not 1900 <= value.year <= 9999:
+        raise MessageError(f"date is out of range: {date!r}")
+    return value
 
 
-def _unique(addresses: Iterable[str]) -> list[str]:
-    # One RCPT per address, even if it is both in To and in Bcc.
-    return list(dict.fromkeys(addresses))
+def _unique(mailboxes: Iterable[Mailbox]) -> list[str]:
+    # One RCPT per mailbox, even if it is both in To and in Bcc, whatever the
+    # case of its domain (domains are case-insensitive, RFC 5321 2.4).
+    first: dict[tuple[str, str], str] = {}
+    for mailbox in mailboxes:
+        first.setdefault(mailbox.key, mailbox.addr)
+    return list(first.values())

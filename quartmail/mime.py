@@ -7,16 +7,19 @@ that costs more than sending it. Here the same bytes are written directly, by
 the same rules the email package follows with ``policy.SMTP`` and
 ``cte_type="7bit"``:
 
-- headers of ASCII text are folded at white space to 78 columns; any other
-  text (non-ASCII, ``=?``, an unbreakable run) becomes RFC 2047 encoded-words
-  (``=?utf-8?b?...?=``), split on character boundaries, one per line;
-- display names that need it are quoted or encoded; addresses are left as they
-  are (ASCII, or UTF-8 when the message travels with SMTPUTF8);
+- headers of printable ASCII text are folded at white space to 78 columns;
+  any other text (non-ASCII, control characters, ``=?``, an unbreakable run)
+  becomes RFC 2047 encoded-words (``=?utf-8?b?...?=``), split on character
+  boundaries, one per line;
+- display names that need it are quoted or encoded, and a name too long for a
+  line is encoded-words folded between; addresses are left as they are (ASCII,
+  or UTF-8 when the message travels with SMTPUTF8; at most 254 octets);
 - bodies are 7bit when ASCII with lines of at most 78 octets, otherwise
   quoted-printable or base64, whichever is shorter, with CRLF line ends.
 
-Everything else (attachments, other charsets) goes through the email package.
-The tests parse the output back with the email package and compare.
+The top-level headers of every message are written here; the bodies of the
+rest (attachments, other charsets) are written by the email package. The
+tests parse the output back with the email package and compare.
 """
 
 from __future__ import annotations
@@ -24,14 +27,22 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import secrets
 from collections.abc import Iterable
 
 from .addresses import Mailbox
 
-__all__ = ["address_header", "multipart_alternative", "text_header", "text_part"]
+__all__ = [
+    "address_header",
+    "boundary",
+    "boundary_intact",
+    "multipart_alternative",
+    "plain_header",
+    "text_header",
+    "text_part",
+]
 
 _MAX = 78  # RFC 5322's "SHOULD" line length
+_NAME_ROOM = len("Reply-To: ")  # the longest address header's name
 _CRLF = b"\r\n"
 _ATOM_SPECIALS = frozenset('()<>@,;:\\".[]')
 _WORD_OVERHEAD = len("=?utf-8?b??=")
@@ -50,24 +61,31 @@ def text_header(name: str, value: str) -> bytes:
     return _encoded_words(prefix, value)
 
 
-def address_header(name: str, mailboxes: Iterable[Mailbox]) -> bytes | None:
-    """``Name: a, b, ...`` with each mailbox as ``name <addr>``, folded
-    between mailboxes; None when a mailbox is too long for a line (the caller
-    then lets the email package fold it)."""
-    items = [_mailbox(mailbox) for mailbox in mailboxes]
+def address_header(name: str, mailboxes: Iterable[Mailbox]) -> bytes:
+    """``Name: a, b, ...`` with each mailbox as ``name <addr>``, folded to
+    78 columns between mailboxes, and between a long display name's
+    encoded-words and its address, so that no line exceeds 998 octets (an
+    address itself is at most 254 octets, see :mod:`quartmail.addresses`)."""
+    items = list(mailboxes)
+    tokens: list[str] = []
+    for index, mailbox in enumerate(items):
+        tokens += _mailbox_tokens(mailbox, "," if index < len(items) - 1 else "")
     lines: list[str] = []
     line = f"{name}:"
-    for index, item in enumerate(items):
-        text = item + ("," if index < len(items) - 1 else "")
-        if index and len(line) + 1 + len(text) > _MAX:
+    for index, token in enumerate(tokens):
+        if index and len(line.encode("utf-8")) + 1 + len(token.encode("utf-8")) > _MAX:
             lines.append(line)
-            line = " " + text
+            line = " " + token
         else:
-            line += " " + text
+            line += " " + token
     lines.append(line)
-    if any(len(each.encode("utf-8")) > 998 for each in lines):
-        return None
     return "\r\n".join(lines).encode("utf-8") + _CRLF
+
+
+def plain_header(name: str, value: str) -> bytes:
+    """``Name: value`` for a value already known to be one printable ASCII
+    token that fits a line (a Date, a checked Message-ID)."""
+    return f"{name}: {value}\r\n".encode("ascii")
 
 
 def text_part(text: str, subtype: str) -> bytes:
@@ -80,9 +98,10 @@ def text_part(text: str, subtype: str) -> bytes:
     )
 
 
-def multipart_alternative(parts: list[bytes]) -> bytes:
-    """A ``multipart/alternative`` body holding *parts* (text first)."""
-    boundary = _boundary(parts)
+def multipart_alternative(parts: list[bytes], boundary: str) -> bytes:
+    """A ``multipart/alternative`` body holding *parts* (text first); the
+    caller checks that *boundary* occurs nowhere in them (see
+    :func:`boundary_intact`)."""
     out = [f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode("ascii")]
     # The CRLF before each boundary line belongs to the boundary (RFC 2046),
     # so a part's own final line break needs one more after it.
@@ -94,13 +113,17 @@ def multipart_alternative(parts: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def _boundary(parts: list[bytes]) -> str:
-    # Random enough never to occur in a part; checked all the same.
-    while True:
-        boundary = f"==============={secrets.token_hex(12)}=="
-        encoded = boundary.encode("ascii")
-        if not any(encoded in part for part in parts):
-            return boundary
+def boundary(key: str, index: int) -> str:
+    """The boundary of a message's *index*-th multipart: made from a random
+    key kept with the message, so that flattening it again gives the same
+    bytes (``as_bytes()`` is what was sent)."""
+    return f"=============={key}{index}=="
+
+
+def boundary_intact(data: bytes, boundary: str, parts: int) -> bool:
+    """True when *boundary* occurs in *data* only as the delimiters of its
+    multipart's *parts* (and the closing one): no part happens to contain it."""
+    return data.count(f"--{boundary}".encode("ascii")) == parts + 1
 
 
 def _printable(value: str) -> bool:
@@ -156,10 +179,22 @@ def _word(chunk: bytes) -> str:
     return f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?="
 
 
-def _mailbox(mailbox: Mailbox) -> str:
+def _mailbox_tokens(mailbox: Mailbox, comma: str) -> list[str]:
+    """A mailbox as the pieces a header may be folded between, each short
+    enough to follow the longest header name (``Reply-To: ``) within 78
+    columns, but an address, which cannot be split."""
     if not mailbox.name:
-        return mailbox.addr
-    return f"{_phrase(mailbox.name)} <{mailbox.addr}>"
+        return [mailbox.addr + comma]
+    phrase = _phrase(mailbox.name)
+    address = f"<{mailbox.addr}>{comma}"
+    if len(phrase) + 1 + len(address) <= _MAX - _NAME_ROOM:
+        return [f"{phrase} {address}"]
+    if len(phrase) <= _MAX - _NAME_ROOM:
+        return [phrase, address]
+    # A name too long for a line: as encoded-words, which may be folded
+    # between (RFC 2047 5(3); readers drop the white space between them).
+    words = _encoded_words(" " * _NAME_ROOM, mailbox.name).decode("ascii").strip()
+    return [*words.split("\r\n "), address]
 
 
 def _phrase(name: str) -> str:

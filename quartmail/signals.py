@@ -1,12 +1,13 @@
 """Signals, as in Flask-Mail, in a blinker namespace of our own.
 
-Both are sent with the :class:`~quartmail.Message` as sender and ``app=``
-the Quart app; ``email_failed`` also passes ``error=`` the
+Both are sent as Flask-Mail 0.10 (and Flask, and Quart) send signals: the
+Quart app is the sender and the :class:`~quartmail.Message` the keyword
+``message``; ``email_failed`` also passes ``error=`` the
 :class:`~quartmail.MailError`. Receivers may be plain functions or
-``async def``::
+``async def``, so one written for Flask-Mail works unchanged::
 
     @email_dispatched.connect
-    async def log_sent(message, app):
+    async def log_sent(app, message, **extra):
         app.logger.info("sent %s", message.msg_id)
 """
 
@@ -34,17 +35,19 @@ email_failed = _signals.signal(
 )
 
 
-async def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
-    """Send *signal* to each receiver, sync or async, in order.
+async def notify(signal: Signal, message: object, *, app: Any, **kwargs: Any) -> None:
+    """Send *signal* about *message* to each receiver, sync or async, in
+    order, as ``receiver(app, message=message, **kwargs)``: the app is the
+    sender, as in Flask-Mail 0.10.
 
     A receiver that raises is logged and the others still run: by the time
     these signals fire the message's fate is settled, and a broken receiver
     must not turn a delivered mail into an error the caller would retry.
     (blinker's ``send_async`` would stop at the first exception.)
     """
-    for receiver in signal.receivers_for(sender):
+    for receiver in signal.receivers_for(app):
         try:
-            result = receiver(sender, **kwargs)
+            result = receiver(app, message=message, **kwargs)
             if inspect.isawaitable(result):
                 await result
         except Exception:

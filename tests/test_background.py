@@ -89,8 +89,8 @@ async def test_transient_replies_are_retried_until_delivered(
     failed: list[Message] = []
     app, mail = make_mail(smtp_server, MAIL_RETRY_DELAY=0.01)
     with (
-        email_dispatched.connected_to(lambda m, **_: dispatched.append(m)),
-        email_failed.connected_to(lambda m, **_: failed.append(m)),
+        email_dispatched.connected_to(lambda app, message, **_: dispatched.append(message)),
+        email_failed.connected_to(lambda app, message, **_: failed.append(message)),
     ):
         async with serving(app):
             result = await mail.send_background(message())
@@ -107,7 +107,7 @@ async def test_permanent_failure_is_not_retried(
     failures: list[tuple[Message, MailError]] = []
     app, mail = make_mail(smtp_server, MAIL_RETRY_DELAY=0.01)
     msg = message()
-    with email_failed.connected_to(lambda m, error, **_: failures.append((m, error))):
+    with email_failed.connected_to(lambda _app, message, error: failures.append((message, error))):
         async with serving(app):
             future = mail.send_background(msg)
             with pytest.raises(SendError) as caught:
@@ -263,7 +263,7 @@ async def test_suppressed_messages_are_recorded_and_resolve_at_once(
 ) -> None:
     app, mail = make_mail(smtp_server, MAIL_SUPPRESS_SEND=True)
     dispatched: list[Message] = []
-    with email_dispatched.connected_to(lambda m, **_: dispatched.append(m)):
+    with email_dispatched.connected_to(lambda app, message, **_: dispatched.append(message)):
         async with serving(app):
             with mail.record_messages() as outbox:
                 future = mail.send_background(message())
@@ -299,7 +299,7 @@ async def test_a_dropped_failed_future_makes_no_never_retrieved_noise(
     asyncio.get_running_loop().set_exception_handler(lambda _, ctx: contexts.append(ctx))
     failed: list[Message] = []
     app, mail = make_mail(smtp_server)
-    with email_failed.connected_to(lambda m, **_: failed.append(m)):
+    with email_failed.connected_to(lambda app, message, **_: failed.append(message)):
         async with serving(app):
             mail.send_background(message())  # dropped at once
             await wait_until(lambda: len(failed) == 1)

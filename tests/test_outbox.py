@@ -209,7 +209,7 @@ async def test_delivered_outbox_mail_is_signalled(
 ) -> None:
     seen: list[Message] = []
     app, mail = make_app(engine, smtp_server)
-    with email_dispatched.connected_to(lambda m, **_: seen.append(m)):
+    with email_dispatched.connected_to(lambda app, message, **_: seen.append(message)):
         async with app.test_app(), app.app_context():
             async with AsyncSession(engine, expire_on_commit=False) as session:
                 kept = await mail.outbox.enqueue(session, message(7))
@@ -227,7 +227,7 @@ async def test_many_messages_are_each_sent_once(
         async with AsyncSession(engine, expire_on_commit=False) as session:
             ids = [await mail.outbox.enqueue(session, message(n)) for n in range(200)]
             await session.commit()
-        await smtp_server.wait_for_messages(200)
+        await smtp_server.wait_for_messages(200, timeout=60)  # generous: CI machines are shared
     received = [m.parsed()["Message-ID"] for m in smtp_server.messages]
     assert sorted(received) == sorted(ids)
     async with engine.connect() as connection:

@@ -424,7 +424,7 @@ def dispatcher_process(database_url: str, config: str) -> None:
     outbox = mail.init_outbox(app, engine)
     sent: list[str] = []
 
-    def on_sent(message: Message, **_: object) -> None:
+    def on_sent(app: Quart, message: Message, **_: object) -> None:
         sent.append(message.msg_id)
 
     email_dispatched.connect(on_sent, weak=False)

@@ -10,6 +10,7 @@ from email.message import MIMEPart
 from typing import Any, Literal
 
 import pytest
+from quart import Quart
 
 from quartmail import (
     AuthenticationError,
@@ -487,14 +488,14 @@ async def test_signal_receivers_sync_and_async(
 ) -> None:
     seen: list[str] = []
 
-    def sync_receiver(message: Message, **extra: object) -> None:
+    def sync_receiver(app: Quart, message: Message, **extra: object) -> None:
         seen.append(f"sync {message.subject}")
 
-    async def async_receiver(message: Message, **extra: object) -> None:
+    async def async_receiver(app: Quart, message: Message, **extra: object) -> None:
         await asyncio.sleep(0)
         seen.append(f"async {message.subject}")
 
-    def broken_receiver(message: Message, **extra: object) -> None:
+    def broken_receiver(app: Quart, message: Message, **extra: object) -> None:
         raise RuntimeError("a broken receiver must not fail the send")
 
     app, mail = make_mail(smtp_server)
@@ -505,5 +506,5 @@ async def test_signal_receivers_sync_and_async(
     ):
         async with app.app_context():
             result = await mail.send_message("hi", recipients=["a@example.com"], body="x")
-    assert sorted(seen) == ["async hi", "sync hi"]
+    assert sorted(seen) == ["async hi", "sync hi"]  # called as receiver(app, message=...)
     assert result.refused == {}
