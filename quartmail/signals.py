@@ -12,6 +12,7 @@ the Quart app; ``email_failed`` also passes ``error=`` the
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from typing import Any
@@ -39,8 +40,9 @@ async def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
 
     A receiver that raises is logged and the others still run: by the time
     these signals fire the message's fate is settled, and a broken receiver
-    must not turn a delivered mail into an error the caller would retry.
-    (blinker's ``send_async`` would stop at the first exception.)
+    must not turn a delivered mail into an error the caller would retry,
+    nor stop the worker or dispatcher that sends the signal. (blinker's
+    ``send_async`` would stop at the first exception.)
     """
     for receiver in signal.receivers_for(sender):
         try:
@@ -49,3 +51,10 @@ async def notify(signal: Signal, sender: Any, **kwargs: Any) -> None:
                 await result
         except Exception:
             log.exception("receiver %r of %r raised", receiver, signal)
+        except asyncio.CancelledError:
+            # Ours to obey only when this task is being cancelled; a receiver
+            # that awaited something cancelled is just a broken receiver.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.exception("receiver %r of %r was cancelled", receiver, signal)
