@@ -180,6 +180,7 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._in_flight: dict[asyncio.Future[SendResult], _Claimed] = {}
         self._listener: Any = None  # the PostgreSQL connection that LISTENs
+        self._signalling: set[asyncio.Task[None]] = set()  # see _record
         # This dispatcher's name on the rows it claims.
         self._token = secrets.token_hex(16)
         self._renew_at = 0.0  # loop time to extend the leases of rows in flight
@@ -333,6 +334,14 @@ class Outbox:
                 )
             log.warning("%d outbox messages left for the next dispatcher", len(left))
         await self._unlisten()
+        if self._signalling:
+            loop = asyncio.get_running_loop()
+            _, hung = await asyncio.wait(self._signalling, timeout=max(0, deadline - loop.time()))
+            for task in hung:
+                task.cancel()
+            if hung:
+                await asyncio.wait(hung)
+                log.error("Outbox signal receivers still running at shutdown were cancelled")
 
     async def _run(self) -> None:
         while True:
@@ -538,7 +547,11 @@ class Outbox:
             # again, a duplicate rather than a loss.
             log.exception("Could not record the outcome of %d outbox messages", len(outcomes))
             return
-        await self._signal(outcomes, partly)
+        # In a task of its own: a receiver that never returns holds up its
+        # signals, not the dispatcher. close() waits for them, bounded.
+        signalling = asyncio.create_task(self._signal(outcomes, partly))
+        self._signalling.add(signalling)
+        signalling.add_done_callback(self._signalling.discard)
 
     def _after_failure(
         self, item: _Claimed, error: BaseException | None, now: datetime

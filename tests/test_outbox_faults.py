@@ -135,6 +135,26 @@ async def test_a_broken_receiver_does_not_stop_the_dispatcher(
     assert [row[2] for row in (await states(engine)).values()] == ["sent", "sent"]
 
 
+async def test_a_receiver_that_never_returns_does_not_stop_the_dispatcher(
+    engine: AsyncEngine,  # noqa: F811
+    smtp_server: SMTPTestServer,
+) -> None:
+    app, mail = make_app(engine, smtp_server, MAIL_SHUTDOWN_TIMEOUT=0.5)
+    never = asyncio.Event()
+
+    async def hanging_receiver(message: Message, **_: object) -> None:
+        await never.wait()
+
+    with email_dispatched.connected_to(hanging_receiver):
+        async with app.test_app(), app.app_context():
+            await enqueue(mail, engine, message(1))
+            await smtp_server.wait_for_messages(1)
+            await enqueue(mail, engine, message(2))
+            await smtp_server.wait_for_messages(2)
+            await until(all_settled(engine, 2))
+    assert [row[2] for row in (await states(engine)).values()] == ["sent", "sent"]
+
+
 async def test_a_server_refusing_every_connection_fails_the_row_in_time(
     engine: AsyncEngine,  # noqa: F811
     smtp_server_factory: SMTPServerFactory,
