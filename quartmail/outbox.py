@@ -38,7 +38,7 @@ import email.policy
 import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -154,7 +154,8 @@ class _Claimed:
 @dataclass(eq=False)
 class _Unreadable:
     id: int
-    message_id: str
+    message_id: Any
+    sender: Any
     reason: str
 
 
@@ -468,7 +469,7 @@ class Outbox:
             try:
                 envelope = _envelope(_decoded(row))
             except MessageError as error:
-                unreadable.append(_Unreadable(row.id, row.message_id, str(error)))
+                unreadable.append(_Unreadable(row.id, row.message_id, row.sender, str(error)))
             else:
                 claimed.append(_Claimed(row.id, row.attempts, envelope, row.created_at))
         if unreadable:
@@ -502,6 +503,17 @@ class Outbox:
         except Exception:
             # They stay "sending" until their lease runs out, then fail again.
             log.exception("Could not mark %d unreadable outbox rows failed", len(rows))
+            return
+        if email_failed.receivers:
+            self._spawn_signals(self._signal_unreadable(rows))
+
+    async def _signal_unreadable(self, rows: list[_Unreadable]) -> None:
+        for row in rows:
+            error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")
+            # What can be read of it: its sender and Message-ID, when they are one line.
+            message = Message(sender=_or_none(row.sender, "sender"))
+            message.msg_id = _or_none(row.message_id, "message_id") or message.msg_id
+            await notify(email_failed, message, app=self._state.app, error=error)
 
     async def _record(self, outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]]) -> None:
         now = _now()
@@ -547,11 +559,14 @@ class Outbox:
             # again, a duplicate rather than a loss.
             log.exception("Could not record the outcome of %d outbox messages", len(outcomes))
             return
-        # In a task of its own: a receiver that never returns holds up its
-        # signals, not the dispatcher. close() waits for them, bounded.
-        signalling = asyncio.create_task(self._signal(outcomes, partly))
-        self._signalling.add(signalling)
-        signalling.add_done_callback(self._signalling.discard)
+        self._spawn_signals(self._signal(outcomes, partly))
+
+    def _spawn_signals(self, signals: Coroutine[Any, Any, None]) -> None:
+        """Signal in a task of its own: a receiver that never returns holds up
+        its signals, not the dispatcher. close() waits for them, bounded."""
+        task = asyncio.create_task(signals)
+        self._signalling.add(task)
+        task.add_done_callback(self._signalling.discard)
 
     def _after_failure(
         self, item: _Claimed, error: BaseException | None, now: datetime
@@ -689,6 +704,13 @@ def _one_line(value: Any, name: str) -> str:
     if any(char in value for char in "\r\n\0"):
         raise MessageError(f"{name}: contains a line break: {value!r:.200}")
     return value
+
+
+def _or_none(value: Any, name: str) -> str | None:
+    try:
+        return _one_line(value, name)
+    except MessageError:
+        return None
 
 
 def _lines(value: Any, name: str, *, empty: bool = True) -> list[str]:

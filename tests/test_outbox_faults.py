@@ -89,12 +89,14 @@ async def test_bad_rows_fail_with_the_reason_and_the_others_are_sent(
                 text("UPDATE mail_outbox SET mail_options = 'not json [' WHERE message_id = :m"),
                 {"m": bad[0]},
             )
-    async with app.test_app(), app.app_context():
-        await until(all_settled(engine, 1 + len(bad)))
-        # The dispatcher is still at work.
-        later = await enqueue(mail, engine, message(100))
-        await smtp_server.wait_for_messages(2)
-        await until(all_settled(engine, 2 + len(bad)))
+    failures: list[tuple[Message, MailError]] = []
+    with email_failed.connected_to(lambda m, error, **_: failures.append((m, error))):
+        async with app.test_app(), app.app_context():
+            await until(all_settled(engine, 1 + len(bad)))
+            # The dispatcher is still at work.
+            later = await enqueue(mail, engine, message(100))
+            await smtp_server.wait_for_messages(2)
+            await until(all_settled(engine, 2 + len(bad)))
 
     rows = await states(engine)
     assert [rows[m][2] for m in good + later] == ["sent", "sent"]
@@ -106,6 +108,11 @@ async def test_bad_rows_fail_with_the_reason_and_the_others_are_sent(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len([e for e in errors if "cannot be sent as stored" in e]) == len(bad)
     assert not any("\r\nBcc" in e for e in errors)  # the Message-ID is logged quoted
+    # Signalled too, with the Message-ID where it is one line.
+    assert len(failures) == len(bad)
+    assert all("cannot be sent as stored" in str(error) for _, error in failures)
+    assert {m.msg_id for m, _ in failures} >= set(bad[:-2])
+    assert not any("\r" in str(m.msg_id) for m, _ in failures)
 
 
 async def test_a_broken_receiver_does_not_stop_the_dispatcher(
