@@ -183,8 +183,11 @@ class Mail:
         nothing is queued. The returned future resolves to the
         :class:`SendResult` when the server accepted the message, or raises
         a :class:`~quartmail.MailError` when it failed for good (after
-        ``MAIL_RETRIES`` for a transient failure). Awaiting it is optional:
-        a failure is also logged and sent as ``email_failed``.
+        ``MAIL_RETRIES`` for a transient failure, and at the latest
+        ``MAIL_DELIVERY_TIMEOUT`` seconds after this call, whatever the
+        server does). Awaiting it is optional: a failure is also logged and
+        sent as ``email_failed``, and so are the recipients the server
+        refused when it took the message for the others.
 
         Messages are sent over at most ``MAIL_POOL_SIZE`` reused SMTP
         sessions; the app's shutdown waits up to ``MAIL_SHUTDOWN_TIMEOUT``

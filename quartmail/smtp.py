@@ -3,10 +3,11 @@
 This module knows nothing of Quart. :class:`SMTPSettings` holds what a session
 needs; :class:`SMTPSession` opens one (implicit TLS or required STARTTLS,
 certificates verified by the given context), sends flattened
-:class:`~quartmail.message.Envelope` objects and turns every aiosmtplib or OS
+:class:`~quartmail.message.Envelope` objects (in several transactions when the
+server limits recipients per transaction) and turns every aiosmtplib or OS
 error into a :class:`~quartmail.errors.SendError` that keeps the SMTP code and
-the refused recipients. Neither error texts nor the ``MAIL_DEBUG`` log of the
-conversation ever contain the password.
+the refused recipients. Neither error texts, nor the errors chained to them,
+nor the ``MAIL_DEBUG`` log of the conversation ever contain the password.
 """
 
 from __future__ import annotations
