@@ -200,6 +200,10 @@ class Delivery:
         for job in left:
             if job.retry is not None:
                 job.retry.cancel()
+            if job.message is None:  # attempt(): the outbox hands its row back
+                self._settle(job)
+                job.future.cancel()
+                continue
             error = MailError(
                 f"not sent: the app shut down before {job.envelope.message_id} could be "
                 f"delivered (MAIL_SHUTDOWN_TIMEOUT={timeout:g} s)"

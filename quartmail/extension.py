@@ -56,11 +56,14 @@ class MailState:
 
     async def shutdown(self) -> None:
         """The app's ``after_serving``: stop the outbox, drain background
-        delivery, both within one ``MAIL_SHUTDOWN_TIMEOUT``."""
+        delivery, both within one ``MAIL_SHUTDOWN_TIMEOUT``; past it nothing
+        new starts and only sends already on the wire may finish."""
         deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
         if self.outbox is not None:
-            await self.outbox.close(deadline)
+            await self.outbox.stop(deadline)
         await self.delivery.close(deadline)
+        if self.outbox is not None:
+            await self.outbox.close(deadline)
 
     def envelope(self, message: Message) -> Envelope:
         """Check *message*, fill in the default sender, and flatten it."""

@@ -80,6 +80,8 @@ __all__ = ["Outbox", "OutboxBase", "OutboxMessage", "OutboxStatus"]
 log = logging.getLogger("quartmail.outbox")
 
 _CHANNEL = "quartmail_outbox"
+# How long close() waits for signal receivers when the deadline has passed.
+_SIGNAL_GRACE = 1.0
 _WAKE_PENDING = "quartmail.outbox.wake"  # in session.info
 _NOTIFIED = "quartmail.outbox.notified"  # in session.info: the transaction that did
 
@@ -307,10 +309,11 @@ class Outbox:
             await self._listen()
         self._task = asyncio.create_task(self._run(), name="quartmail-outbox")
 
-    async def close(self, deadline: float) -> None:
-        """Stop claiming, let what is in flight finish by *deadline* (a loop
-        time), record the outcomes, and hand back what is left to the next
-        dispatcher (its rows are queued again)."""
+    async def stop(self, deadline: float) -> None:
+        """Stop claiming and let the dispatcher record what ends by
+        *deadline* (a loop time). Then background delivery closes (sends on
+        the wire at the deadline may finish, nothing new starts), and
+        :meth:`close` records the rest."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -322,10 +325,18 @@ class Outbox:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        left = list(self._in_flight.values())
-        for future in list(self._in_flight):
-            future.cancel()  # may or may not have reached the server: at least once
-        self._in_flight.clear()
+
+    async def close(self, deadline: float) -> None:
+        """After :meth:`stop` and the close of background delivery: record the
+        outcomes of what was in flight, and hand back what was not sent to
+        the next dispatcher (its rows are queued again)."""
+        await self.stop(deadline)  # (done already when called by the app's shutdown)
+        for future in self._in_flight:
+            future.cancel()  # not sent by now: handed back (at least once)
+        outcomes = list(self._in_flight.items())
+        left = [item for future, item in outcomes if future.cancelled()]
+        if outcomes:
+            await self._record(outcomes)
         if left:
             async with self.engine.begin() as connection:
                 await connection.execute(
@@ -336,8 +347,9 @@ class Outbox:
             log.warning("%d outbox messages left for the next dispatcher", len(left))
         await self._unlisten()
         if self._signalling:
-            loop = asyncio.get_running_loop()
-            _, hung = await asyncio.wait(self._signalling, timeout=max(0, deadline - loop.time()))
+            # At least a moment for the signals just recorded, even past the deadline.
+            wait = max(deadline - asyncio.get_running_loop().time(), _SIGNAL_GRACE)
+            _, hung = await asyncio.wait(self._signalling, timeout=wait)
             for task in hung:
                 task.cancel()
             if hung:

@@ -227,7 +227,7 @@ async def test_many_messages_are_each_sent_once(
         async with AsyncSession(engine, expire_on_commit=False) as session:
             ids = [await mail.outbox.enqueue(session, message(n)) for n in range(200)]
             await session.commit()
-        await smtp_server.wait_for_messages(200)
+        await smtp_server.wait_for_messages(200, timeout=30)  # generous: a loaded machine
     received = [m.parsed()["Message-ID"] for m in smtp_server.messages]
     assert sorted(received) == sorted(ids)
     async with engine.connect() as connection:

@@ -245,3 +245,22 @@ async def test_a_partial_refusal_is_kept_logged_and_signalled(
     assert refusal.refused == {"gone@example.com": (550, "5.1.1 User unknown")}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(message_id in w and "gone@example.com: 550" in w for w in warnings)
+
+
+async def test_at_shutdown_a_send_on_the_wire_finishes_and_nothing_new_starts(
+    engine: AsyncEngine,  # noqa: F811
+    smtp_server: SMTPTestServer,
+) -> None:
+    smtp_server.data_delay = 0.6
+    app, mail = make_app(engine, smtp_server, MAIL_POOL_SIZE=1, MAIL_SHUTDOWN_TIMEOUT=0.1)
+    async with app.test_app(), app.app_context():
+        ids = await enqueue(mail, engine, *(message(n) for n in range(3)))
+        async with asyncio.timeout(10):
+            while smtp_server.data_attempts < 1:  # noqa: ASYNC110 (a counter, no event)
+                await asyncio.sleep(0.005)
+    rows = await states(engine)
+    # The first was on the wire at the deadline: it finished and is recorded sent; the
+    # others never started and are handed back for the next dispatcher.
+    assert [rows[m][2] for m in ids] == ["sent", "queued", "queued"]
+    assert smtp_server.data_attempts == 1
+    assert [m.parsed()["Message-ID"] for m in smtp_server.messages] == ids[:1]
