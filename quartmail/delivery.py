@@ -348,11 +348,14 @@ class Delivery:
     async def _attempt_failed(self, job: _Job, error: SendError) -> None:
         job.attempts += 1
         job.last_error = error
+        if job.future.done():  # its caller cancelled it meanwhile
+            self._settle(job)
+            return
         time_left = job.deadline - asyncio.get_running_loop().time()
         delay = next_attempt(
             error, job.attempts, job.retries, self._settings.retry_delay, time_left
         )
-        if delay is not None and not job.future.done():
+        if delay is not None:
             log.info(
                 "Retrying %s in %.2f s (attempt %d of %d): %s",
                 job.envelope.message_id,
