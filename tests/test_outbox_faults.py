@@ -115,44 +115,28 @@ async def test_bad_rows_fail_with_the_reason_and_the_others_are_sent(
     assert not any("\r" in str(m.msg_id) for m, _ in failures)
 
 
+async def cancelled_receiver(message: Message, **_: object) -> None:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.cancel()
+    await future  # raises CancelledError, the receiver's own
+
+
+def raising_receiver(message: Message, **_: object) -> None:
+    raise RuntimeError("broken receiver")
+
+
+async def hanging_receiver(message: Message, **_: object) -> None:
+    await asyncio.Event().wait()  # never returns
+
+
+@pytest.mark.parametrize("receiver", [cancelled_receiver, raising_receiver, hanging_receiver])
 async def test_a_broken_receiver_does_not_stop_the_dispatcher(
     engine: AsyncEngine,  # noqa: F811
     smtp_server: SMTPTestServer,
-) -> None:
-    app, mail = make_app(engine, smtp_server)
-
-    async def cancelled_receiver(message: Message, **_: object) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.cancel()
-        await future  # raises CancelledError, the receiver's own
-
-    def raising_receiver(message: Message, **_: object) -> None:
-        raise RuntimeError("broken receiver")
-
-    with (
-        email_dispatched.connected_to(cancelled_receiver),
-        email_dispatched.connected_to(raising_receiver),
-    ):
-        async with app.test_app(), app.app_context():
-            await enqueue(mail, engine, message(1))
-            await smtp_server.wait_for_messages(1)
-            await enqueue(mail, engine, message(2))
-            await smtp_server.wait_for_messages(2)
-            await until(all_settled(engine, 2))
-    assert [row[2] for row in (await states(engine)).values()] == ["sent", "sent"]
-
-
-async def test_a_receiver_that_never_returns_does_not_stop_the_dispatcher(
-    engine: AsyncEngine,  # noqa: F811
-    smtp_server: SMTPTestServer,
+    receiver: Callable[..., Any],
 ) -> None:
     app, mail = make_app(engine, smtp_server, MAIL_SHUTDOWN_TIMEOUT=0.5)
-    never = asyncio.Event()
-
-    async def hanging_receiver(message: Message, **_: object) -> None:
-        await never.wait()
-
-    with email_dispatched.connected_to(hanging_receiver):
+    with email_dispatched.connected_to(receiver):
         async with app.test_app(), app.app_context():
             await enqueue(mail, engine, message(1))
             await smtp_server.wait_for_messages(1)
