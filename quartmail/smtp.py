@@ -36,7 +36,7 @@ from .errors import (
 )
 from .message import Envelope
 
-__all__ = ["SMTPSession", "SMTPSettings", "SendResult", "make_tls_context", "redact"]
+__all__ = ["SMTPSession", "SMTPSettings", "SendResult", "make_tls_context"]
 
 log = logging.getLogger("quartmail.smtp")
 
@@ -84,7 +84,7 @@ class SMTPSettings:
 
     def redact(self, text: str) -> str:
         """*text* with every form of the password replaced by ``****``."""
-        return redact(text, self.secrets())
+        return _redact(text, self.secrets())
 
 
 def make_tls_context(*, validate_certs: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
@@ -341,7 +341,7 @@ _SHORT_SECRET = 8
 _MASK = "****"
 
 
-def redact(text: str, secrets: Sequence[str]) -> str:
+def _redact(text: str, secrets: Sequence[str]) -> str:
     """*text* with each of *secrets* replaced by ``****`` (see _SHORT_SECRET)."""
     for secret in sorted(secrets, key=len, reverse=True):  # "pw" inside its base64 form
         if len(secret) >= _SHORT_SECRET:
@@ -363,7 +363,7 @@ def _scrubbed(err: BaseException | None, secrets: Sequence[str], depth: int = 0)
     context = _scrubbed(err.__context__, secrets, depth + 1)
     texts = [str(err), repr(err), *_strings(err)]
     unchanged = cause is err.__cause__ and context is err.__context__
-    if unchanged and all(redact(text, secrets) == text for text in texts):
+    if unchanged and all(_redact(text, secrets) == text for text in texts):
         return err
     try:
         clean = copy.copy(err)
@@ -371,7 +371,7 @@ def _scrubbed(err: BaseException | None, secrets: Sequence[str], depth: int = 0)
         for name, value in vars(err).items():
             setattr(clean, name, _masked(value, secrets))
     except Exception:  # an exception type copy cannot rebuild
-        clean = RuntimeError(f"{type(err).__name__}: {redact(str(err), secrets)}")
+        clean = RuntimeError(f"{type(err).__name__}: {_redact(str(err), secrets)}")
     clean.__cause__ = cause
     clean.__context__ = context
     clean.__suppress_context__ = err.__suppress_context__
@@ -389,7 +389,7 @@ def _strings(err: BaseException) -> list[str]:
 
 def _masked(value: Any, secrets: Sequence[str]) -> Any:
     if isinstance(value, str):
-        return redact(value, secrets)
+        return _redact(value, secrets)
     if isinstance(value, list):
         return [_masked(item, secrets) for item in value]
     return value
@@ -446,4 +446,4 @@ class _LoggingSMTP(aiosmtplib.SMTP):
         return response
 
     def _clean(self, text: str) -> str:
-        return redact(text, self.secrets)
+        return _redact(text, self.secrets)
