@@ -17,11 +17,20 @@ Failures:
   that cannot be reached at all costs the message an attempt;
 - a reused session that the server closed while it was idle is replaced, and
   the message sent on the new one, once, without counting an attempt;
-- a session whose send was cancelled or timed out is closed, never reused.
+- a session whose send was cancelled or timed out is closed, never reused;
+- whatever the cause, a message not delivered ``MAIL_DELIVERY_TIMEOUT``
+  seconds after it was submitted fails for good (a retry that would start
+  later is not scheduled), so every message ends, delivered or failed;
+- a message the server took for some recipients and refused for others is
+  delivered; the refusals are logged (WARNING) and sent with ``email_failed``.
+
+Each failure for good is logged (ERROR, with the Message-ID), sent with
+``email_failed`` and raised from the message's future.
 
 :meth:`Delivery.close` (the app's ``after_serving``) stops taking messages,
 delivers what is queued or waiting for a retry within
-``MAIL_SHUTDOWN_TIMEOUT``, closes every session, and logs by Message-ID what
+``MAIL_SHUTDOWN_TIMEOUT``, then starts nothing new: only sends already on
+the wire may finish. It closes every session, and logs by Message-ID what
 is left. Quart's own drain of background tasks is a snapshot that does not
 cover retries, so this module owns its drain.
 """
@@ -31,12 +40,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectError, MailError, SendError
+from .errors import ConnectError, MailError, RecipientsRefusedError, Reply, SendError
 from .message import Envelope, Message
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
@@ -44,7 +54,7 @@ from .smtp import SendResult, SMTPSession
 if TYPE_CHECKING:
     from .extension import MailState
 
-__all__ = ["Delivery", "backoff"]
+__all__ = ["Delivery", "backoff", "next_attempt", "partly_refused", "timed_out"]
 
 log = logging.getLogger("quartmail.delivery")
 
@@ -66,6 +76,11 @@ class _Job:
     reconnected: bool = False  # already resent once after a stale session
     retry: asyncio.TimerHandle | None = None
     sending: asyncio.Task[SendResult] | None = None
+    deadline: float = math.inf  # loop time: MAIL_DELIVERY_TIMEOUT after submit
+    expiry: asyncio.TimerHandle | None = None
+    held: bool = False  # a worker has it (connecting or sending)
+    finished: bool = False  # delivered, failed or dropped
+    last_error: SendError | None = None
 
 
 @dataclass(eq=False)
@@ -130,21 +145,26 @@ class Delivery:
             future.set_result(SendResult(message_id=envelope.message_id))
             self._spawn(notify(email_dispatched, message, app=self._state.app))
             return future
-        return self._queue_job(_Job(envelope, future, self._settings.retries, message))
+        deadline = asyncio.get_running_loop().time() + self._settings.delivery_timeout
+        job = _Job(envelope, future, self._settings.retries, message, deadline=deadline)
+        return self._queue_job(job)
 
-    def attempt(self, envelope: Envelope) -> asyncio.Future[SendResult]:
+    def attempt(self, envelope: Envelope, deadline: float = math.inf) -> asyncio.Future[SendResult]:
         """Try to send a checked message once, over the pool, and return
         its future; the caller (the outbox) keeps its own retry schedule,
         log and signals. A connect refused at the server's connection limit,
-        or a stale session, does not count as the attempt."""
+        or a stale session, does not count as the attempt; at *deadline* (a
+        loop time: the message's MAIL_DELIVERY_TIMEOUT) it fails all the same."""
         if self._closed:
             raise MailError("background delivery is shut down; no new messages are taken")
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-        return self._queue_job(_Job(envelope, future, retries=0))
+        return self._queue_job(_Job(envelope, future, retries=0, deadline=deadline))
 
     def _queue_job(self, job: _Job) -> asyncio.Future[SendResult]:
         self.start()
         job.future.add_done_callback(lambda _: self._caller_cancelled(job))
+        if job.deadline < math.inf:
+            job.expiry = asyncio.get_running_loop().call_at(job.deadline, self._expire, job)
         self._pending.add(job)
         self._idle.clear()
         self._queue.put_nowait(job)
@@ -162,8 +182,7 @@ class Delivery:
         for job in list(self._pending):
             if job.retry is not None:
                 job.retry.cancel()
-                job.retry = None
-                self._queue.put_nowait(job)
+                self._put_back(job)
         timeout = self._settings.shutdown_timeout
         if deadline is None:
             deadline = asyncio.get_running_loop().time() + timeout
@@ -181,6 +200,10 @@ class Delivery:
         for job in left:
             if job.retry is not None:
                 job.retry.cancel()
+            if job.message is None:  # attempt(): the outbox hands its row back
+                self._settle(job)
+                job.future.cancel()
+                continue
             error = MailError(
                 f"not sent: the app shut down before {job.envelope.message_id} could be "
                 f"delivered (MAIL_SHUTDOWN_TIMEOUT={timeout:g} s)"
@@ -198,6 +221,12 @@ class Delivery:
                 if job.future.done():  # the caller cancelled it while queued
                     self._settle(job)
                     continue
+                if self._stopping.is_set():
+                    continue  # past the drain deadline: close() reports it
+                if self._expired(job):
+                    await self._fail(job, self._timed_out(job))
+                    continue
+                job.held = True  # until it goes back to the queue (_put_back) or ends
                 try:
                     await self._deliver(worker, job)
                 except Exception as error:  # a bug of ours: keep the worker alive
@@ -216,6 +245,15 @@ class Delivery:
     async def _deliver(self, worker: _Worker, job: _Job) -> None:
         session = await self._session_for(worker, job)
         if session is None:
+            return
+        if job.future.done() or self._stopping.is_set():
+            # Cancelled by its caller, or the drain deadline passed, while
+            # connecting: start nothing new (close() reports what is left).
+            if job.future.done():
+                self._settle(job)
+            return
+        if self._expired(job):  # while connecting: no send starts past it
+            await self._fail(job, self._timed_out(job))
             return
         reused = session.sent > 0
         # The send runs in a task of its own so that the caller can cancel
@@ -245,7 +283,7 @@ class Delivery:
             # Most likely the server closed the idle session under us before
             # the message: send it on a fresh session, without an attempt.
             job.reconnected = True
-            self._queue.put_nowait(job)
+            self._put_back(job)
             return
         await self._attempt_failed(job, error)
 
@@ -273,11 +311,12 @@ class Delivery:
     async def _connect_failed(self, worker: _Worker, job: _Job, error: SendError) -> None:
         busy = error.code == 421  # the server is up, at its connection limit
         others_connected = any(other.session is not None for other in self._workers)
-        if error.transient and (busy or others_connected):
+        if error.transient and (busy or others_connected) and not self._expired(job):
+            job.last_error = error
             # The server takes fewer connections than the pool has: a fact
             # about the server, not the message. Let a working session have
             # it (or wait for one), and stay out of the way for a while.
-            self._queue.put_nowait(job)
+            self._put_back(job)
         else:
             await self._attempt_failed(job, error)
         if error.transient:
@@ -295,16 +334,28 @@ class Delivery:
     # Outcomes
 
     async def _delivered(self, job: _Job, result: SendResult) -> None:
+        if job.finished:
+            return
         self._settle(job)
         if not job.future.done():
             job.future.set_result(result)
         if job.message is not None:
             await self._state.dispatched(job.message)
+            if result.refused:
+                refusal = partly_refused(result.message_id, result.refused)
+                await notify(email_failed, job.message, app=self._state.app, error=refusal)
 
     async def _attempt_failed(self, job: _Job, error: SendError) -> None:
         job.attempts += 1
-        if error.transient and job.attempts <= job.retries and not job.future.done():
-            delay = backoff(self._settings.retry_delay, job.attempts)
+        job.last_error = error
+        if job.future.done():  # its caller cancelled it meanwhile
+            self._settle(job)
+            return
+        time_left = job.deadline - asyncio.get_running_loop().time()
+        delay = next_attempt(
+            error, job.attempts, job.retries, self._settings.retry_delay, time_left
+        )
+        if delay is not None:
             log.info(
                 "Retrying %s in %.2f s (attempt %d of %d): %s",
                 job.envelope.message_id,
@@ -313,17 +364,50 @@ class Delivery:
                 job.retries + 1,
                 error,
             )
-            job.retry = asyncio.get_running_loop().call_later(delay, self._requeue, job)
+            job.held = False
+            job.retry = asyncio.get_running_loop().call_later(delay, self._put_back, job)
+            return
+        if error.transient and job.attempts <= job.retries:  # no time left for another
+            await self._fail(job, timed_out(self._settings.delivery_timeout, error))
             return
         if error.transient and job.retries:
             error.add_note(f"gave up after {job.attempts} attempts (MAIL_RETRIES)")
         await self._fail(job, error)
 
-    def _requeue(self, job: _Job) -> None:
+    def _expired(self, job: _Job) -> bool:
+        return asyncio.get_running_loop().time() >= job.deadline
+
+    def _timed_out(self, job: _Job) -> SendError:
+        return timed_out(self._settings.delivery_timeout, job.last_error)
+
+    def _expire(self, job: _Job) -> None:
+        """At the deadline: a message waiting (queued, or for a retry) fails
+        now; one a worker holds fails when that attempt ends."""
+        job.expiry = None
+        if job.held or job.finished or job.future.done():
+            return
+        if job.retry is not None:
+            job.retry.cancel()
+            job.retry = None
+        error = self._timed_out(job)
+        if self._failed(job, error) and job.message is not None:
+            self._spawn(notify(email_failed, job.message, app=self._state.app, error=error))
+
+    def _put_back(self, job: _Job) -> None:
+        """Back to the queue: now, or when its retry is due."""
         job.retry = None
+        job.held = False
         self._queue.put_nowait(job)
 
     async def _fail(self, job: _Job, error: MailError, *, log_it: bool = True) -> None:
+        if self._failed(job, error, log_it=log_it) and job.message is not None:
+            await notify(email_failed, job.message, app=self._state.app, error=error)
+
+    def _failed(self, job: _Job, error: MailError, *, log_it: bool = True) -> bool:
+        """Settle *job* as failed: log it, fail its future. False if it had
+        already ended (then nothing is done)."""
+        if job.finished:
+            return False
         self._settle(job)
         if log_it and job.message is not None:
             log.error(
@@ -337,10 +421,13 @@ class Delivery:
             # The caller may have dropped the future: the failure is logged and
             # signalled, so mark it retrieved ("exception was never retrieved").
             job.future.exception()
-        if job.message is not None:
-            await notify(email_failed, job.message, app=self._state.app, error=error)
+        return True
 
     def _settle(self, job: _Job) -> None:
+        job.finished = True
+        if job.expiry is not None:
+            job.expiry.cancel()
+            job.expiry = None
         self._pending.discard(job)
         if not self._pending:
             self._idle.set()
@@ -368,6 +455,45 @@ def backoff(first: float, attempt: int) -> float:
     come back in a herd."""
     delay = min(_MAX_RETRY_DELAY, first * 2.0 ** min(attempt - 1, 60))
     return delay * random.uniform(0.75, 1.25)
+
+
+def next_attempt(
+    error: BaseException, attempts: int, retries: int, first_delay: float, time_left: float
+) -> float | None:
+    """Seconds until the next attempt at a message whose attempt number
+    *attempts* failed with *error*, or None when it has failed for good: a
+    permanent error, ``MAIL_RETRIES`` used up, or a next attempt that would
+    start after ``MAIL_DELIVERY_TIMEOUT`` (*time_left* seconds from now).
+    Background delivery and the outbox both decide by this."""
+    if not (isinstance(error, SendError) and error.transient) or attempts > retries:
+        return None
+    delay = backoff(first_delay, attempts)
+    return delay if delay < time_left else None
+
+
+def timed_out(timeout: float, last: SendError | None) -> SendError:
+    """The failure of a message past its ``MAIL_DELIVERY_TIMEOUT``, with the
+    code and text of its last failed attempt, if any."""
+    text = f"not delivered within MAIL_DELIVERY_TIMEOUT ({timeout:g} s)"
+    error = SendError(
+        text + (f"; last error: {last}" if last is not None else ""),
+        code=last.code if last is not None else None,
+        refused=last.refused if last is not None else None,
+    )
+    error.__cause__ = last
+    return error
+
+
+def partly_refused(message_id: str, refused: dict[str, Reply]) -> RecipientsRefusedError:
+    """Log (WARNING) the recipients refused by a server that took the
+    message for the others, and return the error to signal with ``email_failed``."""
+    replies = "; ".join(f"{address}: {code} {text}" for address, (code, text) in refused.items())
+    log.warning("Refused for some recipients: %s: %s", message_id, replies)
+    return RecipientsRefusedError(
+        f"{message_id} was delivered, but these recipients were refused: {replies}",
+        code=list(refused.values())[-1][0],
+        refused=refused,
+    )
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

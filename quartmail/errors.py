@@ -15,9 +15,10 @@ subclass the matching builtin, so callers can catch either::
           └── RecipientsRefusedError                every recipient was refused
 
 A :class:`SendError` keeps the SMTP reply code (``None`` when there was no
-reply) and the refused recipients, and wraps the aiosmtplib or OS error as its
-``__cause__``. Its text never contains the password: it is built from the
-server's reply, which never echoes credentials.
+reply, or a reply that was not SMTP) and the refused recipients, and wraps the
+aiosmtplib or OS error as its ``__cause__``. Neither its text nor anything
+chained to it contains the password: where a server quotes the AUTH line in
+its reply, the chained error is a copy with the password masked.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class BadHeaderError(MessageError):
 
 
 class SendError(MailError):
-    """Sending failed. ``code`` is the SMTP reply code, if the server sent one.
+    """Sending failed. ``code`` is the SMTP reply code, or ``None`` when the
+    server sent none (a lost connection, a timeout, a reply that is not SMTP).
 
     ``refused`` maps each refused recipient to its ``(code, text)`` reply.
     """
@@ -93,7 +95,12 @@ class AuthenticationError(SendError):
 
 
 class RecipientsRefusedError(SendError):
-    """The server refused every recipient; nothing was delivered.
+    """The server refused every recipient; nothing was delivered. ``code``
+    is the last refusal's, ``refused`` has each one.
+
+    In background delivery and the outbox, a message the server took for
+    some recipients is delivered, and this error, with the refused ones,
+    is logged and sent with ``email_failed``.
 
     It is transient only when every refusal was a 4xx reply.
     """

@@ -64,11 +64,14 @@ class MailState(FlaskMailSettings):
 
     async def shutdown(self) -> None:
         """The app's ``after_serving``: stop the outbox, drain background
-        delivery, both within one ``MAIL_SHUTDOWN_TIMEOUT``."""
+        delivery, both within one ``MAIL_SHUTDOWN_TIMEOUT``; past it nothing
+        new starts and only sends already on the wire may finish."""
         deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
         if self.outbox is not None:
-            await self.outbox.close(deadline)
+            await self.outbox.stop(deadline)
         await self.delivery.close(deadline)
+        if self.outbox is not None:
+            await self.outbox.close(deadline)
 
     def envelope(self, message: Message) -> Envelope:
         """Check *message*, fill in the default sender and the date, and flatten it."""
@@ -237,8 +240,11 @@ class Mail:
         nothing is queued. The returned future resolves to the
         :class:`SendResult` when the server accepted the message, or raises
         a :class:`~quartmail.MailError` when it failed for good (after
-        ``MAIL_RETRIES`` for a transient failure). Awaiting it is optional:
-        a failure is also logged and sent as ``email_failed``.
+        ``MAIL_RETRIES`` for a transient failure, and at the latest
+        ``MAIL_DELIVERY_TIMEOUT`` seconds after this call, whatever the
+        server does). Awaiting it is optional: a failure is also logged and
+        sent as ``email_failed``, and so are the recipients the server
+        refused when it took the message for the others.
 
         Messages are sent over at most ``MAIL_POOL_SIZE`` reused SMTP
         sessions; the app's shutdown waits up to ``MAIL_SHUTDOWN_TIMEOUT``

@@ -20,6 +20,13 @@ and a commit in this process wakes its own; otherwise a poll every
 Delivery is at least once: a process killed after the server accepted a
 message but before its row was marked sent sends it again after the lease.
 The Message-ID is stored with the bytes, so it is the same on every resend.
+
+Every row ends: one not sent ``MAIL_DELIVERY_TIMEOUT`` seconds after it was
+enqueued (or queued again by :meth:`Outbox.retry`) is marked ``failed``. A
+row that cannot be read or sent as stored (JSON that is not a list of
+strings, no message data, a Message-ID or address with a line break) is
+marked ``failed`` with the reason and logged; the dispatcher goes on with
+the others.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import asyncio
 import contextlib
 import email.parser
 import email.policy
+import json
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -50,6 +58,7 @@ try:
         Text,
         TypeDecorator,
         and_,
+        cast,
         delete,
         event,
         func,
@@ -62,8 +71,9 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
-from .delivery import backoff
-from .errors import MailError, SendError
+
+from .delivery import next_attempt, partly_refused, timed_out
+from .errors import MailError, MessageError, SendError
 from .message import Envelope, Message
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult
@@ -76,6 +86,8 @@ __all__ = ["Outbox", "OutboxBase", "OutboxMessage", "OutboxStatus"]
 log = logging.getLogger("quartmail.outbox")
 
 _CHANNEL = "quartmail_outbox"
+# How long close() waits for signal receivers when the deadline has passed.
+_SIGNAL_GRACE = 1.0
 _WAKE_PENDING = "quartmail.outbox.wake"  # in session.info
 _NOTIFIED = "quartmail.outbox.notified"  # in session.info: the transaction that did
 
@@ -144,6 +156,15 @@ class _Claimed:
     id: int
     attempts: int
     envelope: Envelope
+    created_at: datetime  # MAIL_DELIVERY_TIMEOUT runs from here
+
+
+@dataclass(eq=False)
+class _Unreadable:
+    id: int
+    message_id: Any
+    sender: Any
+    reason: str
 
 
 def _now() -> datetime:
@@ -168,6 +189,7 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self._in_flight: dict[asyncio.Future[SendResult], _Claimed] = {}
         self._listener: Any = None  # the PostgreSQL connection that LISTENs
+        self._signalling: set[asyncio.Task[None]] = set()  # see _record
         # This dispatcher's name on the rows it claims.
         self._token = secrets.token_hex(16)
         self._renew_at = 0.0  # loop time to extend the leases of rows in flight
@@ -251,8 +273,8 @@ class Outbox:
         return OutboxStatus(counts=counts, oldest_queued_age=age)
 
     async def retry(self, ids: Sequence[int] = (), *, failed: bool = False) -> int:
-        """Queue the given failed messages (or every failed one) again, now;
-        returns how many."""
+        """Queue the given failed messages (or every failed one) again, now,
+        with a new ``MAIL_DELIVERY_TIMEOUT``; returns how many."""
         condition = OutboxMessage.state == "failed"
         if not failed:
             condition = and_(condition, OutboxMessage.id.in_(list(ids)))
@@ -260,7 +282,8 @@ class Outbox:
             result = await connection.execute(
                 update(OutboxMessage)
                 .where(condition)
-                .values(state="queued", attempts=0, next_attempt_at=_now())
+                # Queued again counts as enqueued now, for MAIL_DELIVERY_TIMEOUT.
+                .values(state="queued", attempts=0, next_attempt_at=_now(), created_at=_now())
             )
         self._wake.set()
         return int(result.rowcount)
@@ -292,10 +315,11 @@ class Outbox:
             await self._listen()
         self._task = asyncio.create_task(self._run(), name="quartmail-outbox")
 
-    async def close(self, deadline: float) -> None:
-        """Stop claiming, let what is in flight finish by *deadline* (a loop
-        time), record the outcomes, and hand back what is left to the next
-        dispatcher (its rows are queued again)."""
+    async def stop(self, deadline: float) -> None:
+        """Stop claiming and let the dispatcher record what ends by
+        *deadline* (a loop time). Then background delivery closes (sends on
+        the wire at the deadline may finish, nothing new starts), and
+        :meth:`close` records the rest."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -307,10 +331,18 @@ class Outbox:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        left = list(self._in_flight.values())
-        for future in list(self._in_flight):
-            future.cancel()  # may or may not have reached the server: at least once
-        self._in_flight.clear()
+
+    async def close(self, deadline: float) -> None:
+        """After :meth:`stop` and the close of background delivery: record the
+        outcomes of what was in flight, and hand back what was not sent to
+        the next dispatcher (its rows are queued again)."""
+        await self.stop(deadline)  # (done already when called by the app's shutdown)
+        for future in self._in_flight:
+            future.cancel()  # not sent by now: handed back (at least once)
+        outcomes = list(self._in_flight.items())
+        left = [item for future, item in outcomes if future.cancelled()]
+        if outcomes:
+            await self._record(outcomes)
         if left:
             async with self.engine.begin() as connection:
                 await connection.execute(
@@ -320,31 +352,55 @@ class Outbox:
                 )
             log.warning("%d outbox messages left for the next dispatcher", len(left))
         await self._unlisten()
+        if self._signalling:
+            # At least a moment for the signals just recorded, even past the deadline.
+            wait = max(deadline - asyncio.get_running_loop().time(), _SIGNAL_GRACE)
+            _, hung = await asyncio.wait(self._signalling, timeout=wait)
+            for task in hung:
+                task.cancel()
+            if hung:
+                await asyncio.wait(hung)
+                log.error("Outbox signal receivers still running at shutdown were cancelled")
 
     async def _run(self) -> None:
-        delivery = self._state.delivery
         while True:
             self._wake.clear()
-            if not self._stopping:
-                await self._reclaim_expired()
-                room = self._batch - len(self._in_flight)
-                # Claim a pool's worth or more at a time: each claim is a
-                # transaction, and the pool works through what it has meanwhile.
-                if room >= self._state.settings.pool_size or not self._in_flight:
-                    for item in await self._claim(room):
-                        future = delivery.attempt(item.envelope)
-                        self._in_flight[future] = item
-                        future.add_done_callback(lambda _: self._wake.set())
-            outcomes = [(f, c) for f, c in self._in_flight.items() if f.done()]
-            if outcomes:
-                await self._record(outcomes)
+            try:
+                await self._pass()
+            except Exception:
+                # A bug of ours, or a broken row or receiver we did not foresee:
+                # log it and go on at the next poll rather than stop sending.
+                log.exception("Outbox dispatcher error")
             if self._stopping and not self._in_flight:
                 return
-            await self._renew_leases()
             # Results that came in meanwhile have set the event again.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll):
                     await self._wake.wait()
+
+    async def _pass(self) -> None:
+        """One round: claim and hand over what is due, record what ended."""
+        if not self._stopping:
+            await self._reclaim_expired()
+            room = self._batch - len(self._in_flight)
+            # Claim a pool's worth or more at a time: each claim is a
+            # transaction, and the pool works through what it has meanwhile.
+            if room >= self._state.settings.pool_size or not self._in_flight:
+                self._send(await self._claim(room))
+        outcomes = [(f, c) for f, c in self._in_flight.items() if f.done()]
+        if outcomes:
+            await self._record(outcomes)
+        if not (self._stopping and not self._in_flight):
+            await self._renew_leases()
+
+    def _send(self, claimed: list[_Claimed]) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self._state.settings.delivery_timeout
+        for item in claimed:
+            left = (item.created_at - _now()).total_seconds() + timeout
+            future = self._state.delivery.attempt(item.envelope, deadline=loop.time() + left)
+            self._in_flight[future] = item
+            future.add_done_callback(lambda _: self._wake.set())
 
     async def _reclaim_expired(self) -> None:
         """Queue again the rows whose lease ran out (their dispatcher died),
@@ -409,10 +465,13 @@ class Outbox:
                 OutboxMessage.attempts,
                 OutboxMessage.message_id,
                 OutboxMessage.sender,
-                OutboxMessage.recipients,
+                # The JSON columns as their text: one row's bad JSON must not
+                # fail the fetch of the others (see _decoded).
+                cast(OutboxMessage.recipients, Text).label("recipients"),
                 OutboxMessage.data,
-                OutboxMessage.mail_options,
-                OutboxMessage.rcpt_options,
+                cast(OutboxMessage.mail_options, Text).label("mail_options"),
+                cast(OutboxMessage.rcpt_options, Text).label("rcpt_options"),
+                OutboxMessage.created_at,
             )
         )
         try:
@@ -422,14 +481,62 @@ class Outbox:
             # The database is away: try again at the next poll.
             log.exception("Could not claim outbox messages")
             return []
-        return [
-            _Claimed(id=row.id, attempts=row.attempts, envelope=_envelope(row))
-            for row in sorted(rows, key=lambda row: row.id)
-        ]
+        claimed: list[_Claimed] = []
+        unreadable: list[_Unreadable] = []
+        for row in sorted(rows, key=lambda row: row.id):
+            try:
+                envelope = _envelope(_decoded(row))
+            except MessageError as error:
+                unreadable.append(_Unreadable(row.id, row.message_id, row.sender, str(error)))
+            else:
+                claimed.append(_Claimed(row.id, row.attempts, envelope, row.created_at))
+        if unreadable:
+            await self._fail_unreadable(unreadable)
+        return claimed
+
+    async def _fail_unreadable(self, rows: list[_Unreadable]) -> None:
+        """Mark rows that cannot be sent as stored failed, with the reason."""
+        for row in rows:
+            log.error(
+                "Not sent: outbox row %d (Message-ID %r) cannot be sent as stored: %s",
+                row.id,
+                row.message_id,
+                row.reason,
+            )
+        try:
+            async with self.engine.begin() as connection:
+                for row in rows:
+                    await connection.execute(
+                        update(OutboxMessage)
+                        .where(OutboxMessage.id == row.id, self._held())
+                        .values(
+                            state="failed",
+                            attempts=OutboxMessage.attempts + 1,
+                            lease_until=None,
+                            claimed_by=None,
+                            last_error_code=None,
+                            last_error=f"cannot be sent as stored: {row.reason}"[:2000],
+                        )
+                    )
+        except Exception:
+            # They stay "sending" until their lease runs out, then fail again.
+            log.exception("Could not mark %d unreadable outbox rows failed", len(rows))
+            return
+        if email_failed.receivers:
+            self._spawn_signals(self._signal_unreadable(rows))
+
+    async def _signal_unreadable(self, rows: list[_Unreadable]) -> None:
+        for row in rows:
+            error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")
+            # What can be read of it: its sender and Message-ID, when they are one line.
+            message = Message(sender=_or_none(row.sender, "sender"))
+            message.msg_id = _or_none(row.message_id, "message_id") or message.msg_id
+            await notify(email_failed, message, app=self._state.app, error=error)
 
     async def _record(self, outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]]) -> None:
         now = _now()
         sent: list[_Claimed] = []
+        partly: dict[int, MailError] = {}  # sent, but refused for some recipients
         for future, item in outcomes:
             del self._in_flight[future]
             if future.cancelled():
@@ -437,6 +544,9 @@ class Outbox:
             error = future.exception()
             if error is None:
                 sent.append(item)
+                refused = future.result().refused
+                if refused:
+                    partly[item.id] = partly_refused(item.envelope.message_id, refused)
         try:
             async with self.engine.begin() as connection:
                 if sent:
@@ -444,6 +554,15 @@ class Outbox:
                         update(OutboxMessage)
                         .where(OutboxMessage.id.in_([item.id for item in sent]), self._held())
                         .values(state="sent", sent_at=now, lease_until=None, claimed_by=None)
+                    )
+                for id, refusal in partly.items():
+                    await connection.execute(
+                        update(OutboxMessage)
+                        .where(OutboxMessage.id == id)
+                        .values(
+                            last_error_code=getattr(refusal, "code", None),
+                            last_error=str(refusal)[:2000],
+                        )
                     )
                 for future, item in outcomes:
                     if future.cancelled() or future.exception() is None:
@@ -458,12 +577,27 @@ class Outbox:
             # again, a duplicate rather than a loss.
             log.exception("Could not record the outcome of %d outbox messages", len(outcomes))
             return
-        await self._signal(outcomes)
+        self._spawn_signals(self._signal(outcomes, partly))
+
+    def _spawn_signals(self, signals: Coroutine[Any, Any, None]) -> None:
+        """Signal in a task of its own: a receiver that never returns holds up
+        its signals, not the dispatcher. close() waits for them, bounded."""
+        task = asyncio.create_task(signals)
+        self._signalling.add(task)
+        task.add_done_callback(self._signalling.discard)
 
     def _after_failure(
         self, item: _Claimed, error: BaseException | None, now: datetime
     ) -> dict[str, Any]:
         attempts = item.attempts + 1
+        settings = self._state.settings
+        time_left = (item.created_at - now).total_seconds() + settings.delivery_timeout
+        delay = None
+        if error is not None:
+            delay = next_attempt(error, attempts, settings.retries, settings.retry_delay, time_left)
+        out_of_time = delay is None and attempts <= settings.retries  # not out of retries
+        if out_of_time and isinstance(error, SendError) and error.transient:
+            error = timed_out(settings.delivery_timeout, error)
         code = getattr(error, "code", None)
         values: dict[str, Any] = {
             "attempts": attempts,
@@ -472,10 +606,7 @@ class Outbox:
             "last_error_code": code,
             "last_error": str(error)[:2000],
         }
-        settings = self._state.settings
-        transient = isinstance(error, SendError) and error.transient
-        if transient and attempts <= settings.retries:
-            delay = backoff(settings.retry_delay, attempts)
+        if delay is not None:
             values.update(state="queued", next_attempt_at=now + timedelta(seconds=delay))
             log.info("Outbox: retrying %s in %.2f s: %s", item.envelope.message_id, delay, error)
         else:
@@ -483,7 +614,11 @@ class Outbox:
             log.error("Not sent: %s (SMTP code %s): %s", item.envelope.message_id, code, error)
         return values
 
-    async def _signal(self, outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]]) -> None:
+    async def _signal(
+        self,
+        outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]],
+        partly: dict[int, MailError],
+    ) -> None:
         # The Message object stayed with the process that enqueued it; the
         # receivers get one rebuilt from the stored headers.
         app = self._state.app
@@ -491,11 +626,17 @@ class Outbox:
             if future.cancelled():
                 continue
             error = future.exception()
-            if error is None and email_dispatched.receivers:
-                await notify(email_dispatched, _rebuilt(item.envelope), app=app)
-            elif error is not None and email_failed.receivers:
-                failure = error if isinstance(error, MailError) else MailError(str(error))
-                await notify(email_failed, _rebuilt(item.envelope), app=app, error=failure)
+            try:
+                if error is None and email_dispatched.receivers:
+                    await notify(email_dispatched, _rebuilt(item.envelope), app=app)
+                refusal = partly.get(item.id)
+                if error is None and refusal is not None and email_failed.receivers:
+                    await notify(email_failed, _rebuilt(item.envelope), app=app, error=refusal)
+                elif error is not None and email_failed.receivers:
+                    failure = error if isinstance(error, MailError) else MailError(str(error))
+                    await notify(email_failed, _rebuilt(item.envelope), app=app, error=failure)
+            except Exception:  # the outcome is recorded; the others still get theirs
+                log.exception("Could not signal the outcome of %s", item.envelope.message_id)
 
     # PostgreSQL LISTEN
 
@@ -523,15 +664,78 @@ class Outbox:
 
 
 def _envelope(row: Any) -> Envelope:
-    """An Envelope from an OutboxMessage, or a result row with its columns."""
+    """An Envelope from an OutboxMessage, or a claimed row (see _decoded).
+
+    Raises :class:`~quartmail.errors.MessageError` saying why when the row
+    cannot be sent as stored: wrong JSON types, no message data, a line
+    break in the Message-ID, an address or an option (it would end the SMTP
+    command and start another).
+    """
+    data = row.data
+    if not isinstance(data, bytes):
+        raise MessageError(f"data: expected the message's bytes, got {type(data).__name__}")
+    if not data.strip():
+        raise MessageError("data: empty, no message to send")
+    try:
+        headers = _header_parser.parsebytes(data)
+    except Exception as error:
+        raise MessageError(f"data: not a message ({error})") from None
+    if not headers.keys():
+        raise MessageError("data: not a message (no header fields)")
     return Envelope(
-        sender=row.sender,
-        recipients=list(row.recipients),
-        data=row.data,
-        message_id=row.message_id,
-        mail_options=list(row.mail_options),
-        rcpt_options=list(row.rcpt_options),
+        sender=_one_line(row.sender, "sender"),
+        recipients=_lines(row.recipients, "recipients", empty=False),
+        data=data,
+        message_id=_one_line(row.message_id, "message_id"),
+        mail_options=_lines(row.mail_options, "mail_options"),
+        rcpt_options=_lines(row.rcpt_options, "rcpt_options"),
     )
+
+
+def _decoded(row: Any) -> Any:
+    """A claimed row with its JSON columns (fetched as text) decoded."""
+    values = dict(row._mapping)
+    for name in ("recipients", "mail_options", "rcpt_options"):
+        try:
+            values[name] = json.loads(values[name])
+        except (TypeError, ValueError) as error:
+            raise MessageError(f"{name}: not JSON ({error})") from None
+    return _Row(**values)
+
+
+@dataclass
+class _Row:
+    id: int
+    attempts: int
+    message_id: Any
+    sender: Any
+    recipients: Any
+    data: Any
+    mail_options: Any
+    rcpt_options: Any
+    created_at: datetime
+
+
+def _one_line(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise MessageError(f"{name}: expected a string, got {value!r:.100}")
+    if any(char in value for char in "\r\n\0"):
+        raise MessageError(f"{name}: contains a line break: {value!r:.200}")
+    return value
+
+
+def _or_none(value: Any, name: str) -> str | None:
+    try:
+        return _one_line(value, name)
+    except MessageError:
+        return None
+
+
+def _lines(value: Any, name: str, *, empty: bool = True) -> list[str]:
+    if not isinstance(value, list) or not (empty or value):
+        what = "a list of strings" if empty else "a non-empty list of strings"
+        raise MessageError(f"{name}: expected {what}, got {value!r:.100}")
+    return [_one_line(item, name) for item in value]
 
 
 _header_parser = email.parser.BytesHeaderParser(policy=email.policy.default)
@@ -540,11 +744,10 @@ _header_parser = email.parser.BytesHeaderParser(policy=email.policy.default)
 def _rebuilt(envelope: Envelope) -> Message:
     """A Message with the subject, sender, recipients and Message-ID of a
     stored one (not its bodies or attachments), for signal receivers."""
-    headers = _header_parser.parsebytes(envelope.data)
-    message = Message(
-        str(headers.get("Subject", "")),
-        sender=envelope.sender,
-        recipients=list(envelope.recipients),
-    )
+    try:
+        subject = str(_header_parser.parsebytes(envelope.data).get("Subject", ""))
+    except Exception:  # a subject the email package cannot read: signal without it
+        subject = ""
+    message = Message(subject, sender=envelope.sender, recipients=list(envelope.recipients))
     message.msg_id = envelope.message_id
     return message

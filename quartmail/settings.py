@@ -36,6 +36,12 @@ RETRY_DELAY = 1.0
 # Inside both Quart's test app shutdown limit (6 s) and Hypercorn's default
 # shutdown_timeout (60 s); hypercorn.toml leaves room for it.
 SHUTDOWN_TIMEOUT = 5.0
+# Every message ends within this many seconds of its submit (or enqueue), delivered or
+# failed, whatever the server does. An hour rides out a relay restart, a maintenance window
+# or a provider's throttling (which asks for minutes); mail about a sign-up that is still
+# undelivered after that is better reported to the app than kept. It is also the longest
+# wait between two retries, so no retry schedule reaches past it by much.
+DELIVERY_TIMEOUT = 3600.0
 
 # The outbox. A lease must outlast any send (a connect and a few commands,
 # each up to MAIL_TIMEOUT); past it, another dispatcher sends the row again.
@@ -61,6 +67,7 @@ class MailSettings:
     retries: int
     retry_delay: float
     shutdown_timeout: float
+    delivery_timeout: float
     outbox: bool  # MAIL_OUTBOX: for the app to decide; the outbox needs its engine
     outbox_lease: float
     outbox_poll: float
@@ -126,6 +133,7 @@ class MailSettings:
             retries=reader.number("MAIL_RETRIES", RETRIES, low=0, high=100),
             retry_delay=reader.seconds("MAIL_RETRY_DELAY", RETRY_DELAY),
             shutdown_timeout=reader.seconds("MAIL_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT),
+            delivery_timeout=reader.seconds("MAIL_DELIVERY_TIMEOUT", DELIVERY_TIMEOUT),
             outbox=reader.flag("MAIL_OUTBOX", False),
             outbox_lease=outbox_lease,
             outbox_poll=outbox_poll,

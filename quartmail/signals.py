@@ -13,6 +13,7 @@ Quart app is the sender and the :class:`~quartmail.Message` the keyword
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from typing import Any
@@ -42,8 +43,9 @@ async def notify(signal: Signal, message: object, *, app: Any, **kwargs: Any) ->
 
     A receiver that raises is logged and the others still run: by the time
     these signals fire the message's fate is settled, and a broken receiver
-    must not turn a delivered mail into an error the caller would retry.
-    (blinker's ``send_async`` would stop at the first exception.)
+    must not turn a delivered mail into an error the caller would retry,
+    nor stop the worker or dispatcher that sends the signal. (blinker's
+    ``send_async`` would stop at the first exception.)
     """
     for receiver in signal.receivers_for(app):
         try:
@@ -52,3 +54,10 @@ async def notify(signal: Signal, message: object, *, app: Any, **kwargs: Any) ->
                 await result
         except Exception:
             log.exception("receiver %r of %r raised", receiver, signal)
+        except asyncio.CancelledError:
+            # Ours to obey only when this task is being cancelled; a receiver
+            # that awaited something cancelled is just a broken receiver.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.exception("receiver %r of %r was cancelled", receiver, signal)

@@ -3,10 +3,11 @@
 This module knows nothing of Quart. :class:`SMTPSettings` holds what a session
 needs; :class:`SMTPSession` opens one (implicit TLS or required STARTTLS,
 certificates verified by the given context), sends flattened
-:class:`~quartmail.message.Envelope` objects and turns every aiosmtplib or OS
+:class:`~quartmail.message.Envelope` objects (in several transactions when the
+server limits recipients per transaction) and turns every aiosmtplib or OS
 error into a :class:`~quartmail.errors.SendError` that keeps the SMTP code and
-the refused recipients. Neither error texts nor the ``MAIL_DEBUG`` log of the
-conversation ever contain the password.
+the refused recipients. Neither error texts, nor the errors chained to them,
+nor the ``MAIL_DEBUG`` log of the conversation ever contain the password.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import logging
+import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,6 +83,10 @@ class SMTPSettings:
         forms = [self.password.encode(), f"\0{user}\0{self.password}".encode()]
         return [self.password, *(base64.b64encode(form).decode("ascii") for form in forms)]
 
+    def redact(self, text: str) -> str:
+        """*text* with every form of the password replaced by ``****``."""
+        return _redact(text, self.secrets())
+
 
 def make_tls_context(*, validate_certs: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
     """The client TLS context: the system CAs plus ``ca_file``, with host
@@ -131,13 +139,18 @@ class SMTPSession:
             await client.connect()
             if settings.username is not None:
                 await client.login(settings.username, settings.password or "")
-        except BaseException as err:
+        except Exception as err:
             client.close()
-            if isinstance(err, Exception):
-                await client.wait_closed(settings.timeout)
-                raise _wrap(err, settings) from err
+            error = _wrap(err, settings)
+        except BaseException:
+            client.close()
             raise
-        return cls(settings, client)
+        else:
+            return cls(settings, client)
+        await client.wait_closed(settings.timeout)
+        # Raised here, outside the except block, so that its __context__ does
+        # not keep aiosmtplib's exception (which may quote the password).
+        raise error
 
     @property
     def is_connected(self) -> bool:
@@ -147,16 +160,53 @@ class SMTPSession:
         """Send one message; the result lists the recipients the server
         refused, each with its ``(code, text)``, when it took the others.
 
+        Recipients refused with "too many recipients" (452, or the enhanced
+        code X.5.3) get the same message, same Message-ID, in further
+        transactions of this session, as RFC 5321 4.5.3.1.10 asks.
+
         Raises :class:`~quartmail.errors.RecipientsRefusedError` when it refused
         them all, another :class:`~quartmail.errors.SendError` on any other
         failure. After a failure that leaves the session unusable (see
         :func:`_spends_session`) or a cancellation, the session is closed:
         check :attr:`is_connected` before sending again.
         """
+        refused: dict[str, Reply] = {}
+        recipients = list(envelope.recipients)
+        first = True
+        while recipients:
+            try:
+                rejected = await self._transaction(envelope, recipients)
+            except SendError as error:
+                if first:
+                    raise
+                # The message already went to the recipients of an earlier
+                # transaction: resending it all would duplicate it, so these
+                # are reported refused with what ended the session (421 when
+                # the connection itself failed, as a server closing it would).
+                reply = (error.code or 421, str(error))
+                if isinstance(error, RecipientsRefusedError):
+                    refused.update(error.refused)
+                else:
+                    refused.update(dict.fromkeys(recipients, reply))
+                break
+            first = False
+            over = [address for address, reply in rejected.items() if _too_many(reply)]
+            refused.update(
+                (address, reply) for address, reply in rejected.items() if address not in over
+            )
+            if len(over) == len(recipients):  # no progress: report, do not loop
+                refused.update((address, rejected[address]) for address in over)
+                break
+            recipients = over
+        self.sent += 1
+        return SendResult(message_id=envelope.message_id, refused=refused)
+
+    async def _transaction(self, envelope: Envelope, recipients: list[str]) -> dict[str, Reply]:
+        """One MAIL, RCPT..., DATA transaction; returns the refused recipients."""
         try:
             refused, _ = await self._client.sendmail(
                 envelope.sender,
-                envelope.recipients,
+                recipients,
                 envelope.data,
                 mail_options=envelope.mail_options,
                 rcpt_options=envelope.rcpt_options,
@@ -169,14 +219,11 @@ class SMTPSession:
             raise
         except Exception as err:
             error = _wrap(err, self.settings)
-            if _spends_session(error):
-                self.abort()
-            raise error from err
-        self.sent += 1
-        return SendResult(
-            message_id=envelope.message_id,
-            refused={address: (reply.code, reply.message) for address, reply in refused.items()},
-        )
+        else:
+            return {address: (reply.code, reply.message) for address, reply in refused.items()}
+        if _spends_session(error):
+            self.abort()
+        raise error  # outside the except block: no __context__ (see open)
 
     async def close(self) -> None:
         """QUIT politely if the connection still works, then close it and wait
@@ -204,34 +251,53 @@ def _spends_session(error: SendError) -> bool:
     return error.code == 421 or isinstance(error, ConnectError | SendTimeoutError)
 
 
+def _too_many(reply: Reply) -> bool:
+    """Is this RCPT refusal "too many recipients, send the rest in another
+    transaction"? RFC 5321 4.5.3.1.10 gives it the code 452 (and asks
+    clients to read a 552 of RFC 821's day the same way); RFC 3463 gives
+    it the enhanced code X.5.3."""
+    code, text = reply
+    return code == 452 or (code == 552 and text.startswith(("4.5.3", "5.5.3")))
+
+
 def _wrap(err: Exception, settings: SMTPSettings) -> SendError:
-    """Turn an aiosmtplib or OS error into ours, with a password-free text."""
+    """Turn an aiosmtplib or OS error into ours: a password-free text, and as
+    ``__cause__`` the original, or a copy of it with the password masked
+    wherever it appears (a server may quote the AUTH line in its reply)."""
+    error = _translate(err, settings)
+    error.__cause__ = _scrubbed(err, settings.secrets())
+    error.__suppress_context__ = True
+    return error
+
+
+def _translate(err: Exception, settings: SMTPSettings) -> SendError:
     where = f"SMTP server {settings.address}"
+    mask = settings.redact
     if isinstance(err, aiosmtplib.SMTPRecipientsRefused):
         refused = {e.recipient: (e.code, e.message) for e in err.recipients}
         return RecipientsRefusedError(
-            _redact(f"{where} refused every recipient: {_replies(refused)}", settings),
+            mask(f"{where} refused every recipient: {_replies(refused)}"),
+            # The last refusal's code, as for any other reply.
+            code=err.recipients[-1].code if err.recipients else None,
             refused=refused,
         )
+    if isinstance(err, aiosmtplib.SMTPResponseException) and _code(err) is None:
+        # Not SMTP at all (a garbage greeting or EHLO reply, an over-long
+        # line; aiosmtplib says code -1): a broken connection, worth a retry.
+        return ConnectError(mask(f"{where} sent a malformed reply: {err.message}"))
     if isinstance(err, aiosmtplib.SMTPAuthenticationError):
         return AuthenticationError(
-            _redact(
-                f"{where} refused the login for {settings.username!r}: {err.code} {err.message}",
-                settings,
-            ),
+            mask(f"{where} refused the login for {settings.username!r}: {err.code} {err.message}"),
             code=err.code,
         )
     if isinstance(err, aiosmtplib.SMTPConnectResponseError):
         # A refusal at the greeting (421 at a connection limit): a fact
         # about the server, not about a message.
         return ConnectError(
-            _redact(f"{where} refused the connection: {err.code} {err.message}", settings),
-            code=err.code,
+            mask(f"{where} refused the connection: {err.code} {err.message}"), code=err.code
         )
     if isinstance(err, aiosmtplib.SMTPResponseException):
-        return SendError(
-            _redact(f"{where} replied {err.code} {err.message}", settings), code=err.code
-        )
+        return SendError(mask(f"{where} replied {err.code} {err.message}"), code=err.code)
     if isinstance(err, TimeoutError):  # aiosmtplib's timeouts subclass it
         return SendTimeoutError(
             f"{where} did not answer within {settings.timeout:g} s (MAIL_TIMEOUT)"
@@ -244,13 +310,18 @@ def _wrap(err: Exception, settings: SMTPSettings) -> SendError:
             "set MAIL_CA_FILE to the CA that signed it"
         )
     if isinstance(err, ConnectionError | OSError):
-        return ConnectError(_redact(f"{where}: {_text(err)}", settings))
+        return ConnectError(mask(f"{where}: {_text(err)}"))
     if isinstance(err, aiosmtplib.SMTPException):
         message = _text(err)
         if settings.use_tls and "STARTTLS" in message.upper():
             message = f"MAIL_USE_TLS requires STARTTLS, which the server does not offer ({message})"
-        return SendError(_redact(f"{where}: {message}", settings))
-    return SendError(_redact(f"{where}: {type(err).__name__}: {err}", settings))
+        return SendError(mask(f"{where}: {message}"))
+    return SendError(mask(f"{where}: {type(err).__name__}: {err}"))
+
+
+def _code(err: aiosmtplib.SMTPResponseException) -> int | None:
+    """The reply code, or None when the reply had none (aiosmtplib: -1)."""
+    return err.code if 200 <= err.code <= 599 else None
 
 
 def _text(err: Exception) -> str:
@@ -263,10 +334,65 @@ def _replies(refused: dict[str, Reply]) -> str:
     return "; ".join(f"{address}: {code} {text}" for address, (code, text) in refused.items())
 
 
-def _redact(text: str, settings: SMTPSettings) -> str:
-    for secret in settings.secrets():
-        text = text.replace(secret, "****")
+# A secret shorter than this is masked only where it stands alone: a short
+# string inside a longer word is likely a coincidence ("p" in "supported"),
+# and masking it there would point at it.
+_SHORT_SECRET = 8
+_MASK = "****"
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    """*text* with each of *secrets* replaced by ``****`` (see _SHORT_SECRET)."""
+    for secret in sorted(secrets, key=len, reverse=True):  # "pw" inside its base64 form
+        if len(secret) >= _SHORT_SECRET:
+            text = text.replace(secret, _MASK)
+        elif secret in text:
+            alone = rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])"
+            text = re.sub(alone, _MASK, text)
     return text
+
+
+def _scrubbed(err: BaseException | None, secrets: Sequence[str], depth: int = 0) -> Any:
+    """*err*, or, when it or any exception chained to it reveals one of
+    *secrets*, a copy of it with its texts masked and its chain scrubbed."""
+    if err is None or not secrets:
+        return err
+    if depth > 20:  # a chain this long is a cycle: cut it
+        return None
+    cause = _scrubbed(err.__cause__, secrets, depth + 1)
+    context = _scrubbed(err.__context__, secrets, depth + 1)
+    texts = [str(err), repr(err), *_strings(err)]
+    unchanged = cause is err.__cause__ and context is err.__context__
+    if unchanged and all(_redact(text, secrets) == text for text in texts):
+        return err
+    try:
+        clean = copy.copy(err)
+        clean.args = tuple(_masked(arg, secrets) for arg in err.args)
+        for name, value in vars(err).items():
+            setattr(clean, name, _masked(value, secrets))
+    except Exception:  # an exception type copy cannot rebuild
+        clean = RuntimeError(f"{type(err).__name__}: {_redact(str(err), secrets)}")
+    clean.__cause__ = cause
+    clean.__context__ = context
+    clean.__suppress_context__ = err.__suppress_context__
+    clean.__traceback__ = err.__traceback__
+    return clean
+
+
+def _strings(err: BaseException) -> list[str]:
+    found: list[str] = []
+    for value in [*err.args, *vars(err).values()]:
+        values = value if isinstance(value, list | tuple) else [value]
+        found.extend(item if isinstance(item, str) else repr(item) for item in values)
+    return found
+
+
+def _masked(value: Any, secrets: Sequence[str]) -> Any:
+    if isinstance(value, str):
+        return _redact(value, secrets)
+    if isinstance(value, list):
+        return [_masked(item, secrets) for item in value]
+    return value
 
 
 class _SMTP(aiosmtplib.SMTP):
@@ -354,6 +480,4 @@ class _LoggingSMTP(_SMTP):
         return response
 
     def _clean(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "****")
-        return text
+        return _redact(text, self.secrets)

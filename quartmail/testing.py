@@ -6,7 +6,9 @@ it over loopback exactly as the app would talk to a mail relay. It speaks plain 
 implicit TLS (certificates from :meth:`TLSCertificates.create`, made with trustme at run time),
 can require AUTH, records every accepted message, and injects faults on the server side:
 refused recipients, 4xx/5xx replies to DATA, slow replies, a connection limit answered with 421,
-a server that never greets, and outages (:meth:`SMTPTestServer.stop` drops every connection,
+a server that never greets, one that greets every connection with a given line (421, or
+garbage), a garbage EHLO reply, a per-transaction recipient limit (452), a 535 that quotes the
+credentials, and outages (:meth:`SMTPTestServer.stop` drops every connection,
 :meth:`SMTPTestServer.restart` comes back on the same port).
 
 Nothing is mocked: clients use real sockets and real TLS. The pytest fixtures built on this
@@ -16,6 +18,7 @@ module live in :mod:`quartmail.pytest_plugin`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.message
 import email.policy
@@ -247,6 +250,7 @@ class SMTPServerFactory(Protocol):
         silent: bool = ...,
         smtputf8: bool = ...,
         idle_timeout: float = ...,
+        greeting: str | None = ...,
     ) -> SMTPTestServer: ...
 
 
@@ -272,9 +276,12 @@ class SMTPTestServer:
         silent: accept TCP (and TLS) connections but never send a greeting.
         smtputf8: advertise SMTPUTF8.
         idle_timeout: seconds of client silence after which the server drops a session.
+        greeting: greet every connection with this line instead of 220, then close it (e.g.
+            ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
 
     Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
-    :attr:`data_delay`) may be changed while the server runs. A ``421`` reply, from either,
+    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`) may be
+    changed while the server runs. A ``421`` reply, from either,
     closes the connection after it is sent, as RFC 5321 requires of a server.
     """
 
@@ -290,6 +297,7 @@ class SMTPTestServer:
         silent: bool = False,
         smtputf8: bool = True,
         idle_timeout: float = 300.0,
+        greeting: str | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "implicit"):
             raise ValueError(f"tls must be 'none', 'starttls' or 'implicit', not {tls!r}")
@@ -316,12 +324,13 @@ class SMTPTestServer:
         self.silent = silent
         self.smtputf8 = smtputf8
         self.idle_timeout = idle_timeout
+        self.greeting = greeting
 
         #: Accepted messages, in order of arrival.
         self.messages: list[ReceivedMessage] = []
         #: SMTP sessions greeted with 220 so far (connections refused by the limit not included).
         self.connections = 0
-        #: Connections answered with 421 because of ``max_connections``.
+        #: Connections answered with 421 because of ``max_connections``, or with ``greeting``.
         self.refused_connections = 0
         #: DATA commands whose content was received, accepted or not.
         self.data_attempts = 0
@@ -334,6 +343,14 @@ class SMTPTestServer:
         #: Seconds to wait before answering each DATA (the message is not recorded if the
         #: connection drops meanwhile).
         self.data_delay = 0.0
+        #: The one line to answer EHLO with instead of the usual reply (e.g. ``"garbage"``).
+        self.ehlo_reply: str | None = None
+        #: Most recipients per transaction; RCPT beyond it is answered
+        #: ``452 4.5.3 Too many recipients``, as RFC 5321 4.5.3.1.10 asks.
+        self.max_recipients: int | None = None
+        #: Answer a failed AUTH with a 535 that quotes the credentials, plain and base64, as
+        #: some servers echo the command they refuse.
+        self.echo_auth = False
 
         self._auth_attempts: list[str] = []
         self._server: asyncio.Server | None = None
@@ -554,7 +571,8 @@ class SMTPTestServer:
         """Forget what was received and every fault set since: a fresh server, still running.
 
         Clears :attr:`messages` and :attr:`auth_attempts`, sets every counter to 0, empties
-        :attr:`refuse_recipients` and :attr:`data_replies` and sets :attr:`data_delay` to 0.
+        :attr:`refuse_recipients` and :attr:`data_replies`, sets :attr:`data_delay` to 0 and
+        turns :attr:`ehlo_reply`, :attr:`max_recipients` and :attr:`echo_auth` off.
         The options given to the constructor stay. Meant for a server shared by many
         tests (a session-scoped fixture): reset it before each test.
         """
@@ -565,6 +583,9 @@ class SMTPTestServer:
         self.refuse_recipients = {}
         self.data_replies = []
         self.data_delay = 0.0
+        self.ehlo_reply = None
+        self.max_recipients = None
+        self.echo_auth = False
         self._auth_attempts = []
 
     def configure(self, app: Quart) -> None:
@@ -599,6 +620,8 @@ class SMTPTestServer:
         # checking and counting the limit here cannot race with another connection.
         if self.silent:
             return _SilentProtocol(self)
+        if self.greeting is not None:
+            return _RefusingProtocol(self, f"{self.greeting}\r\n".encode())
         if self.max_connections is not None and self._active_sessions >= self.max_connections:
             return _RefusingProtocol(self)
         self._active_sessions += 1
@@ -685,6 +708,9 @@ class _Handler:
         if reply is not None:
             _close_after_421(server, reply)
             return reply
+        limit = self._owner.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return "452 4.5.3 Too many recipients"
         # With a handle_RCPT hook, aiosmtpd leaves accepting the recipient to the handler.
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -715,6 +741,21 @@ class _Handler:
         _close_after_421(server, reply)
         return reply
 
+    async def handle_EHLO(  # noqa: N802 (aiosmtpd's hook name)
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Reply to EHLO as aiosmtpd would, or with :attr:`SMTPTestServer.ehlo_reply`."""
+        reply = self._owner.ehlo_reply
+        if reply is not None:
+            return [reply]
+        session.host_name = hostname  # aiosmtpd leaves this to a handler with this hook
+        return responses
+
     async def handle_exception(self, error: Exception) -> str:
         """Reply to an error raised while handling a command (aiosmtpd's hook)."""
         if isinstance(error, TLSSetupException):
@@ -744,6 +785,15 @@ class _Handler:
         password_ok = hmac.compare_digest(auth_data.password, expected[1].encode())
         if user_ok and password_ok:
             return AuthResult(success=True, auth_data=login)
+        if self._owner.echo_auth:
+            password = auth_data.password
+            plain = base64.b64encode(b"\0" + auth_data.login + b"\0" + password).decode()
+            quoted = f"{password.decode('utf-8', 'replace')} {base64.b64encode(password).decode()}"
+            return AuthResult(
+                success=False,
+                handled=False,
+                message=f"535 5.7.8 Refused AUTH PLAIN {plain} {quoted}",
+            )
         # handled=False makes aiosmtpd answer 535; the default (handled=True) sends nothing
         # and leaves the client waiting for its read timeout.
         return AuthResult(success=False, handled=False)
@@ -811,17 +861,18 @@ class _Gate(asyncio.Protocol):
 
 
 class _RefusingProtocol(asyncio.Protocol):
-    """Greets with 421 and closes: a server at its connection limit."""
+    """Greets with 421 (or *greeting*) and closes: a server at its connection limit."""
 
-    def __init__(self, owner: SMTPTestServer) -> None:
+    def __init__(self, owner: SMTPTestServer, greeting: bytes = _TOO_MANY_CONNECTIONS) -> None:
         self._owner = owner
+        self._greeting = greeting
         self._transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         self._owner._track(transport)
         self._owner.refused_connections += 1
-        cast(asyncio.WriteTransport, transport).write(_TOO_MANY_CONNECTIONS)
+        cast(asyncio.WriteTransport, transport).write(self._greeting)
         transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

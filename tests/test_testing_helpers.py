@@ -138,6 +138,9 @@ async def test_reset_gives_back_a_fresh_server(
     server.refuse_recipients["x@example.com"] = "550 No"
     server.data_replies.append("451 Later")
     server.data_delay = 0.5
+    server.ehlo_reply = "garbage"
+    server.max_recipients = 1
+    server.echo_auth = True
     assert server.messages and server.connections and server.auth_attempts
 
     server.reset()
