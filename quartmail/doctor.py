@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import re
 import socket
 import ssl
@@ -39,7 +38,7 @@ import aiosmtplib
 from ._extras import missing_extra
 from .addresses import parse_address
 from .errors import AuthenticationError, ConfigError, MailError, SendError
-from .settings import MailSettings
+from .settings import MailSettings, _is_loopback
 from .smtp import SMTPSession, SMTPSettings
 
 if TYPE_CHECKING:
@@ -120,7 +119,9 @@ async def diagnose(
     findings += await check_smtp(settings)
     if dns:
         findings += await _dns_for(app.config, settings, domain, dkim_selector, nameserver)
-    return _redacted(findings, settings.smtp)
+    # No finding shows the password: the probes never send it, and the login's errors
+    # come from quartmail.smtp, which redacts it.
+    return findings
 
 
 async def check_smtp(settings: MailSettings) -> list[Finding]:
@@ -634,29 +635,6 @@ def _text(err: BaseException) -> str:
     if isinstance(err, aiosmtplib.SMTPException):
         return err.message
     return str(err) or type(err).__name__
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _redacted(findings: list[Finding], smtp: SMTPSettings) -> list[Finding]:
-    """Belt and braces: no finding may show the password, whatever a server echoed."""
-    secrets = smtp.secrets()
-    if not secrets:
-        return findings
-    clean = []
-    for finding in findings:
-        what, do = finding.what, finding.do
-        for secret in secrets:
-            what, do = what.replace(secret, "****"), do.replace(secret, "****")
-        clean.append(dataclasses.replace(finding, what=what, do=do))
-    return clean
 
 
 # --- DNS ---

@@ -9,7 +9,6 @@ import datetime
 import os
 import pathlib
 import sys
-import textwrap
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -610,6 +609,51 @@ async def test_cli_rejects_a_bad_nameserver(
     assert "is not IP or IP:PORT" in result.output
 
 
+DOCTOR_APP = """
+import os, sys
+from quart import Quart
+from quartmail import Mail
+from quartmail.cli import cli
+
+if os.environ.get("WITHOUT_DNSPYTHON"):  # as if quartmail[doctor] were not installed
+    class NotInstalled:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "dns":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.modules.pop("dns", None)
+    sys.meta_path.insert(0, NotInstalled())
+
+app = Quart(__name__)
+app.config.update(MAIL_SERVER="127.0.0.1", MAIL_PORT=int(os.environ["SMTP_PORT"]),
+                  MAIL_DEFAULT_SENDER="app@example.com")
+Mail(app)
+app.cli.add_command(cli)
+"""
+
+
+async def quart_mail_doctor(
+    tmp_path: pathlib.Path, smtp_port: int, *args: str, **env: str
+) -> tuple[int, str]:
+    """Run ``python -m quart --app doctorapp mail doctor *args``; awaited, so that the test
+    servers in this loop keep serving meanwhile."""
+    (tmp_path / "doctorapp.py").write_text(DOCTOR_APP)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("QUART_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "quart", "--app", "doctorapp", "mail", "doctor", *args),
+        cwd=tmp_path,
+        env={**environment, "SMTP_PORT": str(smtp_port), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    assert "Traceback" not in stderr.decode(), stderr.decode()
+    return process.returncode, stdout.decode()
+
+
 async def test_quart_mail_doctor_dns(
     smtp_server: SMTPTestServer, dns_server: DNSServer, tmp_path: pathlib.Path
 ) -> None:
@@ -618,43 +662,23 @@ async def test_quart_mail_doctor_dns(
         DOMAIN: [txt("v=spf1 mx ~all")],
         f"_dmarc.{DOMAIN}": [txt("v=DMARC1; p=none")],
     }
-    (tmp_path / "doctorapp.py").write_text(
-        textwrap.dedent(
-            f"""
-            from quart import Quart
-            from quartmail import Mail
-            from quartmail.cli import cli
-
-            app = Quart(__name__)
-            app.config.update(MAIL_SERVER="127.0.0.1", MAIL_PORT={smtp_server.port},
-                              MAIL_DEFAULT_SENDER="app@{DOMAIN}")
-            Mail(app)
-            app.cli.add_command(cli)
-            """
-        )
+    nameserver = f"127.0.0.1:{dns_server.port}"
+    code, output = await quart_mail_doctor(
+        tmp_path, smtp_server.port, "--dns", "--nameserver", nameserver, "--dkim-selector", "s"
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "quart",
-        "--app",
-        "doctorapp",
-        "mail",
-        "doctor",
-        "--dns",
-        "--nameserver",
-        f"127.0.0.1:{dns_server.port}",
-        "--dkim-selector",
-        "none",
-        cwd=tmp_path,
-        env={key: value for key, value in os.environ.items() if not key.startswith("QUART_")},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        stdout, stderr = await process.communicate()
-    output = stdout.decode()
-    assert process.returncode == 1, stderr.decode()
+    assert code == 1, output
     assert f"ok       spf          SPF record of {DOMAIN}: 'v=spf1 mx ~all'." in output
-    assert f"ERROR    dkim         No DKIM key is published at none._domainkey.{DOMAIN}." in output
+    assert f"ERROR    dkim         No DKIM key is published at s._domainkey.{DOMAIN}." in output
     assert "ok       dmarc        DMARC policy of example.com: none" in output
+
+
+async def test_quart_mail_doctor_without_dnspython(
+    smtp_server: SMTPTestServer, tmp_path: pathlib.Path
+) -> None:
+    code, output = await quart_mail_doctor(tmp_path, smtp_server.port, WITHOUT_DNSPYTHON="1")
+    assert (code, output.splitlines()[-1]) == (0, "All is well."), output
+    code, output = await quart_mail_doctor(
+        tmp_path, smtp_server.port, "--dns", WITHOUT_DNSPYTHON="1"
+    )
+    assert code == 1, output
+    assert "-> pip install 'quartmail[doctor]'" in output
