@@ -484,6 +484,55 @@ async def test_dns_another_dkim_key(
     assert finding.do.endswith(public_record(key))
 
 
+async def test_dns_a_revoked_dkim_key_and_folded_keys(
+    smtp_server: SMTPTestServer, make_mail: MakeMail, dns_server: DNSServer
+) -> None:
+    rsa_key, ed_key = rsa_pem(), ed25519_pem()
+    folded = public_record(rsa_key, "rsa").replace("p=", "p= ").replace("A", " A")
+    dns_server.records = {
+        f"rsa._domainkey.{DOMAIN}": [txt(folded)],  # RFC 6376 3.6.1: whitespace in p= is fine
+        f"ed._domainkey.{DOMAIN}": [txt("v=DKIM1; k=ed25519; p=")],
+    }
+    app, _ = make_mail(
+        smtp_server,
+        MAIL_DKIM_KEY=rsa_key,
+        MAIL_DKIM_SELECTOR="rsa",
+        MAIL_DKIM_SECOND_KEY=ed_key,
+        MAIL_DKIM_SECOND_SELECTOR="ed",
+    )
+    findings = await doctor(app, dns=True, nameserver=("127.0.0.1", dns_server.port))
+    dkim = [finding for finding in findings if finding.topic == "dkim"]
+    assert [(finding.level, finding.what) for finding in dkim] == [
+        ("ok", f"The DKIM key at rsa._domainkey.{DOMAIN} matches MAIL_DKIM_KEY."),
+        ("error", f"The DKIM key at ed._domainkey.{DOMAIN} is revoked (empty p=)."),
+    ]
+    assert dkim[1].do.endswith(public_record(ed_key, "ed"))
+
+
+async def test_dns_dkim_for_another_domain(
+    smtp_server: SMTPTestServer, make_mail: MakeMail, dns_server: DNSServer
+) -> None:
+    key = ed25519_pem()
+    dns_server.records = {
+        "s1._domainkey.example.org": [txt(public_record(key, "s1", "example.org"))]
+    }
+    app, _ = make_mail(
+        smtp_server, MAIL_DKIM_KEY=key, MAIL_DKIM_SELECTOR="s1", MAIL_DKIM_DOMAIN="example.org"
+    )
+    findings = await doctor(app, dns=True, nameserver=("127.0.0.1", dns_server.port))
+    dkim = [finding for finding in findings if finding.topic == "dkim"]
+    assert [finding.level for finding in dkim] == ["ok", "warning"]
+    assert "DMARC does not count such a signature" in dkim[1].what
+    assert dkim[1].do == "Set MAIL_DKIM_DOMAIN to example.com (or leave it unset)."
+
+
+async def test_dns_a_bad_dkim_setting(smtp_server: SMTPTestServer, make_mail: MakeMail) -> None:
+    app, _ = make_mail(smtp_server, MAIL_DKIM_KEY=ed25519_pem())  # no MAIL_DKIM_SELECTOR
+    finding = only(await doctor(app, dns=True), "dkim")
+    assert finding.level == "error"
+    assert finding.what == "MAIL_DKIM_SELECTOR is required with MAIL_DKIM_KEY"
+
+
 @pytest.mark.parametrize(
     ("records", "level", "phrase"),
     [
