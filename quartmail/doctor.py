@@ -535,11 +535,12 @@ async def _auth_findings(smtp: SMTPSettings, mode: _TLSMode, probe: _Probe) -> l
     except AuthenticationError as err:
         return [Finding("error", "auth", str(err), _login_refused_advice(err.code))]
     except (SendError, TimeoutError) as err:
+        reason = str(err) or f"no answer within {smtp.timeout:g} s (MAIL_TIMEOUT)"
         return [
             Finding(
                 "error",
                 "auth",
-                f"Logging in as {user} failed: {err}",
+                f"Logging in as {user} failed: {reason}",
                 "Check MAIL_USERNAME and MAIL_PASSWORD, and the findings above.",
             )
         ]
