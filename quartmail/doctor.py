@@ -67,9 +67,10 @@ _DMARC = re.compile(r"v\s*=\s*DMARC1\s*(?:;|$)")
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One result of the doctor: its ``level``, the ``topic`` (``settings``, ``connection``,
-    ``tls``, ``certificate``, ``auth``, ``extensions``, ``spf``, ``dkim``, ``dmarc``), ``what``
-    was found, and what to ``do`` about it (empty when nothing is to be done)."""
+    """One result of the doctor: its ``level``, the ``topic`` (``settings``, ``server``,
+    ``connection``, ``tls``, ``certificate``, ``auth``, ``extensions``, ``dns``, ``spf``,
+    ``dkim``, ``dmarc``), ``what`` was found, and what to ``do`` about it (empty when nothing
+    is to be done)."""
 
     level: Level
     topic: str
@@ -132,7 +133,15 @@ async def check_smtp(settings: MailSettings) -> list[Finding]:
         # As the app does; aiosmtplib would otherwise look it up on every connect.
         smtp = dataclasses.replace(smtp, local_hostname=await asyncio.to_thread(socket.getfqdn))
     mode: _TLSMode = "implicit" if smtp.use_ssl else "starttls" if smtp.use_tls else "none"
-    findings: list[Finding] = []
+    login = f"login {smtp.username!r}" if smtp.username else "no login"
+    findings = [
+        Finding(
+            "ok",
+            "server",
+            f"Checking {smtp.hostname}:{smtp.port}, {_mode_name(mode)}, {login}, "
+            f"MAIL_TIMEOUT {smtp.timeout:g} s.",
+        )
+    ]
     if smtp.tls_context is not None and smtp.tls_context.verify_mode == ssl.CERT_NONE:
         findings.append(
             Finding(
@@ -629,7 +638,12 @@ def _unverified_context() -> ssl.SSLContext:
 
 
 def _mode_name(mode: _TLSMode) -> str:
-    return {"none": "plain SMTP", "starttls": "STARTTLS (MAIL_USE_TLS)", "implicit": "TLS"}[mode]
+    names = {
+        "none": "plain SMTP",
+        "starttls": "STARTTLS (MAIL_USE_TLS)",
+        "implicit": "implicit TLS (MAIL_USE_SSL)",
+    }
+    return names[mode]
 
 
 def _text(err: BaseException) -> str:

@@ -121,16 +121,20 @@ async def test_all_is_well_without_a_login(
 # --- SMTP: the TLS mode against the port ---
 
 
-async def test_starttls_against_implicit_tls(
-    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+@pytest.mark.parametrize(
+    ("use_tls", "configured"), [(True, "STARTTLS (MAIL_USE_TLS)"), (False, "plain SMTP")]
+)
+async def test_starttls_or_plain_against_implicit_tls(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, use_tls: bool, configured: str
 ) -> None:
-    # Port 465 with MAIL_USE_TLS: the server waits for a TLS handshake and never greets.
+    # Port 465 without MAIL_USE_SSL: the server waits for a TLS handshake and never greets.
     server = await smtp_server_factory(tls="implicit")
-    app, _ = make_mail(server, MAIL_USE_TLS=True, MAIL_USE_SSL=False, MAIL_TIMEOUT=1.5)
+    app, _ = make_mail(server, MAIL_USE_TLS=use_tls, MAIL_USE_SSL=False, MAIL_TIMEOUT=1.5)
     findings = await doctor(app)
     finding = only(findings, "tls")
     assert finding.level == "error"
-    assert "implicit TLS" in finding.what and "STARTTLS (MAIL_USE_TLS)" in finding.what
+    assert "expects TLS from the first byte (implicit TLS" in finding.what
+    assert f"but {configured} is configured" in finding.what
     assert "MAIL_USE_SSL = True and MAIL_USE_TLS = False" in finding.do
 
 
@@ -260,6 +264,7 @@ async def test_a_certificate_about_to_expire(
     app, _ = make_mail(server)
     findings = await doctor(app)
     assert levels(findings) == {
+        "server": "ok",
         "tls": "ok",
         "certificate": "warning",
         "extensions": "ok",
@@ -458,6 +463,7 @@ async def test_dns_nothing_published(
     app, _ = make_mail(smtp_server, MAIL_DKIM_KEY=key, MAIL_DKIM_SELECTOR="s1")
     findings = await doctor(app, dns=True, nameserver=("127.0.0.1", dns_server.port))
     assert levels(findings) == {
+        "server": "ok",
         "tls": "ok",
         "extensions": "ok",
         "auth": "ok",
