@@ -28,6 +28,7 @@ OPTIONAL_PACKAGES = frozenset(
         "dkim",
         "nacl",
         "cryptography",
+        "dns",
     }
 )
 

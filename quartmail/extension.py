@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from quart import Quart, current_app, has_app_context
 
+from .cli import cli
 from .compat import FlaskMailSettings
 from .delivery import Delivery
 from .message import Envelope, Message
@@ -169,6 +170,7 @@ class Mail:
         # Quart drains its own background tasks before after_serving.
         app.before_serving(state.startup)
         app.after_serving(state.shutdown)
+        app.cli.add_command(cli)  # quart --app ... mail doctor
         return state
 
     def init_mail(

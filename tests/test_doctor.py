@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from quart import Quart
 
-from quartmail.cli import cli
 from quartmail.doctor import Finding, all_well, diagnose
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSCertificates, TLSMode
 
@@ -624,8 +623,7 @@ async def test_dns_needs_a_domain(smtp_server: SMTPTestServer, make_mail: MakeMa
 
 
 def cli_app(make_mail: MakeMail, server: SMTPTestServer, **config: Any) -> Quart:
-    app, _ = make_mail(server, **config)
-    app.cli.add_command(cli)  # what Mail.init_app does
+    app, _ = make_mail(server, **config)  # Mail(app) adds the mail command group
     return app
 
 
@@ -668,7 +666,6 @@ DOCTOR_APP = """
 import os, sys
 from quart import Quart
 from quartmail import Mail
-from quartmail.cli import cli
 
 if os.environ.get("WITHOUT_DNSPYTHON"):  # as if quartmail[doctor] were not installed
     class NotInstalled:
@@ -682,8 +679,7 @@ if os.environ.get("WITHOUT_DNSPYTHON"):  # as if quartmail[doctor] were not inst
 app = Quart(__name__)
 app.config.update(MAIL_SERVER="127.0.0.1", MAIL_PORT=int(os.environ["SMTP_PORT"]),
                   MAIL_DEFAULT_SENDER="app@example.com")
-Mail(app)
-app.cli.add_command(cli)
+Mail(app)  # adds the mail command group
 """
 
 
