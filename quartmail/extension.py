@@ -19,7 +19,7 @@ from quart import Quart, current_app, has_app_context
 
 from .delivery import Delivery
 from .message import Envelope, Message
-from .settings import MailSettings
+from .settings import DevInboxSettings, MailSettings
 from .signals import email_dispatched, notify
 from .smtp import SendResult, SMTPSession, SMTPSettings
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     # Only the outbox needs SQLAlchemy: quartmail imports it when it is used.
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .devinbox import DevInbox
     from .outbox import Outbox
 
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
@@ -120,12 +121,22 @@ class Mail:
         Raises :class:`~quartmail.errors.ConfigError` naming the setting
         when one is wrong.
         """
-        settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+        inbox = _dev_inbox(app)  # first: it points MAIL_SERVER and MAIL_PORT at itself
+        try:
+            settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+        except BaseException:
+            if inbox is not None:
+                inbox.close()
+            raise
         state = app.extensions["mail"] = MailState(app, settings)
         # Quart runs these in `async with app.test_app()` and under Hypercorn.
         # Quart drains its own background tasks before after_serving.
+        if inbox is not None:
+            app.before_serving(inbox.start)
         app.before_serving(state.startup)
         app.after_serving(state.shutdown)
+        if inbox is not None:
+            app.after_serving(inbox.stop)  # after the drain, which still sends to it
 
     def init_outbox(self, app: Quart, engine: AsyncEngine) -> Outbox:
         """Keep *app*'s mail in a durable outbox in *engine*'s database (call
@@ -233,6 +244,16 @@ class Mail:
         finally:
             # By identity: two open lists may be equal (both empty, say).
             recordings[:] = [other for other in recordings if other is not outbox]
+
+
+def _dev_inbox(app: Quart) -> DevInbox | None:
+    """The app's development inbox when ``MAIL_DEV_INBOX`` is on (see :mod:`quartmail.devinbox`)."""
+    settings = DevInboxSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+    if settings is None:
+        return None
+    from .devinbox import DevInbox  # aiosmtpd (the testing extra) only when it is on
+
+    return DevInbox(app, settings)
 
 
 class Connection:
