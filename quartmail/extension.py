@@ -119,7 +119,8 @@ class Mail:
         """Read and check the app's ``MAIL_*`` settings.
 
         Raises :class:`~quartmail.errors.ConfigError` naming the setting
-        when one is wrong.
+        when one is wrong. With ``MAIL_DEV_INBOX`` on, the app's mail goes to
+        its development inbox instead (:mod:`quartmail.devinbox`).
         """
         inbox = _dev_inbox(app)  # first: it points MAIL_SERVER and MAIL_PORT at itself
         try:

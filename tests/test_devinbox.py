@@ -16,6 +16,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 from quart_schema import QuartSchema
+from test_install import _run as run_without_extras
 
 from quartmail import ConfigError, Mail, Message
 from quartmail.devinbox import DevInbox
@@ -251,6 +252,26 @@ async def test_off_means_no_inbox(value: object) -> None:
 def test_bad_inbox_settings_name_the_setting(setting: str, value: object) -> None:
     with pytest.raises(ConfigError, match=setting):
         make_app(**{setting: value})
+
+
+async def test_without_the_testing_extra_it_names_the_extra() -> None:
+    # A fresh interpreter in which aiosmtpd and the other extras cannot be imported.
+    script = """
+        from quart import Quart
+        from quartmail import Mail
+
+        off = Quart("off")
+        off.config.update(TESTING=True, MAIL_DEV_INBOX="false")
+        Mail(off)  # off: aiosmtpd is never imported
+        print("off: fine")
+        on = Quart("on")
+        on.config.update(TESTING=True, MAIL_DEV_INBOX=True)
+        Mail(on)
+        """
+    code, stdout, stderr = await run_without_extras(script)
+    assert code == 1 and "off: fine" in stdout
+    assert "The development inbox (MAIL_DEV_INBOX) needs aiosmtpd" in stderr
+    assert "pip install 'quartmail[testing]'" in stderr
 
 
 def test_a_bad_mail_setting_leaves_no_socket_open() -> None:
