@@ -143,6 +143,7 @@ async def test_the_apps_mail_is_caught_and_shown() -> None:
             {
                 "filename": "report 2026.pdf",
                 "content_type": "application/pdf",
+                "content_id": None,
                 "size": 13,
                 "url": "/dev/inbox/1/attachments/1",
             }
@@ -420,6 +421,41 @@ async def test_each_warning_of_a_raw_message(data: bytes, codes: list[str]) -> N
 
 
 # --- hostile mail ----------------------------------------------------------------------------
+
+
+async def test_inline_images_are_shown_from_the_message() -> None:
+    app, mail = make_app()
+    message = Message(
+        "Logo",
+        recipients=[TO],
+        body="Logo",
+        html=(
+            '<img src="cid:logo@example.com"><img src="CID:logo%40example.com">'
+            '<img src="cid:missing@example.com"><img src="cid:page@example.com">'
+        ),
+    )
+    message.attach(
+        "logo.png", "image/png", b"PNG bytes", "inline", {"Content-ID": "<logo@example.com>"}
+    )
+    # Not an image: its cid: URL is left alone (and loads nothing).
+    message.attach(
+        "page.html", "text/html", b"<script>", "inline", {"Content-ID": "<page@example.com>"}
+    )
+    async with app.test_app() as test_app:
+        await send(app, mail, message)
+        client = test_app.test_client()
+        body = await (await client.get("/dev/inbox/1/html")).get_data(as_text=True)
+        data = await json_of(client, 1)
+    image = "data:image/png;base64,UE5HIGJ5dGVz"
+    assert body == (
+        f'<img src="{image}"><img src="{image}">'
+        '<img src="cid:missing@example.com"><img src="cid:page@example.com">\n'
+    )
+    assert [a["content_id"] for a in data["attachments"]] == [
+        "logo@example.com",
+        "page@example.com",
+    ]
+    assert "cid:logo@example.com" in data["html"]  # the JSON keeps the HTML as sent
 
 
 async def test_hostile_mail_stays_text() -> None:

@@ -1,7 +1,7 @@
 """The development inbox of a plain Quart app (tests/devinbox_app.py) in a real headless
 Chromium, driven by Playwright, the app served by the real Hypercorn: send a mail, open it in
-the inbox, and see its HTML rendered in the sandboxed frame, with its script not run and its
-image and style sheet never requested.
+the inbox, and see its HTML rendered in the sandboxed frame, its inline image shown, its
+script not run and its remote image and style sheet never requested.
 
 Chromium is Debian's (/usr/bin/chromium), launched as in tests/test_browser.py; without it the
 test is skipped.
@@ -53,6 +53,10 @@ async def test_a_sent_mail_renders_in_the_sandboxed_frame(tmp_path: Path) -> Non
             # Rendered, styled inline, and its script never ran.
             await expect(frame.locator("#greeting")).to_have_text("Hello from the inbox")
             await expect(frame.locator("#styled")).to_have_css("color", "rgb(0, 128, 0)")
+            # The inline image (cid:) is shown, decoded: 7 x 5 pixels.
+            logo = frame.locator("#logo")
+            await expect(logo).to_have_js_property("complete", True)
+            assert await logo.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [7, 5]
             await expect(page.locator("iframe[title='HTML part']")).to_have_attribute("sandbox", "")
             await expect(page.locator("pre")).to_have_text("Hi")
         finally:

@@ -7,19 +7,26 @@ with replacement characters, and every value ends up as text that the pages esca
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
+from urllib.parse import unquote
 
 from .checks import InboxWarning, check
 
 __all__ = ["CaughtAttachment", "CaughtMail", "parse_mail", "unparsed_mail"]
 
 log = logging.getLogger("quartmail.devinbox")
+
+# RFC 2392: "cid:" and the Content-ID, URL-encoded, without its angle brackets.
+_CID_URL = re.compile(r"cid:([^\s\"'<>()]+)", re.IGNORECASE)
+_IMAGE_TYPE = re.compile(r"image/[a-z0-9.+-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +36,7 @@ class CaughtAttachment:
     index: int  # its place among the message's attachments, from 1
     filename: str  # as the message named it (or made up); only ever shown escaped
     content_type: str
+    content_id: str | None  # without its angle brackets: what a cid: URL names (RFC 2392)
     data: bytes = field(repr=False)
 
     @property
@@ -61,6 +69,25 @@ class CaughtMail:
     def subject(self) -> str:
         """The Subject header, decoded."""
         return self.header("Subject")
+
+    def html_with_inline_images(self) -> str | None:
+        """The HTML body with each ``cid:`` URL of an attached image replaced by a ``data:``
+        URL, since the framed body may load nothing else."""
+        if self.html is None:
+            return None
+        images = {
+            a.content_id: a
+            for a in self.attachments
+            if a.content_id is not None and _IMAGE_TYPE.fullmatch(a.content_type)
+        }
+
+        def data_url(match: re.Match[str]) -> str:
+            image = images.get(unquote(match.group(1)))
+            if image is None:
+                return match.group(0)
+            return f"data:{image.content_type};base64,{base64.b64encode(image.data).decode()}"
+
+        return _CID_URL.sub(data_url, self.html) if images else self.html
 
 
 def parse_mail(
@@ -150,8 +177,9 @@ def _attachment(index: int, part: EmailMessage) -> CaughtAttachment:
     content_type = part.get_content_type()
     try:
         filename = part.get_filename()
-    except Exception:
-        filename = None
+        content_id = str(part.get("Content-ID", "")).strip().strip("<>") or None
+    except Exception:  # hostile input: the email package has raised on odd headers
+        filename = content_id = None
     data: bytes
     if content_type == "message/rfc822":
         inner = part.get_payload(0)
@@ -165,5 +193,6 @@ def _attachment(index: int, part: EmailMessage) -> CaughtAttachment:
         index=index,
         filename=str(filename) if filename else default_name,
         content_type=content_type,
+        content_id=content_id,
         data=data,
     )

@@ -97,11 +97,11 @@ async def show_json(number: int) -> ResponseReturnValue:
 
 async def html_body(number: int) -> ResponseReturnValue:
     """The HTML body alone, for the sandboxed iframe."""
-    caught = _caught(number)
-    if caught.html is None:
+    html = _caught(number).html_with_inline_images()
+    if html is None:
         abort(404)
     return Response(
-        caught.html,
+        html,
         content_type="text/html; charset=utf-8",
         headers={**_COMMON_HEADERS, "Content-Security-Policy": _BODY_CSP},
     )
@@ -189,6 +189,7 @@ def _as_json(caught: CaughtMail) -> dict[str, Any]:
             {
                 "filename": a.filename,
                 "content_type": a.content_type,
+                "content_id": a.content_id,
                 "size": a.size,
                 "url": _attachment_url(caught, a.index),
             }
