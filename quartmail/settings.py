@@ -163,8 +163,13 @@ class DevInboxSettings:
         reader = _Reader(config)
         value = config.get("MAIL_DEV_INBOX")
         forced = isinstance(value, str) and value.strip().lower() == "force"
-        if not forced and not reader.flag("MAIL_DEV_INBOX", False):
-            return None
+        try:
+            if not forced and not reader.flag("MAIL_DEV_INBOX", False):
+                return None
+        except ConfigError:
+            raise ConfigError(
+                f'MAIL_DEV_INBOX must be true, false or "force", got {value!r}'
+            ) from None
         if not (forced or debug or testing):
             # An inbox anyone can read that swallows every mail: never by accident.
             raise ConfigError(
