@@ -56,6 +56,9 @@ async def page(client: Client, path: str) -> str:
     response = await client.get(path)
     assert response.status_code == 200, (path, response.status_code)
     assert response.content_type == "text/html; charset=utf-8"
+    # The inbox's own pages run no script and load nothing but the framed HTML.
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "frame-src 'self'" in policy, policy
     return await response.get_data(as_text=True)
 
 
@@ -153,8 +156,12 @@ async def test_the_apps_mail_is_caught_and_shown() -> None:
         assert [name for name, _ in data["headers"]].count("Date") == 1
         assert data["source_url"] == "/dev/inbox/1/source"
 
-        everything = await (await client.get("/dev/inbox/messages.json")).get_json()
-        assert [m["number"] for m in everything["messages"]] == [1]
+        listing_json = await client.get("/dev/inbox/messages.json")
+        assert [m["number"] for m in (await listing_json.get_json())["messages"]] == [1]
+        for response in (listing_json, download, source, body):
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert response.headers["Cache-Control"] == "no-store"
+        assert "default-src 'none'" in listing_json.headers["Content-Security-Policy"]
 
         for missing in ("/dev/inbox/2", "/dev/inbox/2.json", "/dev/inbox/1/attachments/2"):
             assert (await client.get(missing)).status_code == 404, missing

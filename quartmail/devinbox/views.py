@@ -71,7 +71,17 @@ def make_blueprint(path: str) -> Blueprint:
     inbox.get("/<int:number>/html")(_hidden(html_body))
     inbox.get("/<int:number>/source")(_hidden(source))
     inbox.get("/<int:number>/attachments/<int:index>")(_hidden(attachment))
+    inbox.after_request(_secure)
     return inbox
+
+
+async def _secure(response: Response) -> Response:
+    # Every response of the inbox, JSON and errors included; a page's policy unless the
+    # view set a stricter one.
+    for name, value in _COMMON_HEADERS.items():
+        response.headers.setdefault(name, value)
+    response.headers.setdefault("Content-Security-Policy", _PAGE_CSP)
+    return response
 
 
 async def index() -> ResponseReturnValue:
@@ -103,7 +113,7 @@ async def html_body(number: int) -> ResponseReturnValue:
     return Response(
         html,
         content_type="text/html; charset=utf-8",
-        headers={**_COMMON_HEADERS, "Content-Security-Policy": _BODY_CSP},
+        headers={"Content-Security-Policy": _BODY_CSP},
     )
 
 
@@ -112,7 +122,7 @@ async def source(number: int) -> ResponseReturnValue:
     return Response(
         _caught(number).data,
         content_type="text/plain; charset=utf-8",
-        headers={**_COMMON_HEADERS, "Content-Security-Policy": _DOWNLOAD_CSP},
+        headers={"Content-Security-Policy": _DOWNLOAD_CSP},
     )
 
 
@@ -125,7 +135,6 @@ async def attachment(number: int, index: int) -> ResponseReturnValue:
         found.data,
         content_type="application/octet-stream",
         headers={
-            **_COMMON_HEADERS,
             "Content-Security-Policy": _DOWNLOAD_CSP,
             "Content-Disposition": content_disposition(found.filename),
         },
@@ -204,8 +213,4 @@ async def _page(template: str, **context: Any) -> Response:
     body = await _templates.get_template(template).render_async(
         url_for=url_for, urls=_urls, attachment_url=_attachment_url, **context
     )
-    return Response(
-        body,
-        content_type="text/html; charset=utf-8",
-        headers={**_COMMON_HEADERS, "Content-Security-Policy": _PAGE_CSP},
-    )
+    return Response(body, content_type="text/html; charset=utf-8")
