@@ -22,7 +22,7 @@ from .cli import cli
 from .compat import FlaskMailSettings
 from .delivery import Delivery
 from .message import Envelope, Message
-from .settings import MailSettings
+from .settings import DevInboxSettings, MailSettings
 from .signals import email_dispatched, notify
 from .smtp import SendResult, SMTPSession, SMTPSettings
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     # Only the outbox needs SQLAlchemy: quartmail imports it when it is used.
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .devinbox import DevInbox
     from .outbox import Outbox
 
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
@@ -162,14 +163,25 @@ class Mail:
         kept in ``app.extensions["mail"]``.
 
         Raises :class:`~quartmail.errors.ConfigError` naming the setting
-        when one is wrong.
+        when one is wrong. With ``MAIL_DEV_INBOX`` on, the app's mail goes to
+        its development inbox instead (:mod:`quartmail.devinbox`).
         """
-        settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+        inbox = _dev_inbox(app)  # first: it points MAIL_SERVER and MAIL_PORT at itself
+        try:
+            settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+        except BaseException:
+            if inbox is not None:
+                inbox.close()
+            raise
         state = app.extensions["mail"] = MailState(app, settings)
         # Quart runs these in `async with app.test_app()` and under Hypercorn.
         # Quart drains its own background tasks before after_serving.
+        if inbox is not None:
+            app.before_serving(inbox.start)
         app.before_serving(state.startup)
         app.after_serving(state.shutdown)
+        if inbox is not None:
+            app.after_serving(inbox.stop)  # after the drain, which still sends to it
         app.cli.add_command(cli)  # quart --app ... mail doctor
         return state
 
@@ -286,6 +298,16 @@ class Mail:
         """
         with self.state.record_messages() as outbox:
             yield outbox
+
+
+def _dev_inbox(app: Quart) -> DevInbox | None:
+    """The app's development inbox when ``MAIL_DEV_INBOX`` is on (see :mod:`quartmail.devinbox`)."""
+    settings = DevInboxSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+    if settings is None:
+        return None
+    from .devinbox import DevInbox  # aiosmtpd (the testing extra) only when it is on
+
+    return DevInbox(app, settings)
 
 
 class Connection:

@@ -21,7 +21,7 @@ from .addresses import AddressLike, parse_address
 from .errors import ConfigError, MailError
 from .smtp import SMTPSettings, make_tls_context
 
-__all__ = ["MailSettings"]
+__all__ = ["DevInboxSettings", "MailSettings"]
 
 log = logging.getLogger("quartmail")
 
@@ -150,6 +150,50 @@ class MailSettings:
                 debug=debug_smtp,
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DevInboxSettings:
+    """``MAIL_DEV_INBOX`` and its companions (:mod:`quartmail.devinbox`)."""
+
+    path: str  # MAIL_DEV_INBOX_PATH: where the app serves the inbox
+    size: int  # MAIL_DEV_INBOX_SIZE: how many messages it keeps
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], *, testing: bool, debug: bool
+    ) -> DevInboxSettings | None:
+        """The inbox's settings, or None when ``MAIL_DEV_INBOX`` is off.
+
+        ``MAIL_DEV_INBOX = True`` needs debug or testing (a ConfigError otherwise),
+        ``"force"`` runs it anyway.
+        """
+        reader = _Reader(config)
+        value = config.get("MAIL_DEV_INBOX")
+        forced = isinstance(value, str) and value.strip().lower() == "force"
+        try:
+            if not forced and not reader.flag("MAIL_DEV_INBOX", False):
+                return None
+        except ConfigError:
+            raise ConfigError(
+                f'MAIL_DEV_INBOX must be true, false or "force", got {value!r}'
+            ) from None
+        if not (forced or debug or testing):
+            # An inbox anyone can read that swallows every mail: never by accident.
+            raise ConfigError(
+                "MAIL_DEV_INBOX is on, but the app is neither in debug nor in testing mode: "
+                "it would catch every mail and show it to anyone; turn it off in production, "
+                'or set MAIL_DEV_INBOX = "force"'
+            )
+        path = reader.text("MAIL_DEV_INBOX_PATH") or "/dev/inbox"
+        prefix = path.rstrip("/")  # the blueprint's url_prefix
+        # "<" would start a URL converter; the others are not plain path characters.
+        if not prefix.startswith("/") or any(c in prefix for c in "<>?#% \t\r\n\\"):
+            raise ConfigError(
+                f"MAIL_DEV_INBOX_PATH must be a path such as /dev/inbox, got {path!r}"
+            )
+        size = reader.number("MAIL_DEV_INBOX_SIZE", 50, low=1, high=10_000)
+        return cls(path=prefix, size=size)
 
 
 def _is_loopback(host: str) -> bool:
