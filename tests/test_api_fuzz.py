@@ -5,7 +5,8 @@ valid ones (positive mode) and ones that break the schema (negative mode: wrong 
 missing fields, odd path parameters). Hypothesis runs them in a thread of its own, with a
 fixed seed and a bounded number of examples, so a run is repeatable; each request goes
 to the app, running its real lifespan in the test's loop, through the test client, with
-a real SQLite file and a real SMTP test server behind it, the outbox off and on.
+a real SQLite file or PostgreSQL and a real SMTP test server behind it, the outbox off
+and on.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from quart import Response
 from quart.testing import QuartClient
 from schemathesis import Case
 from schemathesis.generation import GenerationMode
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
+from quartmail.app.models import Base as AppBase
+from quartmail.outbox import OutboxBase
 from quartmail.testing import SMTPTestServer
+
+from conftest import postgres_url
 
 ADMIN = "admin@example.com"
 SEED = 20261129
@@ -62,13 +68,33 @@ async def send(client: QuartClient, case: Case[Any]) -> Response:
     return response
 
 
-@pytest.mark.parametrize("outbox", [False, True], ids=["in-memory", "outbox"])
+async def database_url(backend: str, tmp_path: Path) -> str:
+    """An empty database: an SQLite file, or the test PostgreSQL without the app's tables."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    url = await postgres_url()
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(OutboxBase.metadata.drop_all)
+            await connection.run_sync(AppBase.metadata.drop_all)
+    finally:
+        await engine.dispose()
+    return url
+
+
+# Both databases (their integer ranges differ) and both ways of sending the admin mail.
+@pytest.mark.parametrize(
+    ("backend", "outbox"),
+    [("sqlite", False), ("postgresql", True)],
+    ids=["sqlite-in-memory", "postgresql-outbox"],
+)
 async def test_no_request_from_the_openapi_document_gets_a_5xx(
-    outbox: bool, smtp_server: SMTPTestServer, tmp_path: Path
+    backend: str, outbox: bool, smtp_server: SMTPTestServer, tmp_path: Path
 ) -> None:
     app = create_app(
         "testing",
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/app.db",
+        DATABASE_URL=await database_url(backend, tmp_path),
         FLASKY_ADMIN=ADMIN,
         MAIL_OUTBOX=outbox,
         MAIL_OUTBOX_POLL=0.05,
