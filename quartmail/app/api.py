@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from quart import Blueprint, Request, request
 from quart_schema import RequestSchemaValidationError, tag, validate_request, validate_response
-from werkzeug.exceptions import BadRequest, HTTPException, NotFound
+from werkzeug.exceptions import BadRequest, HTTPException, NotFound, UnsupportedMediaType
 
 from .users import clean_name, get_user, sign_up
 
@@ -17,10 +17,39 @@ api = Blueprint("api", __name__, url_prefix="/api")
 
 
 class JSONErrorsRequest(Request):
-    """Quart's request, saying what is wrong with malformed JSON outside
-    debug mode too (Quart then answers a bare "Bad Request")."""
+    """Quart's request, answering every malformed JSON body with a 400 that says
+    what is wrong (Quart gives a bare "Bad Request" outside debug mode, and a
+    500 for a body that is not UTF-8 or is nested too deeply), and a charset
+    other than UTF-8 with a 415."""
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        if force or self.is_json:
+            # JSON between systems is UTF-8 (RFC 8259, 8.1); application/json
+            # defines no charset parameter (RFC 8259, 11), so only UTF-8's
+            # own name is tolerated.
+            charset = self.mimetype_params.get("charset", "utf-8").lower()
+            if charset not in ("utf-8", "utf8"):
+                if silent:
+                    return None
+                raise UnsupportedMediaType(
+                    f"JSON must be encoded in UTF-8, not {charset!r} (RFC 8259, 8.1)."
+                )
+        try:
+            return await super().get_json(force, silent, cache)
+        except (UnicodeDecodeError, RecursionError) as error:
+            # Raised outside Quart's own handling of malformed JSON: decoding
+            # the body as text, and the parser's recursion limit.
+            if silent:
+                return None
+            return self.on_json_loading_failed(error)
 
     def on_json_loading_failed(self, error: Exception) -> Any:
+        if isinstance(error, UnicodeDecodeError):
+            raise BadRequest(
+                f"The request body is not valid UTF-8: {error.reason} at byte {error.start}."
+            )
+        if isinstance(error, RecursionError):
+            raise BadRequest("The request body is JSON nested too deeply.")
         raise BadRequest(f"The request body is not valid JSON: {error}")
 
 

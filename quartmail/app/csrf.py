@@ -33,5 +33,9 @@ def check_csrf(form: Mapping[str, str]) -> None:
     """Raise :class:`CSRFError` (a 400) unless the form carries this session's token."""
     expected = session.get(_KEY)
     sent = form.get(_KEY, "")
-    if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
+    # compare_digest refuses non-ASCII text (a TypeError); our tokens are
+    # ASCII, so anything else is simply not this session's token.
+    if not (isinstance(expected, str) and sent.isascii() and expected.isascii()):
+        raise CSRFError()
+    if not hmac.compare_digest(sent, expected):
         raise CSRFError()

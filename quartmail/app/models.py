@@ -5,9 +5,12 @@ from __future__ import annotations
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["USERNAME_MAX", "Base", "User"]
+__all__ = ["USERNAME_MAX", "USER_ID_MAX", "Base", "User"]
 
 USERNAME_MAX = 64
+# User.id is an INTEGER: 32 bits on PostgreSQL, 64 on SQLite. A larger id can
+# name no user, and the drivers refuse to send one (an error, not "no row").
+USER_ID_MAX = 2**31 - 1
 
 
 class Base(DeclarativeBase):

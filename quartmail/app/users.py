@@ -13,7 +13,7 @@ from quartmail import Message
 from .db import Database
 from .email import render_email
 from .extensions import mail
-from .models import USERNAME_MAX, User
+from .models import USER_ID_MAX, USERNAME_MAX, User
 
 __all__ = ["clean_name", "get_user", "sign_up"]
 
@@ -25,8 +25,19 @@ def clean_name(value: str) -> str:
         raise ValueError("Please enter your name.")
     if len(name) > USERNAME_MAX:
         raise ValueError(f"Names are at most {USERNAME_MAX} characters long.")
-    if any(unicodedata.category(char) == "Cc" for char in name):
+    categories = {unicodedata.category(char) for char in name}
+    if "Cc" in categories:
         raise ValueError("Names cannot contain control characters.")
+    if "Cs" in categories:
+        # A lone surrogate (JSON's "\ud800") is no character: no database,
+        # template or mail can encode it as UTF-8.
+        raise ValueError("Names cannot contain unpaired surrogates (invalid Unicode).")
+    if "\ufffd" in name:
+        # What a form field that was not UTF-8 decodes to: the name typed is
+        # lost, and storing the damaged one would hide that.
+        raise ValueError(
+            "The name was not sent as UTF-8 (it holds U+FFFD, the replacement character)."
+        )
     return name
 
 
@@ -68,5 +79,8 @@ async def sign_up(name: str) -> tuple[User, bool]:
 
 
 async def get_user(user_id: int) -> User | None:
+    """The user with id *user_id*, or ``None``."""
+    if not 0 < user_id <= USER_ID_MAX:
+        return None
     async with Database.session() as session:
         return await session.get(User, user_id)
