@@ -1,48 +1,27 @@
-"""The shared harness of the benchmarks in ``bench/``: a script keeps only what it measures.
+"""The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
 
-A benchmark script is ``bench/<name>.py``, run as ``python bench/<name>.py`` from the project
-root (so ``bench/`` is on ``sys.path`` and ``import harness`` works). It uses:
+Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is then on
+``sys.path``: ``import harness``). What they use (bench/README.md shows a whole script):
 
-Arguments
-    :class:`Arguments`, an ``ArgumentParser`` that adds the sizes the script declares (each with
-    a default and a ``--quick`` value: ``{"n": (2000, 200, "messages per round")}`` gives
-    ``-n``), ``--quick``, ``--only`` (the sections or variants to run), ``--profile`` and
-    ``--top`` when the script has variants to profile, and ``--child`` (hidden). The script
-    adds its own flags before :meth:`Arguments.parse`.
-Warm-up, rounds and medians
-    A :class:`Variant` is a label, a coroutine function ``run(count) -> seconds`` and how
-    many messages a round and the warm-up send. :func:`take_turns` warms each variant up, then
-    lets them take turns for the rounds, so that a slow phase of a shared machine hits all of
-    them alike. :func:`print_table` prints the best and median rate of each and its ratio to a
-    baseline measured in the same run; :func:`target` prints a target as MET or NOT MET and
-    :func:`finish` repeats them all at the end and gives the exit status.
-Profiling
-    :func:`profile` runs one variant under cProfile after a warm-up; :func:`print_profile`
-    prints the top functions of a profile, or of a file a child process dumped.
-Child processes
-    :func:`children` starts processes that run this same script with ``--child OPTIONS``
-    (JSON); :func:`main` sends such a process to ``children[OPTIONS["kind"]]``, a coroutine
-    function ``(options, commands)``. The child answers with one JSON line on stdout per
-    :meth:`Commands.reply` (its first is "ready"); the parent sends lines with
-    :meth:`Child.send` and reads answers with :meth:`Child.reply`. A child stops when its stdin
-    closes: the parent closes it on leaving the block (then terminates, then kills a child
-    that lingers), and the kernel closes it if the parent dies in any way. Children ignore
-    Ctrl-C, which interrupts the parent only; their stderr is the terminal's.
-The SMTP server
-    :func:`smtp_server` runs :class:`quartmail.testing.SMTPTestServer` (aiosmtpd) in a child
-    process, so that the client measured and the server share no event loop or CPU core:
-    ``async with smtp_server(tls="starttls", auth=(...), data_delay=0.05) as server:`` gives its
-    ``mail_config()`` for an app, ``raw_client()`` (plain aiosmtplib, the usual baseline),
-    ``await stats()`` (messages received, DATA commands, sessions; it forgets the messages
-    themselves, so its memory stays flat) and ``await set_data_delay(seconds)``.
-The app under Hypercorn
-    :func:`serve_app` serves an app spec as the tests do: ``python -m hypercorn -c
-    hypercorn.toml --bind 127.0.0.1:0`` from the project root, the port read from Hypercorn's
-    "Running on" line (the kernel picks it: no race for a free port).
-
-A new script: declare ``Arguments``, build ``Variant`` objects around what it measures, call
-``take_turns``, ``print_table``, ``target``; end with ``finish(ok)``; and at the bottom
-``if __name__ == "__main__": harness.main(benchmark)``. See bench/README.md.
+- :class:`Arguments`: ``-n`` and the script's other sizes, each with a default and a
+  ``--quick`` value; ``--only`` (sections or variants), ``--profile`` and ``--top``.
+- :class:`Variant` (a label, ``run(count) -> seconds``, count per round, warm-up count),
+  :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a shared machine
+  hits all alike), :func:`print_table` (best and median rates, ratio to a baseline measured
+  in the same run), :func:`target`, :func:`check_received` and :func:`finish` (targets
+  repeated; exit status 0 whatever the figures, 1 if a message went missing).
+- :func:`profile`, :func:`print_profile`: cProfile's top functions.
+- :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON);
+  :func:`main` hands them to ``children[OPTIONS["kind"]](options, commands)``. A child answers
+  with JSON lines on stdout (:meth:`Commands.reply`; its first says it is ready) to the lines
+  the parent sends (:meth:`Child.send`, :meth:`Child.reply`, :meth:`Child.ask`). It stops
+  when its stdin closes: on leaving the block (then it is terminated, then killed, if it
+  lingers) or when the parent dies in any way. Children ignore Ctrl-C; stderr is shared.
+- :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client
+  and server share no event loop); ``mail_config()``, ``raw_client()`` (the usual baseline),
+  ``await stats()`` (it counts messages and forgets them: flat memory), ``set_data_delay()``.
+- :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind
+  127.0.0.1:0``, as the tests serve it; the port read from Hypercorn's "Running on" line.
 """
 
 from __future__ import annotations
@@ -364,10 +343,6 @@ class SMTPServer:
     child: Child
     config: dict[str, Any]
 
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
     def mail_config(self) -> dict[str, Any]:
         """The ``MAIL_*`` settings that point an app at this server."""
         return dict(self.config)
@@ -522,10 +497,5 @@ async def serve_app(
         await process.wait()
 
 
-async def _no_benchmark() -> int:
-    print("harness.py is the benchmarks' library: run bench/send.py or another", file=sys.stderr)
-    return 2
-
-
 if __name__ == "__main__":  # how the SMTP server's child process starts
-    main(_no_benchmark)
+    main(lambda: asyncio.sleep(0, 2))  # (and nothing else: 2, a usage error)

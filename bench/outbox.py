@@ -1,36 +1,26 @@
 """The durable outbox on PostgreSQL: delivery rate per dispatcher process, and enqueue cost.
 
-Sections (``--only``):
+``fast`` and ``slow`` (``--only``): the SMTP server answers at once, or takes 50 ms per DATA.
+Each run delivers ``-n`` (``--slow-n``) mails, the message of ``send.py``, with
+``MAIL_POOL_SIZE`` ``--pool-size`` in every process. The baseline, ``in-memory``:
+``mail.send_background`` of every message in ONE child process, from the app's start-up to
+the last result (the messages built beforehand). ``outbox xK`` (K = 1, 2, 4): the table is
+emptied and the messages enqueued (``mail.outbox.enqueue(session, message)``, 500 a
+transaction, not timed); then K dispatcher processes (``mail.init_outbox(app, engine)``)
+start at once, and the clock runs to the greatest ``sent_at`` (the table is polled every
+50 ms). Children are spawned and warmed before the clock starts. For the best round: the
+first mail's delay and the CPU time per mail (``/proc``) of the clients, the SMTP server,
+PostgreSQL (this database's backends and the shared processes), this script, anything else
+(other users, the kernel: a large figure means a disturbed run) and the whole machine.
+Targets: 50 ms server, 4 dispatchers >= 3x one; fast server, one >= 0.5x in-memory.
 
-``fast`` and ``slow`` (delivery; the SMTP server answers at once, or takes 50 ms per DATA)
-    Each run delivers ``-n`` mails (``--slow-n`` with the slow server), the message of
-    ``send.py``, every process with ``MAIL_POOL_SIZE`` ``--pool-size``. Variants:
+``signup``: ``--signups`` sign-ups one after another, each a transaction inserting a row of
+the reference app's ``users`` table (flushed) and committing, with and without ``await
+mail.outbox.enqueue(session, message)``: µs per sign-up and the ratio.
 
-    ``in-memory``, the baseline: ``mail.send_background`` of every message in ONE child
-    process, timed from the app's start-up to the last future resolved (the messages are
-    built before the clock starts; checking and flattening them is timed).
-    ``outbox xK`` (K = 1, 2, 4): the table is emptied, the benchmark enqueues the messages
-    with ``mail.outbox.enqueue(session, message)`` in transactions of 500 (not timed), then K
-    dispatcher processes (a Quart app each, ``mail.init_outbox(app, engine)``) start their
-    lifespan at once; the clock runs to the greatest ``sent_at`` (the benchmark polls the
-    table every 50 ms until no row is queued or sending, then shuts the dispatchers down).
-
-    Children are spawned and warmed (imports, the database connection) before the clock
-    starts; SMTP sessions and the outbox's LISTEN connection open in the timed part, as at
-    an app's start-up. For the best round it prints how long the first mail took and the CPU
-    time per mail (from ``/proc``) of the clients, the SMTP server, PostgreSQL (this
-    database's backends and the shared processes), this script (polling), anything else
-    (other users, the kernel: a large figure means a disturbed run) and the whole machine.
-    Targets: with the 50 ms server, 4 dispatchers >= 3x one; with the fast server, one
-    dispatcher >= 0.5x in-memory (its cost per mail within 2x).
-``signup`` (enqueue cost)
-    ``--signups`` sign-ups one after another, each a transaction that inserts a row into the
-    reference app's ``users`` table, flushes it and commits, with and without ``await
-    mail.outbox.enqueue(session, message)`` before the commit: µs per sign-up and the ratio.
-
-Each section drops and creates its tables; every run checks that each row is ``sent`` and
-that the server received as many messages. The database is ``--database-url`` (default
-``quartmail_bench`` on the local server, created if missing; never the tests' database).
+Each section recreates its tables; every run checks that each row is ``sent`` and that the
+server received as many mails. The database is ``--database-url`` (``quartmail_bench`` on
+the local server by default, created if missing; never the tests' database).
 """
 
 from __future__ import annotations
@@ -39,7 +29,6 @@ import argparse
 import asyncio
 import cProfile
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -116,14 +105,14 @@ class CPU:
 
     def __init__(self, server: harness.SMTPServer, database: str) -> None:
         self.server, self.database = server, database
-        self.start = (process_cpu(server.pid), time.process_time(), machine_cpu())
+        self.start = (process_cpu(server.child.pid), time.process_time(), machine_cpu())
         self.postgres = postgres_cpu(database)
 
     def since(self) -> dict[str, float]:
         # A backend started since counts from zero: read both while the clients are connected.
         after = postgres_cpu(self.database)
         postgres = sum(seconds - self.postgres.get(pid, 0.0) for pid, seconds in after.items())
-        now = (process_cpu(self.server.pid), time.process_time(), machine_cpu())
+        now = (process_cpu(self.server.child.pid), time.process_time(), machine_cpu())
         server, bench, machine = (b - a for a, b in zip(self.start, now, strict=True))
         return {"server": server, "postgres": postgres, "bench": bench, "machine": machine}
 
@@ -132,8 +121,8 @@ class CPU:
 
 
 async def child(options: dict[str, Any], commands: harness.Commands) -> None:
-    """``kind`` "outbox" (a dispatcher) or "background" (the in-memory baseline): ready; on
-    ``go`` start the app (for "background", send every message and answer the wall times of
+    """``kind`` "outbox" (a dispatcher) or "memory" (the in-memory baseline): ready; on
+    ``go`` start the app (for "memory", send every message and answer the wall times of
     the first and last result); on ``stop`` shut it down, answer its CPU seconds; exit on EOF."""
     app = Quart(f"bench-{options['kind']}")
     app.config.update(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
@@ -160,7 +149,8 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
             futures[0].add_done_callback(lambda _: first.append(time.time()))
             results = await asyncio.gather(*futures, return_exceptions=True)
             errors = [repr(r) for r in results if isinstance(r, BaseException)]
-            commands.reply({"first": first[0], "end": time.time(), "errors": errors[:1]})
+            end, error = time.time(), errors[0] if errors else None
+            commands.reply({"first": first[0], "end": end, "errors": len(errors), "error": error})
         await commands.next()  # "stop", or None when the parent went away
     finally:
         await app.shutdown()
@@ -182,16 +172,11 @@ class Delivery:
         self.database = str(make_url(args.database_url).database)
         self.app = Quart("bench-enqueue")  # only to enqueue: its dispatcher never starts
         self.app.config.update(server.mail_config())
-        self.mail = Mail(self.app)
-        self.outbox = self.mail.init_outbox(self.app, engine)
+        self.outbox = Mail(self.app).init_outbox(self.app, engine)
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.sent, self.ok = 0, True
-        self.runs: dict[str, list[Run]] = {}
+        self.runs: list[list[Run]] = []  # per variant
         self.profile: str | None = None  # a file for the next single dispatcher's cProfile
-
-    def options(self, kind: str, n: int = 0) -> dict[str, Any]:
-        config, size, url = self.server.mail_config(), self.args.pool_size, self.args.database_url
-        return {"kind": kind, "mail_config": config, "pool_size": size, "database_url": url, "n": n}
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
@@ -210,77 +195,69 @@ class Delivery:
         if (counts := await self.counts()) != {"queued": n}:
             raise RuntimeError(f"after enqueueing {n} messages the outbox holds {counts}")
 
-    async def wait_until_done(self, started: list[harness.Child]) -> dict[str, int]:
+    async def delivered(self, n: int, started: list[harness.Child]) -> tuple[float, float]:
         """Poll until no row is queued or sending (or no change for STALL_TIMEOUT, or a
-        dispatcher died); the counts by state."""
+        dispatcher died); the timestamps of the first and last mail sent."""
         last: dict[str, int] = {}
         changed = time.monotonic()
         while (counts := await self.counts()).get("queued") or counts.get("sending"):
             if counts != last:
                 last, changed = counts, time.monotonic()
-            elif time.monotonic() - changed > STALL_TIMEOUT:
-                break
-            if any(c.process.returncode is not None for c in started):
+            if time.monotonic() - changed > STALL_TIMEOUT or any(
+                each.process.returncode is not None for each in started
+            ):
                 break
             await asyncio.sleep(0.05)
-        return counts
+        self.sent += counts.get("sent", 0)
+        async with self.engine.connect() as connection:
+            query = select(func.min(OutboxMessage.sent_at), func.max(OutboxMessage.sent_at))
+            first, end = (await connection.execute(query)).one()
+        if counts != {"sent": n} or first is None or end is None:
+            print(f"  ERROR: {len(started)} dispatcher(s): {counts}, not {n} sent")
+            self.ok = False
+            return float("inf"), float("inf")
+        return first.timestamp(), end.timestamp()
 
-    async def run_outbox(self, processes: int, n: int) -> Run:
-        await self.enqueue(n)
-        options = [self.options("outbox") for _ in range(processes)]
-        if self.profile is not None and processes == 1:
-            options[0]["profile"] = self.profile
-        async with harness.children(__file__, options) as started:
+    async def run(self, dispatchers: int, n: int) -> Run:
+        """*n* mails through that many dispatcher processes, or (0) the in-memory baseline."""
+        config, size, url = self.server.mail_config(), self.args.pool_size, self.args.database_url
+        options = {"mail_config": config, "pool_size": size, "database_url": url}
+        children = [{"kind": "outbox", "n": 0, **options} for _ in range(dispatchers)]
+        if dispatchers:
+            await self.enqueue(n)
+            children[0]["profile"] = self.profile if dispatchers == 1 else None
+        async with harness.children(
+            __file__, children or [{"kind": "memory", "n": n, **options}]
+        ) as started:
             cpu, start = CPU(self.server, self.database), time.time()
             for each in started:
                 await each.send("go")
-            counts = await self.wait_until_done(started)
+            if dispatchers:
+                first, end = await self.delivered(n, started)
+            else:
+                done = await started[0].reply()
+                first, end = done["first"], done["end"]
+                self.sent += n - done["errors"]
+                if done["errors"]:
+                    print(f"  ERROR: {done['errors']} not sent, e.g. {done['error']}")
+                    self.ok = False
             used = cpu.since()
-            async with self.engine.connect() as connection:
-                query = select(func.min(OutboxMessage.sent_at), func.max(OutboxMessage.sent_at))
-                first, last = (await connection.execute(query)).one()
             used["clients"] = sum([(await each.ask("stop"))["cpu"] for each in started])
-        self.sent += counts.get("sent", 0)
-        if counts != {"sent": n} or first is None or last is None:
-            print(f"  ERROR: {processes} dispatcher(s): {counts}, not {n} sent", file=sys.stderr)
-            self.ok = False
-            return Run(float("inf"), float("inf"), n, used)
-        return Run(last.timestamp() - start, first.timestamp() - start, n, used)
+        return Run(end - start, first - start, n, used)
 
-    async def run_background(self, n: int) -> Run:
-        async with harness.children(__file__, [self.options("background", n)]) as (each,):
-            cpu, start = CPU(self.server, self.database), time.time()
-            done = await each.ask("go")
-            used = cpu.since()
-            used["clients"] = (await each.ask("stop"))["cpu"]
-        if done["errors"]:
-            print(f"  ERROR: {done['errors']}", file=sys.stderr)
-            self.ok = False
-        self.sent += n
-        return Run(done["end"] - start, done["first"] - start, n, used)
-
-    def variant(self, key: str, label: str, n: int, warmup: int) -> harness.Variant:
-        runs = self.runs[key] = []
+    def variant(self, dispatchers: int, label: str, n: int, warmup: int) -> harness.Variant:
+        self.runs.append(runs := [])
 
         async def run(count: int) -> float:
-            if key == "in-memory":
-                runs.append(await self.run_background(count))
-            else:
-                runs.append(await self.run_outbox(int(key.removeprefix("outbox")), count))
-            if self.args.verbose:
-                print(
-                    f"  {label}: {count / runs[-1].elapsed:.1f} msg/s, first mail after "
-                    f"{runs[-1].first * 1000:.0f} ms"
-                )
+            runs.append(await self.run(dispatchers, count))
             return runs[-1].elapsed
 
         return harness.Variant(label, run, n, warmup)
 
     async def check(self) -> bool:
         stats = await self.server.stats()
-        return (
-            harness.check_received(stats["received"], self.sent, stats["connections"]) and self.ok
-        )
+        received = harness.check_received(stats["received"], self.sent, stats["connections"])
+        return received and self.ok
 
 
 async def delivery(name: str, engine: AsyncEngine, args: argparse.Namespace) -> bool:
@@ -294,19 +271,17 @@ async def delivery(name: str, engine: AsyncEngine, args: argparse.Namespace) -> 
         if args.profile:
             return await profile(bench, n)
         size, warmup = args.pool_size, args.warmup
-        variants = [
-            bench.variant("in-memory", f"in-memory send_background, 1 process x{size}", n, warmup)
-        ]
+        variants = [bench.variant(0, f"in-memory send_background, 1 process x{size}", n, warmup)]
         for k in (1, 2, 4):
             label = f"outbox, {k} dispatcher{'s' if k > 1 else ' '} x{size}"
-            variants.append(bench.variant(f"outbox{k}", label, n, warmup if k == 1 else 0))
+            variants.append(bench.variant(k, label, n, warmup if k == 1 else 0))
         await harness.take_turns(variants, args.rounds)
         harness.print_table(variants, variants[0], "in-memory")
         print(
             "  best round: first mail (ms); CPU per mail (µs): clients / SMTP server / "
             "PostgreSQL / this script / anything else / whole machine"
         )
-        for variant, runs in zip(variants, bench.runs.values(), strict=True):
+        for variant, runs in zip(variants, bench.runs, strict=True):
             best = runs[-args.rounds :][variant.best_round]
             ours = [best.cpu[key] for key in ("clients", "server", "postgres", "bench")]
             shares = [*ours, best.cpu["machine"] - sum(ours), best.cpu["machine"]]
@@ -324,10 +299,10 @@ async def delivery(name: str, engine: AsyncEngine, args: argparse.Namespace) -> 
 async def profile(bench: Delivery, n: int) -> bool:
     """One dispatcher delivering *n* mails under cProfile, from its start-up to its shutdown.
     SQLAlchemy's async layer runs on greenlets, which blur cumulative times: read tottime."""
-    await bench.run_outbox(1, min(n, 100))  # warm-up
+    await bench.run(1, min(n, 100))  # warm-up
     with tempfile.TemporaryDirectory(prefix="quartmail-outbox-") as directory:
         bench.profile = os.path.join(directory, "dispatcher.prof")
-        run = await bench.run_outbox(1, n)
+        run = await bench.run(1, n)
         print(f"== 1 dispatcher, {n} mails: {n / run.elapsed:.0f} msg/s under cProfile")
         harness.print_profile(bench.profile, bench.args.top)
     return await bench.check()
@@ -433,7 +408,6 @@ async def benchmark() -> int:
         profile=("dispatcher",),
     )
     parser.add_argument("--database-url", default=DEFAULT_URL, help="default %(default)s")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print every run")
     args = parser.parse()
     if make_url(args.database_url).database == "quartmail_test":
         parser.error("quartmail_test is the tests' database; use one of your own")
@@ -452,4 +426,4 @@ async def benchmark() -> int:
 
 
 if __name__ == "__main__":
-    harness.main(benchmark, {"outbox": child, "background": child})
+    harness.main(benchmark, {"outbox": child, "memory": child})
