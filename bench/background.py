@@ -1,24 +1,18 @@
 """Background delivery (``mail.send_background``): throughput and memory, over real SMTP.
 
-The baseline, measured in the same run, is raw aiosmtplib on ONE connection, building an
-``EmailMessage`` per mail (the message of ``send.py``). quartmail builds a fresh ``Message``
-per mail and runs as an app does: ``Mail(app)``, the app's lifespan (``app.test_app()``: the
-pool starts, and drains at the end) and an app context. Sections (``--only``):
+The baseline is raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail (``send.py``'s).
+quartmail builds a ``Message`` per mail and runs as an app does: ``Mail(app)``, the lifespan
+(``app.test_app()``: the pool starts, and drains at the end), an app context. Sections:
 
-``plain``, ``starttls``, ``implicit`` (the server answers at once; TLS sections require AUTH)
-    ``-n`` messages per round: raw aiosmtplib; ``send_background`` with ``MAIL_POOL_SIZE=8``,
-    timed from the first submit to the last future resolved (the pool's sessions already
-    open, as in a running app); for context, raw aiosmtplib on 8 concurrent connections.
-    Target: ``send_background`` >= 2x raw.
-``slow`` (50 ms per DATA; sessions overlap)
-    ``send_background`` with a pool of 32 on ``--slow-n`` messages, raw aiosmtplib on
-    ``--slow-raw-n``; for context the Flask chapter's recipe: a ``threading.Thread`` per
-    mail, each a blocking ``smtplib`` session. Target: ``send_background`` >= 17x raw.
-``memory`` (Linux)
-    ``--memory-n`` messages, each measurement in a fresh process: RSS (VmRSS) growth and
-    peak (VmHWM, reset through ``/proc/self/clear_refs``) for (a) ``send_background`` of
-    every message while the server holds each DATA for 0.5 s (all queued), then the drain;
-    (b) as many ``EmailMessage`` objects held in a list; (c) quartmail ``Message`` objects.
+``plain``, ``starttls``, ``implicit`` (the server answers at once; TLS with AUTH): ``-n``
+messages a round; ``send_background`` with a pool of 8 timed from the first submit to the last
+result (its sessions open, as in a running app); for context, raw on 8 connections. Target
+>= 2x raw. ``slow`` (50 ms per DATA): a pool of 32 on ``--slow-n`` messages, raw on
+``--slow-raw-n``; for context the Flask chapter's thread per mail (blocking ``smtplib``).
+Target >= 17x raw. ``memory`` (Linux): ``--memory-n`` messages, each measurement in a fresh
+process, RSS growth and peak (VmHWM, reset through ``/proc/self/clear_refs``) of (a) all
+queued by ``send_background`` while the server holds each DATA 0.5 s, then drained; (b) as many
+``EmailMessage`` objects in a list; (c) quartmail ``Message`` objects.
 """
 
 from __future__ import annotations
@@ -30,12 +24,12 @@ import smtplib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import harness
 from quart import Quart
-from send import build_email_message, build_message
+from send import build_email_message, build_message, raw_session
 
 from quartmail import Mail
 
@@ -56,39 +50,30 @@ class Section:
         self.app = Quart(__name__)
         self.app.config.update(server.mail_config(), MAIL_POOL_SIZE=pool_size)
         self.mail = Mail(self.app)
-        self.sent = 0  # messages the server should have received
-
-    async def raw_session(self, indices: range) -> None:
-        async with self.server.raw_client(self.hostname) as smtp:
-            if self.server.auth:
-                await smtp.login(*self.server.auth)
-            for i in indices:
-                await smtp.send_message(build_email_message(i))
 
     async def raw(self, count: int) -> float:
         start = time.perf_counter()
-        await self.raw_session(range(count))
-        self.sent += count
+        await raw_session(self.server, self.hostname, range(count))
+        self.server.expected += count
         return time.perf_counter() - start
 
     async def raw_concurrent(self, count: int) -> float:
         start, n = time.perf_counter(), RAW_CONNECTIONS
-        await asyncio.gather(*(self.raw_session(range(k, count, n)) for k in range(n)))
-        self.sent += count
+        await asyncio.gather(
+            *(raw_session(self.server, self.hostname, range(k, count, n)) for k in range(n))
+        )
+        self.server.expected += count
         return time.perf_counter() - start
 
     async def background(self, count: int) -> float:
         start = time.perf_counter()
         await asyncio.gather(*(self.mail.send_background(build_message(i)) for i in range(count)))
-        self.sent += count
+        self.server.expected += count
         return time.perf_counter() - start
 
-    async def threads(self, count: int) -> float:
-        self.sent += count
-        return await asyncio.to_thread(self._threads, count)
-
-    def _threads(self, count: int) -> float:
+    def threads(self, count: int) -> float:
         """A thread per mail, each sending with smtplib (plain SMTP, no AUTH), all joined."""
+        self.server.expected += count
         host, port = self.server.config["MAIL_SERVER"], self.server.config["MAIL_PORT"]
 
         def send_async_email(msg: Any) -> None:
@@ -104,10 +89,6 @@ class Section:
         for thread in threads:
             thread.join()
         return time.perf_counter() - start
-
-    async def check(self) -> bool:
-        stats = await self.server.stats()
-        return harness.check_received(stats["received"], self.sent, stats["connections"])
 
 
 async def throughput(name: str, args: argparse.Namespace) -> bool:
@@ -127,7 +108,11 @@ async def throughput(name: str, args: argparse.Namespace) -> bool:
         chosen = {"raw": raw, "background": harness.Variant(label, section.background, n, warmup)}
         if not args.no_context and slow:
             label = "thread per mail, smtplib (context)"
-            chosen["context"] = harness.Variant(label, section.threads, n, 20)
+
+            def threads(count: int) -> Awaitable[float]:
+                return asyncio.to_thread(section.threads, count)
+
+            chosen["context"] = harness.Variant(label, threads, n, 20)
         elif not args.no_context:
             label = f"raw aiosmtplib, {RAW_CONNECTIONS} conns (context)"
             chosen["context"] = harness.Variant(label, section.raw_concurrent, n, warmup)
@@ -136,17 +121,15 @@ async def throughput(name: str, args: argparse.Namespace) -> bool:
             for key in args.profile or ():
                 await harness.profile(chosen[key], args.top)
             if args.profile:
-                return await section.check()
+                return await server.check()
             await harness.take_turns(variants, args.rounds)
         harness.print_table(variants, raw, "raw")
         text = f"send_background x{pool}, {name} ({what}), vs raw aiosmtplib"
         harness.target(text, variants[1].best / raw.best, at_least=17.0 if slow else 2.0)
-        return await section.check()
+        return await server.check()
 
 
 # Memory
-
-
 def status(name: str) -> int:
     """A size from ``/proc/self/status`` (VmRSS, VmHWM), in bytes."""
     with open("/proc/self/status", encoding="ascii") as file:
@@ -190,19 +173,19 @@ async def measure_queued(n: int) -> dict[str, Any]:
             r: dict[str, Any] = {"before": status("VmRSS")}
             start = time.perf_counter()
             futures = [section.mail.send_background(build_message(i)) for i in range(n)]
-            r.update(submit=time.perf_counter() - start, submitted=status("VmRSS"))
+            r["submit"] = time.perf_counter() - start
             await asyncio.sleep(PAUSE_DELAY / 5)  # the workers take their first messages
-            r.update(held=status("VmRSS"), peak_queued=status("VmHWM"))
+            r["held"] = status("VmRSS")
             r["in_flight"] = (await server.stats())["data_attempts"] - warmup
             await server.set_data_delay(0.0)
             start = time.perf_counter()
             await asyncio.gather(*futures)
             r["drain"] = time.perf_counter() - start
-            section.sent += n
+            server.expected += n
             del futures
         gc.collect()
         r.update(drained=status("VmRSS"), peak=status("VmHWM"))
-        r["missing"] = section.sent - (await server.stats())["received"]  # (no print: stdout)
+        r["missing"] = server.expected - (await server.stats())["received"]  # (no print: stdout)
     return r
 
 
@@ -238,7 +221,6 @@ async def memory(args: argparse.Namespace) -> bool:
 
 async def benchmark() -> int:
     parser = harness.Arguments(
-        "Throughput and memory of mail.send_background against raw aiosmtplib",
         {
             "n": (1000, 200, "messages per round and variant, plain/starttls/implicit"),
             "rounds": (3, 1, "rounds; the best is reported"),

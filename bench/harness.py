@@ -8,7 +8,7 @@ Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is t
 - :class:`Variant` (a label, ``run(count) -> seconds``, count per round, warm-up count),
   :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a shared machine
   hits all alike), :func:`print_table` (best and median rates, ratio to a baseline measured
-  in the same run), :func:`target`, :func:`check_received` and :func:`finish` (targets
+  in the same run), :func:`target` and :func:`finish` (targets
   repeated; exit status 0 whatever the figures, 1 if a message went missing).
 - :func:`profile`, :func:`print_profile`: cProfile's top functions.
 - :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON);
@@ -19,7 +19,8 @@ Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is t
   lingers) or when the parent dies in any way. Children ignore Ctrl-C; stderr is shared.
 - :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client
   and server share no event loop); ``mail_config()``, ``raw_client()`` (the usual baseline),
-  ``await stats()`` (it counts messages and forgets them: flat memory), ``set_data_delay()``.
+  ``await stats()`` (it counts messages and forgets them: flat memory), ``set_data_delay()``,
+  and ``await check()``: were all the messages counted in ``expected`` received?
 - :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind
   127.0.0.1:0``, as the tests serve it; the port read from Hypercorn's "Running on" line.
 """
@@ -59,20 +60,20 @@ REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
 STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
 TLSMode = Literal["none", "starttls", "implicit"]
 
+
 # Arguments
-
-
 class Arguments(argparse.ArgumentParser):
-    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help)."""
+    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help). The
+    script's docstring is its ``--help``."""
 
     def __init__(
         self,
-        description: str,
         sizes: Mapping[str, tuple[int, int, str]],
         only: Sequence[str],
         profile: Sequence[str] = (),
     ) -> None:
-        super().__init__(description=description + " (see the module docstring)")
+        doc = sys.modules["__main__"].__doc__
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.sizes, self.only = sizes, only
         for name, (default, _, text) in sizes.items():
             flag = "-n" if name == "n" else "--" + name.replace("_", "-")
@@ -99,12 +100,12 @@ class Arguments(argparse.ArgumentParser):
             if getattr(args, name) < (0 if name == "warmup" else 1):
                 self.error(f"{name} must be at least {0 if name == 'warmup' else 1}")
         args.only = [name for name in self.only if name in (args.only or self.only)]
+        load, python = os.getloadavg()[0], sys.version.split()[0]
+        print(f"{os.cpu_count()} CPUs, load average {load:.2f}; Python {python}")
         return args
 
 
 # Warm-up, rounds and medians
-
-
 @dataclass
 class Variant:
     """One way of doing the thing measured: ``run(count)`` does it *count* times and returns
@@ -119,14 +120,6 @@ class Variant:
     @property
     def best(self) -> float:
         return max(self.rates)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
-
-    @property
-    def best_round(self) -> int:
-        return self.rates.index(self.best)
 
 
 async def take_turns(variants: Sequence[Variant], rounds: int) -> None:
@@ -147,7 +140,7 @@ def print_table(
     for variant in variants:
         line = f"  {variant.label + ':':<{width}} {variant.best:7.1f} {unit}"
         if len(variant.rates) > 1:
-            line += f" (median {variant.median:7.1f})"
+            line += f" (median {statistics.median(variant.rates):7.1f})"
         if baseline is not None:
             line += f"  = {variant.best / baseline.best:5.2f}x {name}"
         print(line)
@@ -176,18 +169,7 @@ def finish(ok: bool) -> int:
     return 0 if ok else 1
 
 
-def check_received(received: int, expected: int, sessions: int) -> bool:
-    """Print the server's count against the expected one; whether they match."""
-    print(
-        f"  server: {received} of {expected} messages received, {sessions} SMTP sessions "
-        "(warm-up included)" + ("" if received == expected else "  <-- MISSING")
-    )
-    return received == expected
-
-
 # Profiling
-
-
 def print_profile(stats: cProfile.Profile | str, top: int) -> None:
     """The *top* functions by own time, then by cumulative time."""
     for sort in ("tottime", "cumulative"):
@@ -209,8 +191,6 @@ async def profile(variant: Variant, top: int) -> None:
 
 
 # Child processes
-
-
 class Child:
     """A child process running ``<script> --child OPTIONS``; see the module docstring."""
 
@@ -323,8 +303,6 @@ def main(
         asyncio.run(_run_child(known[options["kind"]], options))
         sys.exit(0)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    load, python = os.getloadavg()[0], sys.version.split()[0]
-    print(f"{os.cpu_count()} CPUs, load average {load:.2f}; Python {python}")
     try:
         sys.exit(asyncio.run(benchmark()))
     except KeyboardInterrupt:
@@ -332,8 +310,6 @@ def main(
 
 
 # The SMTP server
-
-
 @dataclass
 class SMTPServer:
     """An SMTP test server in a child process, as given by :func:`smtp_server`."""
@@ -342,6 +318,7 @@ class SMTPServer:
     auth: tuple[str, str] | None
     child: Child
     config: dict[str, Any]
+    expected: int = 0  # messages sent to it, for check()
 
     def mail_config(self) -> dict[str, Any]:
         """The ``MAIL_*`` settings that point an app at this server."""
@@ -363,6 +340,16 @@ class SMTPServer:
     async def stats(self) -> dict[str, int]:
         """``received`` (messages), ``data_attempts`` (DATA commands), ``connections``."""
         return {key: int(value) for key, value in (await self.child.ask("stats")).items()}
+
+    async def check(self) -> bool:
+        """Print how many of :attr:`expected` messages the server received; whether all."""
+        stats = await self.stats()
+        received, ok = stats["received"], stats["received"] == self.expected
+        print(
+            f"  server: {received} of {self.expected} messages received, {stats['connections']} "
+            "SMTP sessions (warm-up included)" + ("" if ok else "  <-- MISSING")
+        )
+        return ok
 
     async def set_data_delay(self, seconds: float) -> None:
         """The wait before answering each DATA, from the next DATA on."""
@@ -422,8 +409,6 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
 
 
 # The app under Hypercorn
-
-
 @dataclass
 class ServedApp:
     """Hypercorn serving an app, as started by :func:`serve_app`."""

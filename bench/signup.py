@@ -1,23 +1,16 @@
 """Sign-ups per second and their latency, through the real Hypercorn, with mail on or off.
 
-Does a slow SMTP server slow down the sign-up requests? It should not: ``POST /api/users``
-stores the user, renders the admin mail and queues it (``mail.send_background``); the response
-never waits on SMTP. For each variant the reference app is served by the harness as in the
-tests (``python -m hypercorn -c hypercorn.toml``, ``create_app('production')``), with a copy of
-``hypercorn.toml`` whose ``shutdown_timeout`` leaves the mail drain time to finish, and in its
-environment a fresh ``SECRET_KEY``, a new SQLite file, ``FLASKY_ADMIN`` (every new user sends
-one admin mail) and the ``MAIL_*`` of the harness's SMTP server. Variants:
-
-``fast``: the SMTP server answers at once; ``slow``: it takes 2 s per DATA (``--data-delay``);
-``suppressed``: ``MAIL_SUPPRESS_SEND=true``, no mail leaves the app (the baseline).
-
-Load: a small HTTP/1.1 client in this process keeps ``-c`` keep-alive connections busy, each
-posting a new name as soon as the previous answer arrived. ``--warmup`` sign-ups, then ``-n``
-measured ones: requests per second, and p50 / p90 / p99 / max latency. Then Hypercorn gets
-SIGTERM and its shutdown (requests in flight, then the mail drain) is timed; the SMTP server
-must have received one mail per sign-up, warm-up included. Target: p99 with the slow server
-within 1.1x of p99 with mail suppressed. With SQLite, concurrent sign-ups wait for its single
-write lock: ``-c 1`` shows the latency without that contention.
+``POST /api/users`` stores the user and queues the admin mail (``send_background``): the
+answer should never wait on SMTP. For each variant the harness serves the reference app as the
+tests do, ``create_app('production')`` with a fresh SQLite file, ``FLASKY_ADMIN`` set (a mail per
+sign-up) and a copy of ``hypercorn.toml`` whose ``shutdown_timeout`` lets the mail drain end.
+Variants: ``fast`` (the SMTP server answers at once), ``slow`` (2 s per DATA, ``--data-delay``)
+and the baseline ``suppressed`` (``MAIL_SUPPRESS_SEND``). An HTTP/1.1 client in this process
+keeps ``-c`` keep-alive connections busy, each posting a new name as soon as it has its answer:
+``--warmup`` sign-ups, then ``-n`` measured (req/s, p50/p90/p99/max). Then Hypercorn gets SIGTERM
+and its shutdown is timed; the server must have one mail per sign-up. Target: p99 with the slow
+server <= 1.1x p99 with mail suppressed. SQLite has one writer: ``-c 1`` shows the latency
+without that contention.
 """
 
 from __future__ import annotations
@@ -198,7 +191,6 @@ async def run_variant(name: str, args: argparse.Namespace) -> tuple[Load, list[s
 
 async def benchmark() -> int:
     parser = harness.Arguments(
-        "Sign-ups/second and latency of POST /api/users under the real Hypercorn",
         {"n": (1000, 100, "measured sign-ups per variant"), "warmup": (200, 20, "warm-up ones")},
         only=VARIANTS,
     )
