@@ -1,18 +1,14 @@
 """Background delivery (``mail.send_background``): throughput and memory, over real SMTP.
 
-The baseline is raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail (``send.py``'s).
-quartmail builds a ``Message`` per mail and runs as an app does: ``Mail(app)``, the lifespan
-(``app.test_app()``: the pool starts, and drains at the end), an app context. Sections:
-
-``plain``, ``starttls``, ``implicit`` (the server answers at once; TLS with AUTH): ``-n``
-messages a round; ``send_background`` with a pool of 8 timed from the first submit to the last
-result (its sessions open, as in a running app); for context, raw on 8 connections. Target
->= 2x raw. ``slow`` (50 ms per DATA): a pool of 32 on ``--slow-n`` messages, raw on
-``--slow-raw-n``; for context the Flask chapter's thread per mail (blocking ``smtplib``).
-Target >= 17x raw. ``memory`` (Linux): ``--memory-n`` messages, each measurement in a fresh
-process, RSS growth and peak (VmHWM, reset through ``/proc/self/clear_refs``) of (a) all
-queued by ``send_background`` while the server holds each DATA 0.5 s, then drained; (b) as many
-``EmailMessage`` objects in a list; (c) quartmail ``Message`` objects.
+Baseline: raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail. quartmail runs as in
+an app: ``Mail(app)``, its lifespan (``app.test_app()``: the pool starts, and drains at the end).
+``plain``, ``starttls``, ``implicit`` (the server answers at once; TLS with AUTH): a pool of 8,
+timed from the first submit to the last result; context: raw on 8 connections. Target >= 2x.
+``slow`` (50 ms per DATA): a pool of 32; context: a thread per mail with blocking ``smtplib``
+(the Flask chapter's). Target >= 17x. ``memory`` (Linux): ``--memory-n`` messages, each figure
+in a fresh process, RSS growth and peak (VmHWM) of (a) all queued by ``send_background`` while
+the server holds each DATA 0.5 s, then drained; (b) ``EmailMessage`` objects in a list; (c)
+quartmail ``Message`` objects.
 """
 
 from __future__ import annotations

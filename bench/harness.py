@@ -8,8 +8,8 @@ Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is t
 - :class:`Variant` (a label, ``run(count) -> seconds``, count per round, warm-up count),
   :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a shared machine
   hits all alike), :func:`print_table` (best and median rates, ratio to a baseline measured
-  in the same run), :func:`target` and :func:`finish` (targets
-  repeated; exit status 0 whatever the figures, 1 if a message went missing).
+  in the same run), :func:`target` and :func:`finish` (targets repeated; the exit status:
+  0 whatever the figures, a shared machine is noisy; 1 if a message went missing).
 - :func:`profile`, :func:`print_profile`: cProfile's top functions.
 - :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON);
   :func:`main` hands them to ``children[OPTIONS["kind"]](options, commands)``. A child answers

@@ -1,26 +1,18 @@
 """The durable outbox on PostgreSQL: delivery rate per dispatcher process, and enqueue cost.
 
-``fast`` and ``slow`` (``--only``): the SMTP server answers at once, or takes 50 ms per DATA.
-Each run delivers ``-n`` (``--slow-n``) mails, the message of ``send.py``, with
-``MAIL_POOL_SIZE`` ``--pool-size`` in every process. The baseline, ``in-memory``:
-``mail.send_background`` of every message in ONE child process, from the app's start-up to
-the last result (the messages built beforehand). ``outbox xK`` (K = 1, 2, 4): the table is
-emptied and the messages enqueued (``mail.outbox.enqueue(session, message)``, 500 a
-transaction, not timed); then K dispatcher processes (``mail.init_outbox(app, engine)``)
-start at once, and the clock runs to the greatest ``sent_at`` (the table is polled every
-50 ms). Children are spawned and warmed before the clock starts. For the best round: the
-first mail's delay and the CPU time per mail (``/proc``) of the clients, the SMTP server,
-PostgreSQL (this database's backends and the shared processes), this script, anything else
-(other users, the kernel: a large figure means a disturbed run) and the whole machine.
-Targets: 50 ms server, 4 dispatchers >= 3x one; fast server, one >= 0.5x in-memory.
-
-``signup``: ``--signups`` sign-ups one after another, each a transaction inserting a row of
-the reference app's ``users`` table (flushed) and committing, with and without ``await
-mail.outbox.enqueue(session, message)``: µs per sign-up and the ratio.
-
-Each section recreates its tables; every run checks that each row is ``sent`` and that the
-server received as many mails. The database is ``--database-url`` (``quartmail_bench`` on
-the local server by default, created if missing; never the tests' database).
+``fast`` / ``slow`` (the SMTP server answers at once / takes 50 ms per DATA): ``-n`` /
+``--slow-n`` mails (``send.py``'s), ``MAIL_POOL_SIZE`` ``--pool-size`` in every process.
+Baseline: ``send_background`` of every message in ONE process, from the app's start-up to the
+last result. ``outbox xK``: the messages enqueued (``mail.outbox.enqueue``, 500 a transaction,
+not timed), then K dispatcher processes (``mail.init_outbox``) start at once; the clock stops
+at the greatest ``sent_at`` (polled every 50 ms). Processes are spawned and warmed first. For
+the best round: the first mail's delay and the CPU per mail (``/proc``) of the clients, the
+SMTP server, PostgreSQL (this database's backends and the shared processes), this script,
+anything else (a large figure: a disturbed run) and the machine. Targets: fast, 1 dispatcher
+>= 0.5x in-memory; slow, 4 dispatchers >= 3x one. ``signup``: ``--signups`` transactions
+inserting a ``users`` row of the reference app, with and without ``mail.outbox.enqueue``.
+Each run checks every row ``sent`` and every mail received. ``--database-url``: by default
+``quartmail_bench`` on the local server, created if missing; never the tests' database.
 """
 
 from __future__ import annotations
