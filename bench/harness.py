@@ -363,24 +363,16 @@ async def smtp_server(
     """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block; its
     certificates, for TLS, made with trustme in a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
-        if tls != "none":
-            TLSCertificates.create(pathlib.Path(directory))
         options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
         async with children(__file__, [options]) as (child,):
             yield SMTPServer(tls, auth, child, child.ready["mail_config"])
 
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
-    directory = pathlib.Path(options["dir"])
-    certificates = None
-    if options["tls"] != "none":
-        certificates = TLSCertificates(
-            directory / "ca.pem", directory / "server.pem", directory / "server.key"
-        )
+    tls, directory = options["tls"], pathlib.Path(options["dir"])
+    certificates = TLSCertificates.create(directory) if tls != "none" else None
     auth = options["auth"] and (str(options["auth"][0]), str(options["auth"][1]))
-    server = SMTPTestServer(
-        tls=options["tls"], certificates=certificates, auth=auth, idle_timeout=3600.0
-    )
+    server = SMTPTestServer(tls=tls, certificates=certificates, auth=auth, idle_timeout=3600.0)
     server.data_delay = float(options["delay"])
     received = 0
 

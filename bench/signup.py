@@ -23,7 +23,6 @@ import math
 import pathlib
 import re
 import secrets
-import socket
 import statistics
 import tempfile
 import time
@@ -47,10 +46,8 @@ class Connection:
     async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
         """Send one JSON request, return the status and body of the answer."""
         if self.streams is None:
+            # (asyncio sets TCP_NODELAY on its TCP transports.)
             self.streams = await asyncio.open_connection(harness.HOST, self.port)
-            self.streams[1].get_extra_info("socket").setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-            )
         reader, writer = self.streams
         head = f"POST {path} HTTP/1.1\r\nHost: {harness.HOST}:{self.port}\r\n"
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
