@@ -130,9 +130,8 @@ async def benchmark() -> int:
     auth = harness.AUTH if args.auth else None
     async with harness.smtp_server(tls=args.tls, auth=auth) as server:
         size = len(build_message(0).as_bytes())
-        print(
-            f"send: {args.n} messages x {args.rounds}, tls={args.tls}, auth={bool(auth)}, {size} B"
-        )
+        what = f"tls={args.tls}, auth={bool(auth)}, message {size} B"
+        print(f"send: {args.n} messages x {args.rounds} round(s), {what}")
         chosen = variants(server, args.n, args.warmup)
         if args.profile:
             for name in args.profile:
