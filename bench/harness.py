@@ -1,0 +1,478 @@
+"""The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
+
+Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is then on
+``sys.path``: ``import harness``). What they use (bench/README.md shows a whole script):
+
+- :class:`Arguments`: ``-n`` and the script's other sizes, each with a default and a
+  ``--quick`` value; ``--only`` (sections or variants), ``--profile`` and ``--top``.
+- :class:`Variant` (a label, ``run(count) -> seconds``, count per round, warm-up count),
+  :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a shared machine
+  hits all alike), :func:`print_table` (best and median rates, ratio to a baseline measured
+  in the same run), :func:`target` and :func:`finish` (targets repeated; the exit status:
+  0 whatever the figures, a shared machine is noisy; 1 if a message went missing).
+- :func:`profile`, :func:`print_profile`: cProfile's top functions.
+- :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON);
+  :func:`main` hands them to ``children[OPTIONS["kind"]](options, commands)``. A child answers
+  with JSON lines on stdout (:meth:`Commands.reply`; its first says it is ready) to the lines
+  the parent sends (:meth:`Child.send`, :meth:`Child.reply`, :meth:`Child.ask`). It stops
+  when its stdin closes: on leaving the block (then it is terminated, then killed, if it
+  lingers) or when the parent dies in any way. Children ignore Ctrl-C; stderr is shared.
+- :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client
+  and server share no event loop); ``mail_config()``, ``raw_client()`` (the usual baseline),
+  ``await stats()`` (it counts messages and forgets them: flat memory), ``set_data_delay()``,
+  and ``await check()``: were all the messages counted in ``expected`` received?
+- :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind
+  127.0.0.1:0``, as the tests serve it; the port read from Hypercorn's "Running on" line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import json
+import logging
+import os
+import pathlib
+import pstats
+import re
+import signal
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NoReturn
+
+import aiosmtplib
+
+from quartmail.testing import SMTPTestServer, TLSCertificates
+
+PROJECT = pathlib.Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+AUTH = ("bench", "bench-password")  # the credentials of servers that require AUTH
+START_TIMEOUT = 60.0  # seconds for a child (or Hypercorn) to get ready
+REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
+STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
+TLSMode = Literal["none", "starttls", "implicit"]
+
+
+# Arguments
+class Arguments(argparse.ArgumentParser):
+    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help). The
+    script's docstring is its ``--help``."""
+
+    def __init__(
+        self,
+        sizes: Mapping[str, tuple[int, int, str]],
+        only: Sequence[str],
+        profile: Sequence[str] = (),
+    ) -> None:
+        doc = sys.modules["__main__"].__doc__
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.sizes, self.only = sizes, only
+        for name, (default, _, text) in sizes.items():
+            flag = "-n" if name == "n" else "--" + name.replace("_", "-")
+            self.add_argument(flag, dest=name, type=int, help=f"{text} (default {default})")
+        self.add_argument("--only", action="append", choices=only, help="only this (repeatable)")
+        smoke = ", ".join(f"{name} {value[1]}" for name, value in sizes.items())
+        self.add_argument("--quick", action="store_true", help=f"smoke test: {smoke}")
+        if profile:
+            self.add_argument(
+                "--profile",
+                action="append",
+                choices=profile,
+                help="instead of the benchmark, run this under cProfile (repeatable)",
+            )
+            self.add_argument("--top", type=int, default=30, help="functions shown per table")
+        self.add_argument("--child", help=argparse.SUPPRESS)
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """Parse, fill in the sizes not given, check them; ``only`` in declared order."""
+        args = self.parse_args(argv)
+        for name, (default, quick, _) in self.sizes.items():
+            if getattr(args, name) is None:
+                setattr(args, name, quick if args.quick else default)
+            if getattr(args, name) < (0 if name == "warmup" else 1):
+                self.error(f"{name} must be at least {0 if name == 'warmup' else 1}")
+        args.only = [name for name in self.only if name in (args.only or self.only)]
+        load, python = os.getloadavg()[0], sys.version.split()[0]
+        print(f"{os.cpu_count()} CPUs, load average {load:.2f}; Python {python}")
+        return args
+
+
+# Warm-up, rounds and medians
+@dataclass
+class Variant:
+    """One way of doing the thing measured: ``run(count)`` does it *count* times and returns
+    the seconds it took; its rate per round lands in :attr:`rates`."""
+
+    label: str
+    run: Callable[[int], Awaitable[float]]
+    count: int  # per round
+    warmup: int = 0
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return max(self.rates)
+
+
+async def take_turns(variants: Sequence[Variant], rounds: int) -> None:
+    """Warm every variant up, then run them in turn for *rounds* rounds."""
+    for variant in variants:
+        if variant.warmup:
+            await variant.run(variant.warmup)
+    for _ in range(rounds):
+        for variant in variants:
+            variant.rates.append(variant.count / await variant.run(variant.count))
+
+
+def print_table(
+    variants: Sequence[Variant], baseline: Variant | None, name: str, unit: str = "msg/s"
+) -> None:
+    """Each variant's best rate, its median and its ratio to *baseline*'s best (called *name*)."""
+    width = max(len(variant.label) for variant in variants) + 1
+    for variant in variants:
+        line = f"  {variant.label + ':':<{width}} {variant.best:7.1f} {unit}"
+        if len(variant.rates) > 1:
+            line += f" (median {statistics.median(variant.rates):7.1f})"
+        if baseline is not None:
+            line += f"  = {variant.best / baseline.best:5.2f}x {name}"
+        print(line)
+
+
+_targets: list[str] = []
+
+
+def target(
+    text: str, ratio: float, *, at_least: float = 0.0, at_most: float = float("inf")
+) -> None:
+    """Print (and remember for :func:`finish`) whether *ratio* meets a target."""
+    bound = f">= {at_least:g}x" if at_least else f"<= {at_most:g}x"
+    met = "MET" if at_least <= ratio <= at_most else "NOT MET"
+    _targets.append(f"{text} {bound}: {met} ({ratio:.2f}x)")
+    print("  target: " + _targets[-1])
+
+
+def finish(ok: bool) -> int:
+    """Repeat the targets; the exit status: 0 whatever the figures (a shared machine is
+    noisy), 1 if something went missing or failed."""
+    if _targets:
+        print("Targets\n" + "\n".join("  " + line for line in _targets))
+    if not ok:
+        print("ERROR: a message went missing or a run failed (see above)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+# Profiling
+def print_profile(stats: cProfile.Profile | str, top: int) -> None:
+    """The *top* functions by own time, then by cumulative time."""
+    for sort in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(stats, stream=out).sort_stats(sort).print_stats(top)
+        text = out.getvalue()
+        print(text[text.index("   ncalls") :].rstrip(), end="\n\n")  # without the preamble
+
+
+async def profile(variant: Variant, top: int) -> None:
+    """Warm *variant* up, then run one round of it under cProfile and print the top."""
+    await variant.run(variant.warmup)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    seconds = await variant.run(variant.count)
+    profiler.disable()
+    print(f"== {variant.label}: {variant.count / seconds:.0f} msg/s under cProfile")
+    print_profile(profiler, top)
+
+
+# Child processes
+class Child:
+    """A child process running ``<script> --child OPTIONS``; see the module docstring."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.ready: dict[str, Any] = {}  # its first answer
+
+    async def send(self, command: str) -> None:
+        if self.process.stdin is None or self.process.returncode is not None:
+            raise RuntimeError(f"the child process {self.pid} is not running")
+        self.process.stdin.write(command.encode("ascii") + b"\n")
+        await self.process.stdin.drain()
+
+    async def reply(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+        assert self.process.stdout is not None
+        try:
+            async with asyncio.timeout(timeout):
+                line = await self.process.stdout.readline()
+        except TimeoutError:
+            raise RuntimeError(f"child {self.pid} did not answer within {timeout:g} s") from None
+        if not line:
+            code = await self.process.wait()
+            raise RuntimeError(f"child {self.pid} exited (code {code}); see its traceback above")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def ask(self, command: str) -> dict[str, Any]:
+        await self.send(command)
+        return await self.reply()
+
+    async def stop(self) -> None:
+        """Close its stdin (its signal to stop); terminate, then kill it, if it lingers."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        for end in (None, self.process.terminate, self.process.kill):
+            if end is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    end()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+                return
+
+
+@contextlib.asynccontextmanager
+async def children(
+    script: str, options: Sequence[dict[str, Any]], ready_timeout: float = START_TIMEOUT
+) -> AsyncIterator[list[Child]]:
+    """Start a child per options, wait for each one's first answer, stop them all at the end."""
+    started: list[Child] = []
+    script = os.path.abspath(script)  # noqa: ASYNC240 (no I/O: a string operation)
+    try:
+        for option in options:
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, script, "--child", json.dumps(option)),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            started.append(Child(process))
+        for child in started:
+            child.ready = await child.reply(ready_timeout)
+        yield started
+    finally:
+        await asyncio.gather(*(child.stop() for child in started))
+
+
+class Commands:
+    """A child's side: the parent's command lines, and :meth:`reply`."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    async def next(self) -> str | None:
+        """The next command, or None once stdin is closed (the parent's signal to stop)."""
+        line = await self._reader.readline()
+        return line.decode("ascii").strip() if line else None
+
+    async def until_closed(self) -> None:
+        while await self.next() is not None:
+            pass
+
+    @staticmethod
+    def reply(data: Mapping[str, Any]) -> None:
+        with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
+            sys.stdout.write(json.dumps(data) + "\n")
+            sys.stdout.flush()
+
+
+ChildMain = Callable[[dict[str, Any], Commands], Awaitable[None]]
+
+
+async def _run_child(run: ChildMain, options: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await run(options, Commands(reader))
+
+
+def main(
+    benchmark: Callable[[], Coroutine[Any, Any, int]],
+    children: Mapping[str, ChildMain] | None = None,
+) -> NoReturn:
+    """The script's entry point: the benchmark, or the child that ``--child`` asks for."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        options = json.loads(sys.argv[2])
+        # Ctrl-C reaches the whole process group: the parent handles it and closes our stdin.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logging.basicConfig(format=f"[child {os.getpid()}] %(name)s: %(message)s")
+        known = {"smtp": _serve_smtp, **(children or {})}
+        asyncio.run(_run_child(known[options["kind"]], options))
+        sys.exit(0)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        sys.exit(asyncio.run(benchmark()))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# The SMTP server
+@dataclass
+class SMTPServer:
+    """An SMTP test server in a child process, as given by :func:`smtp_server`."""
+
+    tls: TLSMode
+    auth: tuple[str, str] | None
+    child: Child
+    config: dict[str, Any]
+    expected: int = 0  # messages sent to it, for check()
+
+    def mail_config(self) -> dict[str, Any]:
+        """The ``MAIL_*`` settings that point an app at this server."""
+        return dict(self.config)
+
+    def raw_client(self, local_hostname: str, timeout: float = 30.0) -> aiosmtplib.SMTP:
+        """A plain aiosmtplib client for this server: the benchmarks' baseline."""
+        ca_file = self.config["MAIL_CA_FILE"]
+        return aiosmtplib.SMTP(
+            hostname=self.config["MAIL_SERVER"],
+            port=self.config["MAIL_PORT"],
+            use_tls=self.tls == "implicit",
+            start_tls=self.tls == "starttls",
+            tls_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
+            local_hostname=local_hostname,
+            timeout=timeout,
+        )
+
+    async def stats(self) -> dict[str, int]:
+        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections``."""
+        return {key: int(value) for key, value in (await self.child.ask("stats")).items()}
+
+    async def check(self) -> bool:
+        """Print how many of :attr:`expected` messages the server received; whether all."""
+        stats = await self.stats()
+        received, ok = stats["received"], stats["received"] == self.expected
+        print(
+            f"  server: {received} of {self.expected} messages received, {stats['connections']} "
+            "SMTP sessions (warm-up included)" + ("" if ok else "  <-- MISSING")
+        )
+        return ok
+
+    async def set_data_delay(self, seconds: float) -> None:
+        """The wait before answering each DATA, from the next DATA on."""
+        await self.child.ask(f"data_delay {seconds!r}")
+
+
+@contextlib.asynccontextmanager
+async def smtp_server(
+    tls: TLSMode = "none", auth: tuple[str, str] | None = None, data_delay: float = 0.0
+) -> AsyncIterator[SMTPServer]:
+    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block; its
+    certificates, for TLS, made with trustme in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
+        options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
+        async with children(__file__, [options]) as (child,):
+            yield SMTPServer(tls, auth, child, child.ready["mail_config"])
+
+
+async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
+    tls, directory = options["tls"], pathlib.Path(options["dir"])
+    certificates = TLSCertificates.create(directory) if tls != "none" else None
+    auth = options["auth"] and (str(options["auth"][0]), str(options["auth"][1]))
+    server = SMTPTestServer(tls=tls, certificates=certificates, auth=auth, idle_timeout=3600.0)
+    server.data_delay = float(options["delay"])
+    received = 0
+
+    def forget() -> None:  # keep the count, not the messages
+        nonlocal received
+        received += len(server.messages)
+        server.messages.clear()
+
+    async def forget_periodically() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            forget()
+
+    async with server, asyncio.TaskGroup() as tasks:
+        forgetting = tasks.create_task(forget_periodically())
+        commands.reply({"mail_config": server.mail_config()})
+        while (command := await commands.next()) is not None:
+            if command.startswith("data_delay "):
+                server.data_delay = float(command.split()[1])
+            forget()
+            attempts, connections = server.data_attempts, server.connections
+            commands.reply(
+                {"received": received, "data_attempts": attempts, "connections": connections}
+            )
+        forgetting.cancel()
+
+
+# The app under Hypercorn
+@dataclass
+class ServedApp:
+    """Hypercorn serving an app, as started by :func:`serve_app`."""
+
+    process: asyncio.subprocess.Process
+    log_path: pathlib.Path
+    port: int = 0
+
+    @property
+    def log(self) -> str:
+        """Hypercorn's output so far: its access and error logs, the app's log."""
+        return self.log_path.read_text(errors="replace")
+
+    async def stop(self, timeout: float) -> tuple[int | None, float]:  # noqa: ASYNC109
+        """SIGTERM to Hypercorn's main process, as a process manager sends; its exit code
+        (None if it had not exited within *timeout* seconds) and the seconds it took."""
+        start = time.perf_counter()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            code = None
+        return code, time.perf_counter() - start
+
+
+_RUNNING_ON = re.compile(r"Running on http://127\.0\.0\.1:(\d+) ")
+
+
+@contextlib.asynccontextmanager
+async def serve_app(
+    app_spec: str,
+    env: Mapping[str, str],
+    directory: pathlib.Path,
+    config: pathlib.Path = PROJECT / "hypercorn.toml",
+) -> AsyncIterator[ServedApp]:
+    """Serve *app_spec* with ``python -m hypercorn -c <config> --bind 127.0.0.1:0`` from the
+    project root, in a session of its own; its environment ours minus the app's settings,
+    plus *env*; its output in ``directory/hypercorn.log``. Yields once Hypercorn logged
+    "Running on" (after the app's start-up); kills its process group on the way out."""
+    from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
+
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ENVIRONMENT_KEYS and not key.startswith("QUART_")
+    }
+    log_path = directory / "hypercorn.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "hypercorn", "-c", str(config)),
+            *("--bind", f"{HOST}:0", app_spec),
+            cwd=PROJECT,
+            env={**environment, **env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own group: Ctrl-C reaches us only; killpg below
+        )
+    served = ServedApp(process, log_path)
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            while not (found := _RUNNING_ON.search(served.log)):
+                if process.returncode is not None:
+                    raise RuntimeError(f"Hypercorn exited with {process.returncode}:\n{served.log}")
+                await asyncio.sleep(0.05)
+        served.port = int(found.group(1))
+        yield served
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+if __name__ == "__main__":  # how the SMTP server's child process starts
+    main(lambda: asyncio.sleep(0, 2))  # (and nothing else: 2, a usage error)
