@@ -26,7 +26,6 @@ try:
     from .config import CONFIGS, config_values, from_environment
     from .csrf import csrf_token
     from .db import Database
-    from .devmail import DevMailServer
     from .extensions import mail, schema
     from .views import main
 except ModuleNotFoundError as error:
@@ -56,20 +55,13 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     app.jinja_options = {**app.jinja_options, "undefined": StrictUndefined}
     app.jinja_env.globals["csrf_token"] = csrf_token
 
-    dev_mail = None
     if app.config["DEV_SMTP_SERVER"] and not app.config.get("MAIL_SERVER"):
-        dev_mail = DevMailServer(app)  # before Mail reads MAIL_SERVER
-    try:
-        mail.init_app(app)
-    except BaseException:
-        if dev_mail is not None:
-            dev_mail.close()
-        raise
+        # No SMTP server named: quartmail's development inbox catches the mail (/dev/inbox/).
+        app.config.setdefault("MAIL_DEV_INBOX", True)
+    mail.init_app(app)
     database = Database(app)  # after Mail: the engine is disposed after the mail drain
     if app.extensions["mail"].settings.outbox:
         mail.init_outbox(app, database.engine)
-    if dev_mail is not None:
-        dev_mail.register(app)  # after Mail: stops after the mail drain
     schema.init_app(app)
 
     app.register_blueprint(main)

@@ -79,7 +79,7 @@ async def _serving(app: Quart, command: Callable[[], Awaitable[None]]) -> None:
 async def _send_test_mail(app: Quart, address: str) -> None:
     settings = mail.state.settings.smtp
     where = f"{settings.hostname}:{settings.port}"
-    if "devmail" in app.extensions:
+    if "mail_dev_inbox" in app.extensions:
         where += " (the development server: no MAIL_SERVER is set, so it goes nowhere)"
     message = Message(
         "quartmail test mail",

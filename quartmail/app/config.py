@@ -62,9 +62,8 @@ class Config:
     FLASKY_MAIL_SUBJECT_PREFIX = "[Flasky] "
     FLASKY_MAIL_SENDER = "Flasky Admin <flasky@example.com>"
     DATABASE_URL: str | None = None  # default: an SQLite file in the instance folder
-    # The built-in development SMTP server catches mail when no MAIL_SERVER is set.
+    # quartmail's development inbox (MAIL_DEV_INBOX) catches mail when no MAIL_SERVER is set.
     DEV_SMTP_SERVER = False
-    DEV_INBOX_SIZE = 50
     # A sign-up's form and JSON bodies are tiny.
     MAX_CONTENT_LENGTH = 64 * 1024
     # gc.freeze() once started (see create_app): a server's choice, not a test run's.
