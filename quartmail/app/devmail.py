@@ -75,6 +75,7 @@ class DevMailServer:
             MAIL_USE_SSL=False,
             MAIL_USERNAME=None,
             MAIL_PASSWORD=None,
+            MAIL_OAUTH2_TOKEN=None,
         )
         app.extensions["devmail"] = self
 
