@@ -105,7 +105,8 @@ class SMTPSettings:
         return found
 
     def redact(self, text: str) -> str:
-        """*text* with every form of the password replaced by ``****``."""
+        """*text* with every form of the password (and of a fixed token)
+        replaced by ``****``."""
         return _redact(text, self.secrets())
 
 
