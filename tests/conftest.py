@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -48,6 +49,22 @@ async def postgres_url() -> str:
 
 
 MakeMail = Callable[..., tuple[Quart, Mail]]
+
+
+def everything_said(error: BaseException) -> str:
+    """All a log could print about *error*: every chained error's text, repr, args and
+    attributes, and the formatted traceback (to check that no secret is among them)."""
+    parts = ["".join(traceback.format_exception(error))]
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        link = todo.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        parts += [str(link), repr(link), repr(link.args), repr(vars(link))]
+        todo += [link.__cause__, link.__context__]
+    return "\n".join(parts)
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ import asyncio
 import base64
 import json
 import logging
-import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import aiosmtplib
@@ -19,7 +17,7 @@ from quartmail import AuthenticationError, ConfigError, Message, SendTimeoutErro
 from quartmail.app import create_app
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSCertificates, TLSMode
 
-from conftest import MakeMail
+from conftest import MakeMail, everything_said
 
 USER = "mailer@example.com"
 # About the size of a Microsoft 365 access token (a JWT): its AUTH line is far over 512 octets.
@@ -36,27 +34,6 @@ def forms(token: str) -> list[str]:
     """Every form in which a token could leak: plain, and the base64 XOAUTH2 string."""
     xoauth2 = f"user={USER}\x01auth=Bearer {token}\x01\x01".encode()
     return [token, base64.b64encode(xoauth2).decode()]
-
-
-def chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        link = todo.pop()
-        if link is None or id(link) in seen:
-            continue
-        seen.add(id(link))
-        yield link
-        todo += [link.__cause__, link.__context__]
-
-
-def everything_said(error: BaseException) -> str:
-    """All a log could print about *error*: the formatted traceback, and every chained
-    error's text, repr, args and attributes."""
-    parts = ["".join(traceback.format_exception(error))]
-    for link in chain(error):
-        parts += [str(link), repr(link), repr(link.args), repr(vars(link))]
-    return "\n".join(parts)
 
 
 class Provider:
