@@ -1,6 +1,6 @@
 """AUTH XOAUTH2 with MAIL_OAUTH2_TOKEN (issue 12), against the real SMTP test server: a fixed
 token, a callable asked again after a refusal, an async provider, a wrong token, the token kept
-out of every log, repr and error, background delivery, and the settings' checks."""
+out of every log, repr and error, background delivery and the outbox, and the settings' checks."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import asyncio
 import base64
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
+from quart import Quart
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from quartmail import AuthenticationError, ConfigError, Message, SendTimeoutError
+from quartmail import AuthenticationError, ConfigError, Mail, Message, SendTimeoutError
 from quartmail.app import create_app
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSCertificates, TLSMode
 
@@ -196,6 +199,33 @@ async def test_background_delivery_asks_the_provider_for_each_new_session(
     assert provider.calls == [USER, USER, USER]
 
 
+async def test_the_outbox_dispatcher_logs_in_with_the_provider(
+    smtp_server_factory: SMTPServerFactory, tmp_path: Path
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    provider = AsyncProvider(EXPIRED, TOKEN)
+    app = Quart(__name__)
+    app.config.update(
+        server.mail_config(),
+        MAIL_DEFAULT_SENDER="sender@example.com",
+        MAIL_OAUTH2_TOKEN=provider.get,
+        MAIL_OUTBOX_POLL=0.05,
+    )
+    mail = Mail(app)
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/outbox.db")
+    mail.init_outbox(app, engine)
+    try:
+        async with app.test_app(), app.app_context():
+            async with AsyncSession(engine) as session:
+                await mail.outbox.enqueue(session, message())
+                await session.commit()
+            [received] = await server.wait_for_messages(1, timeout=10)
+    finally:
+        await engine.dispose()
+    assert received.login == USER
+    assert provider.calls == [USER, USER]
+
+
 # --- failures of the provider or the server ---------------------------------------------
 
 
@@ -287,7 +317,7 @@ def test_bad_settings_fail_at_start_up_naming_the_setting(
 async def test_the_app_reads_a_token_from_the_environment(
     smtp_server_factory: SMTPServerFactory,
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Any,
+    tmp_path: Path,
 ) -> None:
     server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
     config = server.mail_config()
