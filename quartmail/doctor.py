@@ -523,16 +523,29 @@ async def _auth_findings(smtp: SMTPSettings, mode: _TLSMode, probe: _Probe) -> l
                 "port 25; or unset MAIL_USERNAME if the server accepts you by address.",
             )
         ]
-    usable = [method for method in aiosmtplib.SMTP.AUTH_METHODS if method in probe.auth_methods]
-    if not usable:
+    offered = " ".join(probe.auth_methods).upper()
+    if smtp.oauth2_token is not None:
+        if "xoauth2" not in probe.auth_methods:
+            return [
+                Finding(
+                    "error",
+                    "auth",
+                    f"MAIL_OAUTH2_TOKEN is set, but the server offers AUTH {offered} only, "
+                    "not XOAUTH2.",
+                    "Use the provider's OAuth2 SMTP server (smtp.office365.com:587, "
+                    "smtp.gmail.com:465), or log in with MAIL_PASSWORD instead.",
+                )
+            ]
+    elif not any(method in probe.auth_methods for method in aiosmtplib.SMTP.AUTH_METHODS):
         return [
             Finding(
                 "error",
                 "auth",
-                f"The server offers AUTH {' '.join(probe.auth_methods).upper()} only; "
-                "quartmail logs in with PLAIN, LOGIN or CRAM-MD5.",
-                "Enable password (PLAIN or LOGIN) logins for the account at the provider, or "
-                "use another server.",
+                f"The server offers AUTH {offered} only; "
+                "quartmail logs in with PLAIN, LOGIN or CRAM-MD5 (or XOAUTH2 with "
+                "MAIL_OAUTH2_TOKEN).",
+                "Enable password (PLAIN or LOGIN) logins for the account at the provider, set "
+                "MAIL_OAUTH2_TOKEN if it offers XOAUTH2, or use another server.",
             )
         ]
     user = f"{smtp.username!r}"
@@ -550,7 +563,8 @@ async def _auth_findings(smtp: SMTPSettings, mode: _TLSMode, probe: _Probe) -> l
                 "error",
                 "auth",
                 f"Logging in as {user} failed: {reason}",
-                "Check MAIL_USERNAME and MAIL_PASSWORD, and the findings above.",
+                "Check MAIL_USERNAME and MAIL_PASSWORD (or MAIL_OAUTH2_TOKEN), and the findings "
+                "above.",
             )
         ]
     return [Finding("ok", "auth", f"Logged in as {user}.")]
@@ -568,7 +582,8 @@ def _login_refused_advice(code: int | None) -> str:
     if code is not None and 400 <= code < 500:
         return "The server refused for now (a temporary failure): try again later."
     return (
-        "Check MAIL_USERNAME and MAIL_PASSWORD. With two-step sign-in (Gmail, Outlook.com, "
+        "Check MAIL_USERNAME and MAIL_PASSWORD (or the token MAIL_OAUTH2_TOKEN gives: "
+        "expired, or without the SMTP scope). With two-step sign-in (Gmail, Outlook.com, "
         "iCloud, Yahoo), MAIL_PASSWORD must be an app password, not the account's password; "
         "Microsoft 365 also needs SMTP AUTH enabled for the mailbox."
     )

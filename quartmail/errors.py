@@ -11,7 +11,7 @@ subclass the matching builtin, so callers can catch either::
      └── SendError                          the server or the network failed
           ├── ConnectError (ConnectionError)   connect, TLS or the connection itself failed
           ├── SendTimeoutError (TimeoutError)  the server did not answer within MAIL_TIMEOUT
-          ├── AuthenticationError              the server refused MAIL_USERNAME/MAIL_PASSWORD
+          ├── AuthenticationError              the login failed (password or MAIL_OAUTH2_TOKEN)
           └── RecipientsRefusedError                every recipient was refused
 
 A :class:`SendError` keeps the SMTP reply code (``None`` when there was no
@@ -91,7 +91,8 @@ class SendTimeoutError(SendError, TimeoutError):
 
 
 class AuthenticationError(SendError):
-    """The server refused the credentials (``MAIL_USERNAME``/``MAIL_PASSWORD``)."""
+    """The server refused the credentials (``MAIL_USERNAME`` with ``MAIL_PASSWORD``
+    or ``MAIL_OAUTH2_TOKEN``), or ``MAIL_OAUTH2_TOKEN`` gave no usable token."""
 
 
 class RecipientsRefusedError(SendError):

@@ -15,11 +15,11 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .addresses import AddressLike, parse_address
 from .errors import ConfigError, MailError
-from .smtp import SMTPSettings, make_tls_context
+from .smtp import SMTPSettings, TokenProvider, make_tls_context, token_problem
 
 __all__ = ["DevInboxSettings", "MailSettings"]
 
@@ -90,6 +90,17 @@ class MailSettings:
         )
         username = reader.text("MAIL_USERNAME")
         password = reader.text("MAIL_PASSWORD")
+        oauth2_token = reader.token("MAIL_OAUTH2_TOKEN")
+        if oauth2_token is not None and password is not None:
+            raise ConfigError(
+                "MAIL_PASSWORD and MAIL_OAUTH2_TOKEN are both set: with MAIL_OAUTH2_TOKEN the "
+                "login is AUTH XOAUTH2, with the token instead of a password; set only one"
+            )
+        if oauth2_token is not None and username is None:
+            raise ConfigError(
+                "MAIL_OAUTH2_TOKEN needs MAIL_USERNAME: the account (its e-mail address) "
+                "the token was issued for"
+            )
         timeout = reader.seconds("MAIL_TIMEOUT", 30.0)
         validate_certs = reader.flag("MAIL_VALIDATE_CERTS", True)
         ca_file = reader.text("MAIL_CA_FILE")
@@ -111,7 +122,8 @@ class MailSettings:
         if username and not (use_tls or use_ssl) and not _is_loopback(server):
             log.warning(
                 "MAIL_USERNAME is set but neither MAIL_USE_TLS nor MAIL_USE_SSL is: "
-                "the password would cross the network to %s unencrypted",
+                "the %s would cross the network to %s unencrypted",
+                "password" if oauth2_token is None else "access token",
                 server,
             )
 
@@ -144,6 +156,7 @@ class MailSettings:
                 use_ssl=use_ssl,
                 username=username,
                 password=password,
+                oauth2_token=oauth2_token,
                 timeout=timeout,
                 tls_context=tls_context,
                 local_hostname=local_hostname,
@@ -218,6 +231,24 @@ class _Reader:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
         return value or None
+
+    def token(self, key: str) -> str | TokenProvider | None:
+        """An OAuth2 access token, or a callable that returns one; the error
+        never shows the value."""
+        value = self._config.get(key)
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            problem = token_problem(value)
+            if problem is not None:
+                raise ConfigError(f"{key} is {problem}")
+            return value
+        if callable(value):
+            return cast(TokenProvider, value)
+        raise ConfigError(
+            f"{key} must be an access token (a str) or a callable "
+            f"(username) -> str | Awaitable[str], got a {type(value).__name__}"
+        )
 
     def flag(self, key: str, default: bool) -> bool:
         value = self._config.get(key)

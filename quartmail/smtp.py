@@ -6,8 +6,10 @@ certificates verified by the given context), sends flattened
 :class:`~quartmail.message.Envelope` objects (in several transactions when the
 server limits recipients per transaction) and turns every aiosmtplib or OS
 error into a :class:`~quartmail.errors.SendError` that keeps the SMTP code and
-the refused recipients. Neither error texts, nor the errors chained to them,
-nor the ``MAIL_DEBUG`` log of the conversation ever contain the password.
+the refused recipients. It logs in with a password (AUTH PLAIN, LOGIN or
+CRAM-MD5) or with an OAuth2 access token (AUTH XOAUTH2, ``MAIL_OAUTH2_TOKEN``).
+Neither error texts, nor the errors chained to them, nor the ``MAIL_DEBUG``
+log of the conversation ever contain the password or the token.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import asyncio
 import base64
 import contextlib
 import copy
+import inspect
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import aiosmtplib
+from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.protocol import SMTPProtocol
 from aiosmtplib.typing import Default
 
@@ -37,9 +41,20 @@ from .errors import (
 )
 from .message import Envelope
 
-__all__ = ["SMTPSession", "SMTPSettings", "SendResult", "make_tls_context"]
+__all__ = [
+    "SMTPSession",
+    "SMTPSettings",
+    "SendResult",
+    "TokenProvider",
+    "make_tls_context",
+    "token_problem",
+]
 
 log = logging.getLogger("quartmail.smtp")
+
+#: ``MAIL_OAUTH2_TOKEN`` as a callable: given MAIL_USERNAME, it returns a
+#: current access token, or an awaitable of one.
+TokenProvider: TypeAlias = Callable[[str], "str | Awaitable[str]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +80,8 @@ class SMTPSettings:
     use_ssl: bool = False  # implicit TLS
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: An access token, or a callable returning one: AUTH XOAUTH2 instead of the password.
+    oauth2_token: str | TokenProvider | None = field(default=None, repr=False)
     timeout: float = 30.0
     tls_context: ssl.SSLContext | None = field(default=None, repr=False)
     local_hostname: str | None = None
@@ -75,17 +92,42 @@ class SMTPSettings:
         return f"{self.hostname}:{self.port}"
 
     def secrets(self) -> list[str]:
-        """The forms in which the password could travel, to keep them out of
-        logs and error texts: plain, and base64 as in AUTH LOGIN and PLAIN."""
-        if not self.password:
-            return []
+        """The forms in which the password (or a fixed MAIL_OAUTH2_TOKEN) could
+        travel, to keep them out of logs and error texts: plain, and base64 as
+        in AUTH LOGIN, PLAIN and XOAUTH2."""
         user = self.username or ""
-        forms = [self.password.encode(), f"\0{user}\0{self.password}".encode()]
-        return [self.password, *(base64.b64encode(form).decode("ascii") for form in forms)]
+        found: list[str] = []
+        if self.password:
+            forms = [self.password.encode(), f"\0{user}\0{self.password}".encode()]
+            found += [self.password, *(base64.b64encode(form).decode("ascii") for form in forms)]
+        if isinstance(self.oauth2_token, str):
+            found += _token_forms(user, self.oauth2_token)
+        return found
 
     def redact(self, text: str) -> str:
-        """*text* with every form of the password replaced by ``****``."""
+        """*text* with every form of the password (and of a fixed token)
+        replaced by ``****``."""
         return _redact(text, self.secrets())
+
+
+def token_problem(token: str) -> str | None:
+    """What is wrong with an access token, or None. The description never
+    quotes the token.
+
+    A token is one word of visible ASCII (RFC 6750 2.1 allows less still): a
+    space, a line end or a control character would break the XOAUTH2 string,
+    whose fields are separated by ``\\x01``."""
+    if not token:
+        return "an empty token"
+    if not all("!" <= char <= "~" for char in token):
+        return "a token with white space or control characters (a line end left in?)"
+    return None
+
+
+def _token_forms(user: str, token: str) -> list[str]:
+    """The forms in which an access token travels: plain, and the base64
+    XOAUTH2 string of the AUTH command."""
+    return [token, auth_xoauth2_encode(user, token).decode("ascii")]
 
 
 def make_tls_context(*, validate_certs: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
@@ -107,10 +149,14 @@ class SMTPSession:
     ``sent`` counts the messages this session delivered.
     """
 
-    def __init__(self, settings: SMTPSettings, client: _SMTP) -> None:
+    def __init__(
+        self, settings: SMTPSettings, client: _SMTP, secrets: list[str] | None = None
+    ) -> None:
         self.settings = settings
         self.sent = 0
         self._client = client
+        # Every form of the password and of the tokens this session used.
+        self._secrets = secrets if secrets is not None else settings.secrets()
 
     def __repr__(self) -> str:
         state = "open" if self.is_connected else "closed"
@@ -120,9 +166,40 @@ class SMTPSession:
     async def open(cls, settings: SMTPSettings) -> SMTPSession:
         """Connect, start TLS as configured and log in.
 
+        With a callable ``MAIL_OAUTH2_TOKEN``, a token the server refuses is
+        taken for an expired one: the callable is asked once more, and the
+        login tried again on a new connection.
+
         Raises :class:`~quartmail.errors.SendError` (a subclass of it) when
         any step fails; the connection is closed then.
         """
+        secrets = settings.secrets()
+        opened = await cls._open(settings, secrets)
+        if (
+            isinstance(opened, AuthenticationError)
+            and opened.code is not None  # the server's refusal, not ours
+            and callable(settings.oauth2_token)
+        ):
+            log.info("%s; asking MAIL_OAUTH2_TOKEN for a new token", opened)
+            opened = await cls._open(settings, secrets)
+        if isinstance(opened, SendError):
+            # Raised here, outside any except block, so that its __context__
+            # does not keep aiosmtplib's exception (which may quote a secret).
+            raise opened
+        return opened
+
+    @classmethod
+    async def _open(cls, settings: SMTPSettings, secrets: list[str]) -> SMTPSession | SendError:
+        """One attempt at :meth:`open`: the session, or why there is none."""
+        token: str | None = None
+        if settings.oauth2_token is not None and settings.username is not None:
+            # Asked before connecting: no connection idles while a provider
+            # talks to its identity service.
+            current = await _current_token(settings, secrets)
+            if isinstance(current, SendError):
+                return current
+            token = current
+            secrets.extend(_token_forms(settings.username, token))
         options = dict(
             hostname=settings.hostname,
             port=settings.port,
@@ -134,23 +211,23 @@ class SMTPSession:
             local_hostname=settings.local_hostname,
             timeout=settings.timeout,
         )
-        client = _LoggingSMTP(settings.secrets(), **options) if settings.debug else _SMTP(**options)
+        client = _LoggingSMTP(secrets, **options) if settings.debug else _SMTP(**options)
         try:
             await client.connect()
-            if settings.username is not None:
+            if settings.username is not None and token is not None:
+                await _login_xoauth2(client, settings, settings.username, token)
+            elif settings.username is not None:
                 await client.login(settings.username, settings.password or "")
         except Exception as err:
             client.close()
-            error = _wrap(err, settings)
+            error = err if isinstance(err, SendError) else _wrap(err, settings, secrets)
         except BaseException:
             client.close()
             raise
         else:
-            return cls(settings, client)
+            return cls(settings, client, secrets)
         await client.wait_closed(settings.timeout)
-        # Raised here, outside the except block, so that its __context__ does
-        # not keep aiosmtplib's exception (which may quote the password).
-        raise error
+        return error
 
     @property
     def is_connected(self) -> bool:
@@ -218,7 +295,7 @@ class SMTPSession:
             self.abort()
             raise
         except Exception as err:
-            error = _wrap(err, self.settings)
+            error = _wrap(err, self.settings, self._secrets)
         else:
             return {address: (reply.code, reply.message) for address, reply in refused.items()}
         if _spends_session(error):
@@ -260,19 +337,79 @@ def _too_many(reply: Reply) -> bool:
     return code == 452 or (code == 552 and text.startswith(("4.5.3", "5.5.3")))
 
 
-def _wrap(err: Exception, settings: SMTPSettings) -> SendError:
-    """Turn an aiosmtplib or OS error into ours: a password-free text, and as
-    ``__cause__`` the original, or a copy of it with the password masked
-    wherever it appears (a server may quote the AUTH line in its reply)."""
-    error = _translate(err, settings)
-    error.__cause__ = _scrubbed(err, settings.secrets())
+async def _current_token(settings: SMTPSettings, secrets: Sequence[str]) -> str | SendError:
+    """MAIL_OAUTH2_TOKEN's token: the string, or what the callable returns
+    for MAIL_USERNAME within MAIL_TIMEOUT. An async callable runs in the event
+    loop; a plain one in a thread, as it may block (msal and google-auth
+    fetch tokens over blocking HTTP)."""
+    provider = settings.oauth2_token
+    if isinstance(provider, str) or provider is None:
+        return provider or ""
+    user = settings.username or ""
+    name = f"MAIL_OAUTH2_TOKEN ({getattr(provider, '__qualname__', type(provider).__name__)})"
+    try:
+        async with asyncio.timeout(settings.timeout) as deadline:
+            if inspect.iscoroutinefunction(provider):
+                result: object = await provider(user)
+            else:
+                result = await asyncio.to_thread(provider, user)
+                if inspect.isawaitable(result):  # a plain callable that returns a coroutine
+                    result = await result
+    except Exception as err:
+        if isinstance(err, TimeoutError) and deadline.expired():
+            return SendTimeoutError(
+                f"{name} returned no token within {settings.timeout:g} s (MAIL_TIMEOUT)"
+            )
+        error = AuthenticationError(
+            _redact(f"{name} failed for {user!r}: {type(err).__name__}: {err}", secrets)
+        )
+        error.__cause__ = _scrubbed(err, secrets)
+        error.__suppress_context__ = True
+        return error
+    if not isinstance(result, str):
+        # msal returns a dict: its "access_token" is the token.
+        hint = ' (msal: return result["access_token"])' if isinstance(result, dict) else ""
+        return AuthenticationError(
+            f"{name} returned a {type(result).__name__}, not an access token (a str){hint}"
+        )
+    problem = token_problem(result)
+    if problem is not None:
+        return AuthenticationError(f"{name} returned {problem}")
+    return result
+
+
+async def _login_xoauth2(client: _SMTP, settings: SMTPSettings, user: str, token: str) -> None:
+    """AUTH XOAUTH2 with *token* for *user*, as Google and Microsoft define it.
+
+    aiosmtplib's ``auth_xoauth2`` sends the base64 of ``user=...\\x01auth=Bearer
+    ...\\x01\\x01`` and, when the server answers a bad token with a 334 error
+    challenge (Gmail does: base64 JSON), the empty line that gets the final 535.
+    Its ``oauth_token_generator`` option is not used: it takes no user name and
+    is never asked again after a refusal.
+    """
+    if client.is_ehlo_or_helo_needed:
+        await client.ehlo()
+    if "xoauth2" not in client.server_auth_methods:
+        offered = " ".join(client.server_auth_methods).upper() or "no AUTH mechanism"
+        raise AuthenticationError(
+            f"SMTP server {settings.address} does not offer AUTH XOAUTH2, which "
+            f"MAIL_OAUTH2_TOKEN needs (it offers {offered})"
+        )
+    await client.auth_xoauth2(user, token)
+
+
+def _wrap(err: Exception, settings: SMTPSettings, secrets: Sequence[str]) -> SendError:
+    """Turn an aiosmtplib or OS error into ours: a text free of *secrets*, and
+    as ``__cause__`` the original, or a copy of it with the secrets masked
+    wherever they appear (a server may quote the AUTH line in its reply)."""
+    error = _translate(err, settings, lambda text: _redact(text, secrets))
+    error.__cause__ = _scrubbed(err, secrets)
     error.__suppress_context__ = True
     return error
 
 
-def _translate(err: Exception, settings: SMTPSettings) -> SendError:
+def _translate(err: Exception, settings: SMTPSettings, mask: Callable[[str], str]) -> SendError:
     where = f"SMTP server {settings.address}"
-    mask = settings.redact
     if isinstance(err, aiosmtplib.SMTPRecipientsRefused):
         refused = {e.recipient: (e.code, e.message) for e in err.recipients}
         return RecipientsRefusedError(
@@ -458,7 +595,7 @@ class _LoggingSMTP(_SMTP):
             shown = " ".join(arg.decode("ascii", "replace") for arg in args[:2])
             shown += " ****" if len(args) > 2 else ""
         elif self._in_auth:
-            shown = "****"
+            shown = "****" if any(args) else ""  # an empty line answers an error challenge
         else:
             shown = self._clean(b" ".join(args).decode("utf-8", "replace"))
         log.debug(">>> %s", shown)

@@ -4,7 +4,8 @@
 running loop (port 0 by default; the real port is read back from the socket), so a test talks to
 it over loopback exactly as the app would talk to a mail relay. It speaks plain SMTP, STARTTLS or
 implicit TLS (certificates from :meth:`TLSCertificates.create`, made with trustme at run time),
-can require AUTH, records every accepted message, and injects faults on the server side:
+can require AUTH (PLAIN and LOGIN with a password, XOAUTH2 with an access token), records every
+accepted message, and injects faults on the server side:
 refused recipients, 4xx/5xx replies to DATA, slow replies, a connection limit answered with 421,
 a server that never greets, one that greets every connection with a given line (421, or
 garbage), a garbage EHLO reply, a per-transaction recipient limit (452), a 535 that quotes the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import email
 import email.message
 import email.policy
@@ -39,7 +41,15 @@ from typing import TYPE_CHECKING, Any, AnyStr, Literal, Protocol, TypeVar, cast
 from ._extras import missing_extra
 
 try:
-    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
+    from aiosmtpd.smtp import (
+        MISSING,
+        SMTP,
+        AuthResult,
+        Envelope,
+        LoginPassword,
+        Session,
+        TLSSetupException,
+    )
 except ModuleNotFoundError as error:
     raise missing_extra(error, "testing", "The SMTP test server (quartmail.testing)") from None
 
@@ -60,6 +70,14 @@ _T = TypeVar("_T")
 _SERVER_HOSTNAME = "localhost"
 _ACCEPTED = "250 2.0.0 Message accepted for delivery"
 _TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections\r\n"
+# RFC 4954 section 4: an AUTH line carries a whole SASL response, which servers must take
+# whatever its length; an XOAUTH2 one with a real token (a JWT of 1-3 KB) is far longer than
+# the 512 octets of any other command line (RFC 5321 4.5.3.1.4).
+_AUTH_LINE_LIMIT = 12288
+# What Gmail answers a bad XOAUTH2 token with before its 535: a 334 whose text is this JSON,
+# base64-encoded (developers.google.com/gmail/imap/xoauth2-protocol).
+_XOAUTH2_ERROR = '{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
+_XOAUTH2_REFUSED = "535 5.7.8 Username and Password not accepted"
 # How long stop() waits for aborted connections and their session tasks to wind down. Aborting
 # is immediate, so this bound is only reached if something is badly wrong.
 _STOP_TIMEOUT = 5.0
@@ -244,6 +262,7 @@ class SMTPServerFactory(Protocol):
         tls: TLSMode = ...,
         certificates: TLSCertificates | None = ...,
         auth: tuple[str, str] | None = ...,
+        oauth2_tokens: dict[str, str] | None = ...,
         host: str = ...,
         port: int = ...,
         max_connections: int | None = ...,
@@ -269,6 +288,10 @@ class SMTPTestServer:
             (TLS from the first byte, like port 465).
         certificates: required unless ``tls == "none"``.
         auth: ``(username, password)``; when given, AUTH (PLAIN and LOGIN) is required before MAIL.
+        oauth2_tokens: ``{username: access token}``; when given, AUTH XOAUTH2 is offered and
+            required before MAIL, and takes each user's token (see :attr:`oauth2_tokens`).
+            A bad token is answered as Gmail does: a 334 error challenge (base64 JSON), then,
+            after the client's empty line, ``535 5.7.8``.
         host: address to bind; give an IP address, so that port 0 means one port.
         port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
         max_connections: above this many concurrent sessions, greet with
@@ -280,8 +303,8 @@ class SMTPTestServer:
             ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
 
     Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
-    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`) may be
-    changed while the server runs. A ``421`` reply, from either,
+    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
+    :attr:`oauth2_tokens`) may be changed while the server runs. A ``421`` reply, from either,
     closes the connection after it is sent, as RFC 5321 requires of a server.
     """
 
@@ -291,6 +314,7 @@ class SMTPTestServer:
         tls: TLSMode = "none",
         certificates: TLSCertificates | None = None,
         auth: tuple[str, str] | None = None,
+        oauth2_tokens: dict[str, str] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         max_connections: int | None = None,
@@ -313,9 +337,19 @@ class SMTPTestServer:
                 "auth must be a (username, password) tuple of two str, such as "
                 f"auth=('user', 'pass'), not a {type(auth).__name__}"
             )
+        if oauth2_tokens is not None and not _is_token_map(oauth2_tokens):
+            raise ValueError(
+                "oauth2_tokens must be a dict of user name (str) to access token (str), such "
+                "as oauth2_tokens={'user@example.com': 'ya29.token'}, not a "
+                f"{type(oauth2_tokens).__name__}"
+            )
         self.tls: TLSMode = tls
         self.certificates = certificates
         self.auth = auth
+        #: User name -> the access token AUTH XOAUTH2 takes for it; change a user's token to
+        #: expire the one a client holds. None: XOAUTH2 is not offered.
+        self._oauth2_tokens = oauth2_tokens
+        self.oauth2_tokens = self._given_tokens()
         #: The address the server binds.
         self.host = host
         #: The port; the real one once started (and kept for :meth:`restart`).
@@ -348,8 +382,8 @@ class SMTPTestServer:
         #: Most recipients per transaction; RCPT beyond it is answered
         #: ``452 4.5.3 Too many recipients``, as RFC 5321 4.5.3.1.10 asks.
         self.max_recipients: int | None = None
-        #: Answer a failed AUTH with a 535 that quotes the credentials, plain and base64, as
-        #: some servers echo the command they refuse.
+        #: Answer a failed AUTH with a 535 that quotes the credentials (or the token), plain and
+        #: base64, as some servers echo the command they refuse.
         self.echo_auth = False
 
         self._auth_attempts: list[str] = []
@@ -476,12 +510,17 @@ class SMTPTestServer:
     def mail_config(self) -> dict[str, object]:
         """Return the ``MAIL_*`` settings that point a quartmail app at this server.
 
-        MAIL_USERNAME / MAIL_PASSWORD are None without ``auth`` and MAIL_CA_FILE is None
-        without TLS, so that updating an app's config also clears stale values.
+        MAIL_USERNAME / MAIL_PASSWORD come from ``auth``; without it, MAIL_USERNAME /
+        MAIL_OAUTH2_TOKEN are the first user of ``oauth2_tokens`` and its token. Each is None
+        when not given, and MAIL_CA_FILE is None without TLS, so that updating an app's
+        config also clears stale values.
         """
         if self._server is None and self.port == 0:
             raise RuntimeError("start the server first: the port is not known yet")
         username, password = self.auth if self.auth is not None else (None, None)
+        token = None
+        if self.auth is None and self.oauth2_tokens:
+            username, token = next(iter(self.oauth2_tokens.items()))
         return {
             "MAIL_SERVER": self.host,
             "MAIL_PORT": self.port,
@@ -489,6 +528,7 @@ class SMTPTestServer:
             "MAIL_USE_SSL": self.tls == "implicit",
             "MAIL_USERNAME": username,
             "MAIL_PASSWORD": password,
+            "MAIL_OAUTH2_TOKEN": token,
             "MAIL_CA_FILE": (
                 str(self.certificates.ca_file)
                 if self.certificates is not None and self.tls != "none"
@@ -572,9 +612,10 @@ class SMTPTestServer:
 
         Clears :attr:`messages` and :attr:`auth_attempts`, sets every counter to 0, empties
         :attr:`refuse_recipients` and :attr:`data_replies`, sets :attr:`data_delay` to 0 and
-        turns :attr:`ehlo_reply`, :attr:`max_recipients` and :attr:`echo_auth` off.
-        The options given to the constructor stay. Meant for a server shared by many
-        tests (a session-scoped fixture): reset it before each test.
+        turns :attr:`ehlo_reply`, :attr:`max_recipients` and :attr:`echo_auth` off, and gives
+        :attr:`oauth2_tokens` back the tokens given to the constructor. The other options
+        given to the constructor stay. Meant for a server shared by many tests (a
+        session-scoped fixture): reset it before each test.
         """
         self.messages = []
         self.connections = 0
@@ -586,6 +627,7 @@ class SMTPTestServer:
         self.ehlo_reply = None
         self.max_recipients = None
         self.echo_auth = False
+        self.oauth2_tokens = self._given_tokens()
         self._auth_attempts = []
 
     def configure(self, app: Quart) -> None:
@@ -609,6 +651,9 @@ class SMTPTestServer:
 
     # Internals used by the protocols below.
 
+    def _given_tokens(self) -> dict[str, str] | None:
+        return dict(self._oauth2_tokens) if self._oauth2_tokens is not None else None
+
     def _notify(self) -> None:
         """Wake every wait_for(): something about the server changed."""
         for waiter in self._waiters:
@@ -628,7 +673,7 @@ class SMTPTestServer:
         return self._new_session()
 
     def _new_session(self) -> _Session:
-        auth_required = self.auth is not None
+        auth_required = self.auth is not None or self.oauth2_tokens is not None
         # AUTH only after STARTTLS in STARTTLS mode, as a real submission server does; with
         # implicit TLS (or none) aiosmtpd must be told not to require its STARTTLS.
         auth_require_tls = not auth_required or self.tls == "starttls"
@@ -652,6 +697,8 @@ class SMTPTestServer:
                 auth_required=auth_required,
                 auth_require_tls=auth_require_tls,
                 authenticator=self._handler.authenticate,
+                # XOAUTH2 only for a server given tokens (PLAIN and LOGIN are always offered).
+                auth_exclude_mechanism=["XOAUTH2"] if self.oauth2_tokens is None else [],
                 timeout=self.idle_timeout,
             )
 
@@ -800,13 +847,60 @@ class _Handler:
 
 
 class _Session(SMTP):
-    """aiosmtpd's SMTP protocol, registered with its SMTPTestServer for stop()."""
+    """aiosmtpd's SMTP protocol, registered with its SMTPTestServer for stop(), with AUTH
+    XOAUTH2 and AUTH lines as long as a SASL response needs."""
 
     def __init__(self, owner: SMTPTestServer, handler: _Handler, **kwargs: Any) -> None:
         self._owner = owner
         self._tracked: asyncio.BaseTransport | None = None
         self._ended = False
+        # aiosmtpd sizes its line reader from line_length_limit, and clears (and grows) a
+        # command_size_limits dict that its class shares with every instance: both are made
+        # this session's own. DATA lines are still held to the class's limit (deleted below).
+        self.line_length_limit = _AUTH_LINE_LIMIT + 2
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(handler, **kwargs)
+        del self.line_length_limit
+        self.command_size_limits["AUTH"] = _AUTH_LINE_LIMIT
+
+    async def auth_XOAUTH2(self, _: SMTP, args: list[str]) -> AuthResult:  # noqa: N802
+        """AUTH XOAUTH2, as Gmail and Microsoft 365 speak it: the base64 of
+        ``user=<user>\\x01auth=Bearer <token>\\x01\\x01``, as the initial response or after
+        an empty 334. A bad token gets Gmail's 334 error challenge, then 535."""
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+        else:
+            try:
+                response = base64.b64decode(args[1], validate=True)
+            except ValueError:
+                response = MISSING
+                await self.push("501 5.5.2 Can't decode base64")
+        if response is MISSING:  # answered with 501 already
+            return AuthResult(success=False, handled=True)
+        fields = response.split(b"\x01")
+        user_field, auth_field = [*fields, b"", b""][:2]
+        if (
+            len(fields) != 4
+            or fields[2:] != [b"", b""]
+            or not user_field.startswith(b"user=")
+            or not auth_field.startswith(b"auth=Bearer ")
+        ):
+            await self.push("501 5.5.2 Malformed XOAUTH2 response")
+            return AuthResult(success=False, handled=True)
+        user = user_field.removeprefix(b"user=").decode("utf-8", "replace")
+        token = auth_field.removeprefix(b"auth=Bearer ")
+        owner = self._owner
+        owner._auth_attempts.append(user)
+        expected = (owner.oauth2_tokens or {}).get(user)
+        if expected is not None and hmac.compare_digest(token, expected.encode()):
+            return AuthResult(success=True, auth_data=user)
+        if await self.challenge_auth(_XOAUTH2_ERROR) is MISSING:  # the client sent "*"
+            return AuthResult(success=False, handled=True)
+        refusal = _XOAUTH2_REFUSED
+        if owner.echo_auth:
+            quoted = base64.b64encode(response).decode()
+            refusal += f" AUTH XOAUTH2 {quoted} {token.decode('utf-8', 'replace')}"
+        return AuthResult(success=False, handled=False, message=refusal)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # aiosmtpd calls this again, with the TLS transport, after STARTTLS; the first
@@ -899,6 +993,12 @@ class _SilentProtocol(asyncio.Protocol):
 def _is_credentials(auth: object) -> bool:
     return (
         isinstance(auth, tuple) and len(auth) == 2 and all(isinstance(part, str) for part in auth)
+    )
+
+
+def _is_token_map(tokens: object) -> bool:
+    return isinstance(tokens, dict) and all(
+        isinstance(user, str) and isinstance(token, str) for user, token in tokens.items()
     )
 
 

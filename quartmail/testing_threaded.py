@@ -55,6 +55,7 @@ class ThreadedSMTPTestServer:
         tls: TLSMode
         certificates: TLSCertificates | None
         auth: tuple[str, str] | None
+        oauth2_tokens: dict[str, str] | None
         host: str
         port: int
         max_connections: int | None

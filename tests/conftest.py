@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -150,6 +151,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 MakeMail = Callable[..., tuple[Quart, Mail]]
+
+
+def everything_said(error: BaseException) -> str:
+    """All a log could print about *error*: every chained error's text, repr, args and
+    attributes, and the formatted traceback (to check that no secret is among them)."""
+    parts = ["".join(traceback.format_exception(error))]
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        link = todo.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        parts += [str(link), repr(link), repr(link.args), repr(vars(link))]
+        todo += [link.__cause__, link.__context__]
+    return "\n".join(parts)
 
 
 @pytest.fixture

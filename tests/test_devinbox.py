@@ -194,6 +194,10 @@ async def test_settings_point_the_mail_at_the_inbox(caplog: pytest.LogCaptureFix
         await send(app, mail, Message("Hi", recipients=[TO], body="Hi"))
     assert [caught.subject for caught in inbox.messages] == ["Hi"]
 
+    # An OAuth2 login (MAIL_OAUTH2_TOKEN) is dropped with the user name, not refused.
+    app, mail = make_app(MAIL_USERNAME="user", MAIL_OAUTH2_TOKEN=lambda user: "a-token")
+    assert app.extensions["mail"].settings.smtp.oauth2_token is None
+
     app, mail = make_app(MAIL_SUPPRESS_SEND=True)
     assert app.extensions["mail"].settings.suppress_send is True
     async with app.test_app():

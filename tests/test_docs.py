@@ -54,7 +54,7 @@ def table(heading: str) -> dict[str, str]:
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, str] = {}
     for line in section.splitlines():
-        match = re.fullmatch(r"\| `([A-Z_]+)` \| (.+?) \| .+ \|", line)
+        match = re.fullmatch(r"\| `([A-Z][A-Z0-9_]*)` \| (.+?) \| .+ \|", line)
         if match:
             assert match[1] not in rows, f"{match[1]} has two rows"
             rows[match[1]] = match[2]

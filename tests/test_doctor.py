@@ -296,6 +296,27 @@ async def test_a_refused_login(smtp_server_factory: SMTPServerFactory, make_mail
     assert set(server.auth_attempts) == {USER}  # aiosmtplib tries PLAIN, then LOGIN
 
 
+async def test_an_oauth2_login(smtp_server_factory: SMTPServerFactory, make_mail: MakeMail) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: "good-token"})
+    app, _ = make_mail(server, MAIL_USERNAME=USER, MAIL_OAUTH2_TOKEN=lambda user: "good-token")
+    assert only(await doctor(app), "auth").what == f"Logged in as {USER!r}."
+
+    server.oauth2_tokens = {USER: "the token has changed"}
+    finding = only(await doctor(app), "auth")
+    assert finding.level == "error" and "MAIL_OAUTH2_TOKEN" in finding.do
+
+
+async def test_an_oauth2_token_for_a_server_without_xoauth2(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(tls="starttls", auth=(USER, PASSWORD))
+    app, _ = make_mail(server, MAIL_USERNAME=USER, MAIL_PASSWORD=None, MAIL_OAUTH2_TOKEN="t0k3n")
+    finding = only(await doctor(app), "auth")
+    assert finding.level == "error"
+    assert "MAIL_OAUTH2_TOKEN is set" in finding.what and "not XOAUTH2" in finding.what
+    assert server.auth_attempts == []
+
+
 async def test_auth_not_offered(smtp_server: SMTPTestServer, make_mail: MakeMail) -> None:
     app, _ = make_mail(smtp_server, MAIL_USERNAME=USER, MAIL_PASSWORD=PASSWORD)
     finding = only(await doctor(app), "auth")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import traceback
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +17,7 @@ from quartmail import (
 )
 from quartmail.testing import ReceivedMessage, SMTPServerFactory, SMTPTestServer
 
-from conftest import MakeMail
+from conftest import MakeMail, everything_said
 
 RECIPIENTS = [f"user{n}@example.com" for n in range(5)]
 
@@ -144,27 +142,6 @@ async def test_every_recipient_refused_carries_the_code(
 
 
 # Secrets: nowhere in the exception chain
-
-
-def chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [error]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__]
-
-
-def everything_said(error: BaseException) -> str:
-    """All a log could print about *error*: every chained error's text, repr, args and
-    attributes, and the formatted traceback."""
-    parts = ["".join(traceback.format_exception(error))]
-    for link in chain(error):
-        parts += [str(link), repr(link), repr(link.args), repr(vars(link))]
-    return "\n".join(parts)
 
 
 def forms(user: str, password: str) -> list[str]:

@@ -401,6 +401,7 @@ def test_mail_config(smtp_certificates: TLSCertificates) -> None:
         "MAIL_USE_SSL": False,
         "MAIL_USERNAME": None,
         "MAIL_PASSWORD": None,
+        "MAIL_OAUTH2_TOKEN": None,
         "MAIL_CA_FILE": None,
         "MAIL_SUPPRESS_SEND": False,
         "MAIL_TIMEOUT": 5,

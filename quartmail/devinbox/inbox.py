@@ -62,6 +62,7 @@ class DevInbox:
             MAIL_USE_SSL=False,
             MAIL_USERNAME=None,
             MAIL_PASSWORD=None,
+            MAIL_OAUTH2_TOKEN=None,
         )
         if app.config.get("MAIL_SUPPRESS_SEND") is None:
             # Testing would suppress sending, and the inbox would stay empty.
