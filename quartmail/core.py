@@ -162,8 +162,9 @@ class MailCore:
         await notify(email_dispatched, message, app=self.app)
 
     def delivered(self, message: Message, result: SendResult) -> None:
-        """A message was accepted in the background: record it, and signal
-        it (and its refused recipients, if any) in a task of the core's."""
+        """A message was accepted (or suppressed) in the background: record
+        it, and signal it (and its refused recipients, if any) in a task of
+        the core's."""
         self.record(message)
         refusal = partly_refused(result.message_id, result.refused) if result.refused else None
         self.signal(self._delivered(message, refusal))

@@ -51,7 +51,6 @@ from .core import MailCore, timed_out
 from .errors import ConnectError, MailError, SendError
 from .message import Envelope, Message
 from .settings import MailSettings
-from .signals import email_dispatched, notify
 from .smtp import SendResult, SMTPSession
 
 __all__ = ["Delivery"]
@@ -140,9 +139,9 @@ class Delivery:
         envelope = self._core.envelope(message)  # raises MessageError, BadHeaderError
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         if self._settings.suppress_send:
-            self._core.record(message)
-            self._core.signal(notify(email_dispatched, message, app=self._core.app))
-            future.set_result(SendResult(message_id=envelope.message_id))
+            result = SendResult(message_id=envelope.message_id)
+            self._core.delivered(message, result)  # recorded and signalled, not sent
+            future.set_result(result)
             return future
         deadline = asyncio.get_running_loop().time() + self._settings.delivery_timeout
         job = _Job(envelope, future, message, deadline=deadline)
