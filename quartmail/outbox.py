@@ -143,7 +143,9 @@ class OutboxTable:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        # Set on a commit that added rows, and by retry(): the dispatcher waits on it.
+        self._postgres = engine.dialect.name == "postgresql"
+        # Set on a commit that added rows, and by retry(): this process's
+        # dispatcher waits on it (NOTIFY wakes the others).
         self.wake = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -185,6 +187,10 @@ class OutboxTable:
                 # Queued again counts as enqueued now, for MAIL_DELIVERY_TIMEOUT.
                 .values(state="queued", attempts=0, next_attempt_at=_now(), created_at=_now())
             )
+            if self._postgres and result.rowcount:  # from a CLI, say: wake the app's dispatchers
+                await connection.execute(
+                    text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL}
+                )
         self.wake.set()
         return int(result.rowcount)
 
@@ -206,7 +212,6 @@ class Outbox(OutboxTable):
     def __init__(self, engine: AsyncEngine, core: MailCore) -> None:
         super().__init__(engine)
         self._core = core
-        self._postgres = engine.dialect.name == "postgresql"
 
     async def enqueue(self, session: AsyncSession, message: Message) -> str:
         """Add *message* to the outbox in *session*'s transaction; it is sent
