@@ -6,16 +6,20 @@ below it, and nothing below calls back up (``tests/test_layers.py`` checks
 that there is no import cycle and that nothing imports the app)::
 
     quartmail.app               the reference sign-up app; the library never imports it
-     └─ extension               Mail, MailState, Connection: the Flask-Mail front
+     └─ extension               Mail, MailState, Connection: the Flask-Mail front (+ compat)
          ├─ dispatcher          the outbox's dispatcher: claims rows, sends them over delivery
          │   └─ delivery        background delivery: queue, pool of sessions, drain
          ├─ outbox              the outbox table and its admin API (enqueue, status, retry, purge)
          └─ core                MailCore: this module
-             ├─ smtp            one SMTP session (aiosmtplib)
-             ├─ message, mime   Message -> Envelope (checked, flattened)
              ├─ settings        the checked MAIL_* settings
+             ├─ smtp            one SMTP session (aiosmtplib)
+             ├─ message         Message -> Envelope (checked, flattened), with
+             │   └─ attachments, mime    the two body writers
              ├─ signals         email_dispatched, email_failed
              └─ addresses, errors
+
+    Beside them, for apps and their tests: testing, testing_threaded and
+    pytest_plugin (the SMTP test server), dkim, unsubscribe.
 
 :class:`MailCore` is one app's: the settings, the open ``record_messages()``
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
