@@ -70,6 +70,7 @@ class _Job:
     message: Message | None = None  # None for attempt(): its caller decides, logs and signals
     attempts: int = 0  # failed attempts so far
     reconnected: bool = False  # already resent once after a stale session
+    rushed: bool = False  # had its retry at once, at shutdown
     retry: asyncio.TimerHandle | None = None
     sending: asyncio.Task[SendResult] | None = None
     deadline: float = math.inf  # loop time: MAIL_DELIVERY_TIMEOUT after submit
@@ -176,10 +177,12 @@ class Delivery:
             return
         self._closed = True
         # Messages waiting for a retry get their chance now rather than after
-        # the deadline; later retries keep their backoff.
+        # the deadline (so does one whose attempt fails during the drain: see
+        # _attempt_failed); later retries keep their backoff.
         for job in list(self._pending):
             if job.retry is not None:
                 job.retry.cancel()
+                job.rushed = True
                 self._put_back(job)
         timeout = self._settings.shutdown_timeout
         if deadline is None:
@@ -344,6 +347,11 @@ class Delivery:
         outcome = self._core.after_failure(job.envelope.message_id, error, job.attempts, time_left)
         if isinstance(outcome, MailError):
             self._fail(job, outcome)
+            return
+        if self._closed and not job.rushed:
+            # Shutting down: its one retry now, within the drain.
+            job.rushed = True
+            self._put_back(job)
             return
         job.held = False
         job.retry = asyncio.get_running_loop().call_later(outcome, self._put_back, job)

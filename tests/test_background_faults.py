@@ -183,3 +183,18 @@ async def test_a_receiver_that_never_returns_does_not_block_the_worker(
     assert any(
         "signal receivers still running at shutdown" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_failure_that_lands_during_the_drain_gets_its_retry_now(
+    smtp_server: SMTPTestServer, make_mail: MakeMail
+) -> None:
+    # The 451 comes back after the shutdown began: the message was not
+    # waiting for a retry then, but is as much at shutdown as one that was.
+    smtp_server.data_replies.append("451 4.3.0 Try again later")
+    smtp_server.data_delay = 0.5
+    app, mail = make_mail(smtp_server, MAIL_RETRY_DELAY=30)  # far beyond the drain
+    async with serving(app):
+        future = mail.send_background(message())
+        await wait_until(lambda: smtp_server.data_attempts == 1)
+    assert isinstance(await outcome(future), SendResult)
+    assert len(smtp_server.messages) == 1
