@@ -7,6 +7,9 @@
     mail = Mail(app)
     await mail.send(Message("Hello", sender="me@example.com", recipients=["you@example.com"],
                             body="text", html="<b>HTML</b>"))
+
+The modules are layered, each importing only from those below it; the
+layers are drawn in :mod:`quartmail.core`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,10 @@ Failures:
   delivered; the refusals are logged (WARNING) and sent with ``email_failed``.
 
 Each failure for good is logged (ERROR, with the Message-ID), sent with
-``email_failed`` and raised from the message's future.
+``email_failed`` and raised from the message's future. The rules (reuse of a
+session, retry or fail, the log, the signals) are the core's
+(:mod:`quartmail.core`), the same for every path; the signals run in tasks
+the core owns, so a receiver that never returns does not hold up a worker.
 
 :meth:`Delivery.close` (the app's ``after_serving``) stops taking messages,
 delivers what is queued or waiting for a retry within
@@ -42,26 +45,20 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectError, MailError, RecipientsRefusedError, Reply, SendError
+from .core import MailCore, timed_out
+from .errors import ConnectError, MailError, SendError
 from .message import Envelope, Message
-from .signals import email_dispatched, email_failed, notify
+from .settings import MailSettings
 from .smtp import SendResult, SMTPSession
 
-if TYPE_CHECKING:
-    from .extension import MailState
-
-__all__ = ["Delivery", "backoff", "next_attempt", "partly_refused", "timed_out"]
+__all__ = ["Delivery"]
 
 log = logging.getLogger("quartmail.delivery")
 
 # A worker refused a connection backs off up to this long before trying again.
 _MAX_CONNECT_BACKOFF = 30.0
-# The longest wait between two attempts at one message.
-_MAX_RETRY_DELAY = 3600.0
 # How long close() waits for cancelled workers; see _cancel_all.
 _CANCEL_GRACE = 1.0
 
@@ -70,10 +67,10 @@ _CANCEL_GRACE = 1.0
 class _Job:
     envelope: Envelope
     future: asyncio.Future[SendResult]
-    retries: int  # how many transient failures are tried again
-    message: Message | None = None  # None for attempt(): its caller logs and signals
+    message: Message | None = None  # None for attempt(): its caller decides, logs and signals
     attempts: int = 0  # failed attempts so far
     reconnected: bool = False  # already resent once after a stale session
+    rushed: bool = False  # had its retry at once, at shutdown
     retry: asyncio.TimerHandle | None = None
     sending: asyncio.Task[SendResult] | None = None
     deadline: float = math.inf  # loop time: MAIL_DELIVERY_TIMEOUT after submit
@@ -93,9 +90,8 @@ class _Worker:
 class Delivery:
     """Background delivery for one app; made by :class:`~quartmail.Mail`."""
 
-    def __init__(self, state: MailState) -> None:
-        self._state = state
-        self._settings = state.settings
+    def __init__(self, core: MailCore) -> None:
+        self._core = core
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._workers: list[_Worker] = []
         self._pending: set[_Job] = set()  # submitted and not settled yet
@@ -103,7 +99,6 @@ class Delivery:
         self._idle.set()
         self._stopping = asyncio.Event()
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()  # signal tasks for suppressed mail
 
     def __repr__(self) -> str:
         live = sum(1 for worker in self._workers if worker.session is not None)
@@ -111,6 +106,10 @@ class Delivery:
             f"<Delivery pending={len(self._pending)} workers={len(self._workers)} "
             f"sessions={live}{' closed' if self._closed else ''}>"
         )
+
+    @property
+    def _settings(self) -> MailSettings:
+        return self._core.settings  # read each time: Flask-Mail code may change one
 
     @property
     def closed(self) -> bool:
@@ -138,15 +137,15 @@ class Delivery:
         :meth:`quartmail.Mail.send_background`."""
         if self._closed:
             raise MailError("background delivery is shut down; no new messages are taken")
-        envelope = self._state.envelope(message)  # raises MessageError, BadHeaderError
+        envelope = self._core.envelope(message)  # raises MessageError, BadHeaderError
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         if self._settings.suppress_send:
-            self._state.record(message)
-            future.set_result(SendResult(message_id=envelope.message_id))
-            self._spawn(notify(email_dispatched, message, app=self._state.app))
+            result = SendResult(message_id=envelope.message_id)
+            self._core.delivered(message, result)  # recorded and signalled, not sent
+            future.set_result(result)
             return future
         deadline = asyncio.get_running_loop().time() + self._settings.delivery_timeout
-        job = _Job(envelope, future, self._settings.retries, message, deadline=deadline)
+        job = _Job(envelope, future, message, deadline=deadline)
         return self._queue_job(job)
 
     def attempt(self, envelope: Envelope, deadline: float = math.inf) -> asyncio.Future[SendResult]:
@@ -158,7 +157,7 @@ class Delivery:
         if self._closed:
             raise MailError("background delivery is shut down; no new messages are taken")
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-        return self._queue_job(_Job(envelope, future, retries=0, deadline=deadline))
+        return self._queue_job(_Job(envelope, future, deadline=deadline))
 
     def _queue_job(self, job: _Job) -> asyncio.Future[SendResult]:
         self.start()
@@ -178,10 +177,12 @@ class Delivery:
             return
         self._closed = True
         # Messages waiting for a retry get their chance now rather than after
-        # the deadline; later retries keep their backoff.
+        # the deadline (so does one whose attempt fails during the drain: see
+        # _attempt_failed); later retries keep their backoff.
         for job in list(self._pending):
             if job.retry is not None:
                 job.retry.cancel()
+                job.rushed = True
                 self._put_back(job)
         timeout = self._settings.shutdown_timeout
         if deadline is None:
@@ -205,13 +206,10 @@ class Delivery:
                 job.future.cancel()
                 continue
             error = MailError(
-                f"not sent: the app shut down before {job.envelope.message_id} could be "
+                f"the app shut down before {job.envelope.message_id} could be "
                 f"delivered (MAIL_SHUTDOWN_TIMEOUT={timeout:g} s)"
             )
-            if job.message is not None:  # (the outbox keeps its own)
-                log.error("Not sent at shutdown: %s", job.envelope.message_id)
-            await self._fail(job, error, log_it=False)
-        await _cancel_all(set(self._tasks))
+            self._fail(job, error)
 
     # The worker
 
@@ -224,7 +222,7 @@ class Delivery:
                 if self._stopping.is_set():
                     continue  # past the drain deadline: close() reports it
                 if self._expired(job):
-                    await self._fail(job, self._timed_out(job))
+                    self._fail(job, self._timed_out(job))
                     continue
                 job.held = True  # until it goes back to the queue (_put_back) or ends
                 try:
@@ -234,7 +232,7 @@ class Delivery:
                     self._drop_session(worker)
                     failure = MailError(f"unexpected error sending {job.envelope.message_id}")
                     failure.__cause__ = error
-                    await self._fail(job, failure, log_it=False)
+                    self._fail(job, failure, log_it=False)
         except asyncio.CancelledError:
             self._drop_session(worker)
             raise
@@ -253,7 +251,7 @@ class Delivery:
                 self._settle(job)
             return
         if self._expired(job):  # while connecting: no send starts past it
-            await self._fail(job, self._timed_out(job))
+            self._fail(job, self._timed_out(job))
             return
         reused = session.sent > 0
         # The send runs in a task of its own so that the caller can cancel
@@ -266,8 +264,8 @@ class Delivery:
             self._drop_session(worker)
             raise
         sending, job.sending = job.sending, None
-        if not session.is_connected:  # the session closes itself when spent
-            self._drop_session(worker)
+        # A session spent by this send has closed itself: the core's reuse
+        # rule replaces it before the next message.
         if sending.cancelled():
             # The caller cancelled the future mid-send; the message may or
             # may not have been delivered.
@@ -275,7 +273,7 @@ class Delivery:
             return
         error = sending.exception()
         if error is None:
-            await self._delivered(job, sending.result())
+            self._delivered(job, sending.result())
             return
         if not isinstance(error, SendError):
             raise error
@@ -285,32 +283,26 @@ class Delivery:
             job.reconnected = True
             self._put_back(job)
             return
-        await self._attempt_failed(job, error)
+        self._attempt_failed(job, error)
 
     async def _session_for(self, worker: _Worker, job: _Job) -> SMTPSession | None:
         """The worker's session, (re)opened as needed; None when the job
         went back to the queue or failed."""
-        session = worker.session
-        max_emails = self._settings.max_emails
-        if session is not None and (
-            not session.is_connected or (max_emails is not None and session.sent >= max_emails)
-        ):
-            worker.session = None
-            await session.close()
-            session = None
-        if session is not None:
-            return session
+        current, worker.session = worker.session, None
         try:
-            session = worker.session = await self._state.open_session()
+            session = worker.session = await self._core.session(current)
         except SendError as error:
             await self._connect_failed(worker, job, error)
             return None
-        worker.refusals = 0
+        if session is not current:
+            worker.refusals = 0
         return session
 
     async def _connect_failed(self, worker: _Worker, job: _Job, error: SendError) -> None:
         busy = error.code == 421  # the server is up, at its connection limit
-        others_connected = any(other.session is not None for other in self._workers)
+        others_connected = any(
+            other.session is not None and other.session.is_connected for other in self._workers
+        )
         if error.transient and (busy or others_connected) and not self._expired(job):
             job.last_error = error
             # The server takes fewer connections than the pool has: a fact
@@ -318,7 +310,7 @@ class Delivery:
             # it (or wait for one), and stay out of the way for a while.
             self._put_back(job)
         else:
-            await self._attempt_failed(job, error)
+            self._attempt_failed(job, error)
         if error.transient:
             worker.refusals += 1
             backoff = min(_MAX_CONNECT_BACKOFF, self._settings.retry_delay * 2**worker.refusals)
@@ -333,46 +325,36 @@ class Delivery:
 
     # Outcomes
 
-    async def _delivered(self, job: _Job, result: SendResult) -> None:
+    def _delivered(self, job: _Job, result: SendResult) -> None:
         if job.finished:
             return
         self._settle(job)
+        if job.message is not None:
+            self._core.delivered(job.message, result)  # before the caller wakes
         if not job.future.done():
             job.future.set_result(result)
-        if job.message is not None:
-            await self._state.dispatched(job.message)
-            if result.refused:
-                refusal = partly_refused(result.message_id, result.refused)
-                await notify(email_failed, job.message, app=self._state.app, error=refusal)
 
-    async def _attempt_failed(self, job: _Job, error: SendError) -> None:
+    def _attempt_failed(self, job: _Job, error: SendError) -> None:
         job.attempts += 1
         job.last_error = error
         if job.future.done():  # its caller cancelled it meanwhile
             self._settle(job)
             return
+        if job.message is None:  # attempt(): the outbox applies the rule itself
+            self._fail(job, error)
+            return
         time_left = job.deadline - asyncio.get_running_loop().time()
-        delay = next_attempt(
-            error, job.attempts, job.retries, self._settings.retry_delay, time_left
-        )
-        if delay is not None:
-            log.info(
-                "Retrying %s in %.2f s (attempt %d of %d): %s",
-                job.envelope.message_id,
-                delay,
-                job.attempts + 1,
-                job.retries + 1,
-                error,
-            )
-            job.held = False
-            job.retry = asyncio.get_running_loop().call_later(delay, self._put_back, job)
+        outcome = self._core.after_failure(job.envelope.message_id, error, job.attempts, time_left)
+        if isinstance(outcome, MailError):
+            self._fail(job, outcome)
             return
-        if error.transient and job.attempts <= job.retries:  # no time left for another
-            await self._fail(job, timed_out(self._settings.delivery_timeout, error))
+        if self._closed and not job.rushed:
+            # Shutting down: its one retry now, within the drain.
+            job.rushed = True
+            self._put_back(job)
             return
-        if error.transient and job.retries:
-            error.add_note(f"gave up after {job.attempts} attempts (MAIL_RETRIES)")
-        await self._fail(job, error)
+        job.held = False
+        job.retry = asyncio.get_running_loop().call_later(outcome, self._put_back, job)
 
     def _expired(self, job: _Job) -> bool:
         return asyncio.get_running_loop().time() >= job.deadline
@@ -389,9 +371,7 @@ class Delivery:
         if job.retry is not None:
             job.retry.cancel()
             job.retry = None
-        error = self._timed_out(job)
-        if self._failed(job, error) and job.message is not None:
-            self._spawn(notify(email_failed, job.message, app=self._state.app, error=error))
+        self._fail(job, self._timed_out(job))
 
     def _put_back(self, job: _Job) -> None:
         """Back to the queue: now, or when its retry is due."""
@@ -399,29 +379,21 @@ class Delivery:
         job.held = False
         self._queue.put_nowait(job)
 
-    async def _fail(self, job: _Job, error: MailError, *, log_it: bool = True) -> None:
-        if self._failed(job, error, log_it=log_it) and job.message is not None:
-            await notify(email_failed, job.message, app=self._state.app, error=error)
-
-    def _failed(self, job: _Job, error: MailError, *, log_it: bool = True) -> bool:
-        """Settle *job* as failed: log it, fail its future. False if it had
-        already ended (then nothing is done)."""
+    def _fail(self, job: _Job, error: MailError, *, log_it: bool = True) -> None:
+        """Settle *job* as failed: log it, signal it, fail its future (unless
+        it had already ended)."""
         if job.finished:
-            return False
+            return
         self._settle(job)
-        if log_it and job.message is not None:
-            log.error(
-                "Not sent: %s (SMTP code %s): %s",
-                job.envelope.message_id,
-                getattr(error, "code", None),
-                error,
-            )
+        if job.message is not None:  # (attempt(): the outbox logs and signals)
+            if log_it:
+                self._core.not_sent(job.envelope.message_id, error)
+            self._core.failed(job.message, error)  # before the caller wakes
         if not job.future.done():
             job.future.set_exception(error)
             # The caller may have dropped the future: the failure is logged and
             # signalled, so mark it retrieved ("exception was never retrieved").
             job.future.exception()
-        return True
 
     def _settle(self, job: _Job) -> None:
         job.finished = True
@@ -442,58 +414,6 @@ class Delivery:
         elif job.sending is not None:
             job.sending.cancel()
         # A queued job is dropped when a worker takes it.
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-
-def backoff(first: float, attempt: int) -> float:
-    """Seconds to wait before retry number *attempt* (1, 2, ...): *first*
-    doubled each time, at most an hour, with jitter so that retries do not
-    come back in a herd."""
-    delay = min(_MAX_RETRY_DELAY, first * 2.0 ** min(attempt - 1, 60))
-    return delay * random.uniform(0.75, 1.25)
-
-
-def next_attempt(
-    error: BaseException, attempts: int, retries: int, first_delay: float, time_left: float
-) -> float | None:
-    """Seconds until the next attempt at a message whose attempt number
-    *attempts* failed with *error*, or None when it has failed for good: a
-    permanent error, ``MAIL_RETRIES`` used up, or a next attempt that would
-    start after ``MAIL_DELIVERY_TIMEOUT`` (*time_left* seconds from now).
-    Background delivery and the outbox both decide by this."""
-    if not (isinstance(error, SendError) and error.transient) or attempts > retries:
-        return None
-    delay = backoff(first_delay, attempts)
-    return delay if delay < time_left else None
-
-
-def timed_out(timeout: float, last: SendError | None) -> SendError:
-    """The failure of a message past its ``MAIL_DELIVERY_TIMEOUT``, with the
-    code and text of its last failed attempt, if any."""
-    text = f"not delivered within MAIL_DELIVERY_TIMEOUT ({timeout:g} s)"
-    error = SendError(
-        text + (f"; last error: {last}" if last is not None else ""),
-        code=last.code if last is not None else None,
-        refused=last.refused if last is not None else None,
-    )
-    error.__cause__ = last
-    return error
-
-
-def partly_refused(message_id: str, refused: dict[str, Reply]) -> RecipientsRefusedError:
-    """Log (WARNING) the recipients refused by a server that took the
-    message for the others, and return the error to signal with ``email_failed``."""
-    replies = "; ".join(f"{address}: {code} {text}" for address, (code, text) in refused.items())
-    log.warning("Refused for some recipients: %s: %s", message_id, replies)
-    return RecipientsRefusedError(
-        f"{message_id} was delivered, but these recipients were refused: {replies}",
-        code=list(refused.values())[-1][0],
-        refused=refused,
-    )
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

@@ -1,18 +1,18 @@
 """The Quart extension: :class:`Mail` and :class:`Connection`.
 
-``Mail`` ties an app's ``MAIL_*`` settings to message checking
-(:mod:`quartmail.message`) and SMTP sessions (:mod:`quartmail.smtp`), and
-sends the signals. Its API is Flask-Mail's, with ``await``.
+``Mail`` is the front: it reads an app's ``MAIL_*`` settings into the
+app's :class:`~quartmail.core.MailCore` (message checking, sessions, the
+outcome rules, the signals) and hands each message to the path asked for:
+a new session (``send``), one kept session (``connect``), background
+delivery (``send_background``) or the outbox. Its API is Flask-Mail's, with
+``await``. The layers are drawn in :mod:`quartmail.core`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,17 +20,18 @@ from quart import Quart, current_app, has_app_context
 
 from .cli import cli
 from .compat import FlaskMailSettings
+from .core import MailCore
 from .delivery import Delivery
 from .message import Envelope, Message
 from .settings import DevInboxSettings, MailSettings
-from .signals import email_dispatched, notify
-from .smtp import SendResult, SMTPSession, SMTPSettings
+from .smtp import SendResult, SMTPSession
 
 if TYPE_CHECKING:
     # Only the outbox needs SQLAlchemy: quartmail imports it when it is used.
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .devinbox import DevInbox
+    from .dispatcher import Dispatcher
     from .outbox import Outbox
 
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
@@ -47,62 +48,52 @@ class MailState(FlaskMailSettings):
 
     def __init__(self, app: Quart, settings: MailSettings) -> None:
         self.app = app
-        self.settings = settings
-        self.recordings: list[list[Message]] = []  # open record_messages() blocks
-        self.delivery = Delivery(self)
+        self.core = MailCore(app, settings)
+        self.delivery = Delivery(self.core)
         self.outbox: Outbox | None = None
-        self._smtp: SMTPSettings = settings.smtp
+        self.dispatcher: Dispatcher | None = None  # the outbox's
 
     def __repr__(self) -> str:
         return f"<MailState {self.app.name!r} {self.settings.smtp!r} {self.delivery!r}>"
 
+    @property
+    def settings(self) -> MailSettings:
+        """The app's checked ``MAIL_*`` settings."""
+        return self.core.settings
+
+    @settings.setter
+    def settings(self, settings: MailSettings) -> None:
+        self.core.settings = settings  # (Flask-Mail code changing default_sender, say)
+
+    @property
+    def recordings(self) -> list[list[Message]]:
+        """The open ``record_messages()`` lists."""
+        return self.core.recordings
+
     async def startup(self) -> None:
-        """The app's ``before_serving``: start background delivery."""
+        """The app's ``before_serving``: start background delivery and the
+        outbox's dispatcher, which sends over it."""
         if self.delivery.closed:  # a second lifespan of the same app
-            self.delivery = Delivery(self)
+            self.delivery = Delivery(self.core)
         self.delivery.start()
-        if self.outbox is not None:
-            await self.outbox.start()
+        if self.dispatcher is not None:
+            await self.dispatcher.start(self.delivery)
 
     async def shutdown(self) -> None:
         """The app's ``after_serving``: stop the outbox, drain background
         delivery, both within one ``MAIL_SHUTDOWN_TIMEOUT``; past it nothing
         new starts and only sends already on the wire may finish."""
         deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
-        if self.outbox is not None:
-            await self.outbox.stop(deadline)
+        if self.dispatcher is not None:
+            await self.dispatcher.stop(deadline)
         await self.delivery.close(deadline)
-        if self.outbox is not None:
-            await self.outbox.close(deadline)
+        if self.dispatcher is not None:
+            await self.dispatcher.close(deadline)
+        await self.core.close(deadline)  # the signals' tasks
 
     def envelope(self, message: Message) -> Envelope:
         """Check *message*, fill in the default sender and the date, and flatten it."""
-        if message.date is None:
-            message.date = time.time()  # as Flask-Mail does when it sends
-        envelope = message.envelope(
-            self.settings.default_sender, ascii_attachments=self.settings.ascii_attachments
-        )
-        if message.sender is None:
-            message.sender = self.settings.default_sender  # as Flask-Mail shows it
-        return envelope
-
-    async def open_session(self) -> SMTPSession:
-        """Open one SMTP session with this app's settings."""
-        if self._smtp.local_hostname is None:
-            # aiosmtplib would look the name up (in a thread) on every connect.
-            fqdn = await asyncio.to_thread(socket.getfqdn)
-            self._smtp = replace(self._smtp, local_hostname=fqdn)
-        return await SMTPSession.open(self._smtp)
-
-    def record(self, message: Message) -> None:
-        """Add an accepted (or suppressed) message to every open record_messages() list."""
-        for recording in self.recordings:
-            recording.append(message)
-
-    async def dispatched(self, message: Message) -> None:
-        """A message was accepted (or suppressed): record it and signal it."""
-        self.record(message)
-        await notify(email_dispatched, message, app=self.app)
+        return self.core.envelope(message)
 
     # Flask-Mail's methods on app.extensions["mail"], for code that calls them there.
 
@@ -126,12 +117,13 @@ class MailState(FlaskMailSettings):
         # Flask-Mail does), so that a message is in the list as soon as it is
         # sent, before the async signal receivers have run.
         outbox: list[Message] = []
-        self.recordings.append(outbox)
+        recordings = self.core.recordings
+        recordings.append(outbox)
         try:
             yield outbox
         finally:
             # By identity: two open lists may be equal (both empty, say).
-            self.recordings[:] = [other for other in self.recordings if other is not outbox]
+            recordings[:] = [other for other in recordings if other is not outbox]
 
 
 class Mail:
@@ -204,10 +196,13 @@ class Mail:
         after :meth:`init_app`). Its table is created at start-up if missing,
         and a dispatcher runs from start-up to shutdown; see
         :mod:`quartmail.outbox`. Then use :attr:`outbox` to enqueue."""
-        from .outbox import Outbox  # SQLAlchemy only when the outbox is used
+        # SQLAlchemy only when the outbox is used.
+        from .dispatcher import Dispatcher
+        from .outbox import Outbox
 
         state: MailState = app.extensions["mail"]
-        state.outbox = Outbox(state, engine)
+        state.outbox = Outbox(engine, state.core)
+        state.dispatcher = Dispatcher(state.outbox, state.core)
         return state.outbox
 
     @property
@@ -318,7 +313,7 @@ class Connection:
     """
 
     def __init__(self, state: MailState) -> None:
-        self._state = state
+        self._core = state.core
         self._session: SMTPSession | None = None
 
     async def __aenter__(self) -> Connection:
@@ -340,16 +335,17 @@ class Connection:
         ``envelope_from`` overrides the envelope sender (``MAIL FROM``), as in
         Flask-Mail.
         """
-        envelope = self._state.envelope(message)
+        envelope = self._core.envelope(message)
         if envelope_from:  # checked like any address; "" or None: the sender, as in Flask-Mail
             envelope = envelope.with_sender(envelope_from)
-        if self._state.settings.suppress_send:
-            await self._state.dispatched(message)
+        if self._core.settings.suppress_send:
+            await self._core.dispatched(message)
             return SendResult(message_id=envelope.message_id)
 
-        session = await self._session_for_next_message()
+        current, self._session = self._session, None
+        session = self._session = await self._core.session(current)
         result = await session.send(envelope)  # a spent session closes itself
-        await self._state.dispatched(message)
+        await self._core.dispatched(message)
         return result
 
     async def send_message(self, *args: Any, **kwargs: Any) -> SendResult:
@@ -361,15 +357,3 @@ class Connection:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
-
-    async def _session_for_next_message(self) -> SMTPSession:
-        session = self._session
-        max_emails = self._state.settings.max_emails
-        if session is not None and (
-            not session.is_connected or (max_emails is not None and session.sent >= max_emails)
-        ):
-            await self.close()
-            session = None
-        if session is None:
-            session = self._session = await self._state.open_session()
-        return session

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from blinker import Namespace, Signal
@@ -41,13 +43,16 @@ async def notify(signal: Signal, message: object, *, app: Any, **kwargs: Any) ->
     order, as ``receiver(app, message=message, **kwargs)``: the app is the
     sender, as in Flask-Mail 0.10.
 
+    Receivers run in the order they were connected (blinker yields them
+    from a set, in an order that changes from run to run).
+
     A receiver that raises is logged and the others still run: by the time
     these signals fire the message's fate is settled, and a broken receiver
     must not turn a delivered mail into an error the caller would retry,
     nor stop the worker or dispatcher that sends the signal. (blinker's
     ``send_async`` would stop at the first exception.)
     """
-    for receiver in signal.receivers_for(app):
+    for receiver in _in_connection_order(signal, app):
         try:
             result = receiver(app, message=message, **kwargs)
             if inspect.isawaitable(result):
@@ -61,3 +66,15 @@ async def notify(signal: Signal, message: object, *, app: Any, **kwargs: Any) ->
             if task is not None and task.cancelling():
                 raise
             log.exception("receiver %r of %r was cancelled", receiver, signal)
+
+
+def _in_connection_order(signal: Signal, sender: Any) -> list[Callable[..., Any]]:
+    receivers = list(signal.receivers_for(sender))
+    # signal.receivers is a dict, in connection order; weakly held receivers
+    # (a bound method gives an equal, not the same, object) are compared by ==.
+    connected = [r() if isinstance(r, weakref.ref) else r for r in signal.receivers.values()]
+
+    def position(receiver: Callable[..., Any]) -> int:
+        return next((n for n, other in enumerate(connected) if other == receiver), len(connected))
+
+    return sorted(receivers, key=position)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import pytest
-from test_background import message, wait_until
+from test_background import message, serving, wait_until
 
 from quartmail import (
     MailError,
@@ -149,3 +150,51 @@ async def test_nothing_new_starts_past_the_drain_deadline(
         assert isinstance(left, MailError) and "shut down" in str(left)
     delivered = [o for o in outcomes if isinstance(o, SendResult)]
     assert len(smtp_server.messages) == len(delivered)
+
+
+@pytest.mark.parametrize("signal", [email_dispatched, email_failed], ids=lambda s: s.name)
+async def test_a_receiver_that_never_returns_does_not_block_the_worker(
+    smtp_server: SMTPTestServer,
+    make_mail: MakeMail,
+    caplog: pytest.LogCaptureFixture,
+    signal: Any,
+) -> None:
+    if signal is email_failed:
+        smtp_server.data_replies.extend(["554 5.6.0 Rejected content"] * 3)
+    entered: list[str | None] = []
+
+    async def hanging_receiver(app: object, message: Message, **_: object) -> None:
+        entered.append(message.msg_id)
+        await asyncio.Event().wait()  # never returns
+
+    # One worker: were it held by the receiver, the second message would never go.
+    app, mail = make_mail(smtp_server, MAIL_POOL_SIZE=1, MAIL_SHUTDOWN_TIMEOUT=0.5)
+    messages = [message(n) for n in range(3)]
+    with signal.connected_to(hanging_receiver):
+        async with serving(app):
+            async with asyncio.timeout(30):
+                outcomes = [await outcome(mail.send_background(msg)) for msg in messages]
+        # Shutdown did not wait forever: it cancelled the receivers, and said so.
+    assert entered == [msg.msg_id for msg in messages]
+    if signal is email_failed:
+        assert all(isinstance(o, SendError) and o.code == 554 for o in outcomes)
+    else:
+        assert [o.message_id for o in outcomes if isinstance(o, SendResult)] == entered
+    assert any(
+        "signal receivers still running at shutdown" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_a_failure_that_lands_during_the_drain_gets_its_retry_now(
+    smtp_server: SMTPTestServer, make_mail: MakeMail
+) -> None:
+    # The 451 comes back after the shutdown began: the message was not
+    # waiting for a retry then, but is as much at shutdown as one that was.
+    smtp_server.data_replies.append("451 4.3.0 Try again later")
+    smtp_server.data_delay = 0.5
+    app, mail = make_mail(smtp_server, MAIL_RETRY_DELAY=30)  # far beyond the drain
+    async with serving(app):
+        future = mail.send_background(message())
+        await wait_until(lambda: smtp_server.data_attempts == 1)
+    assert isinstance(await outcome(future), SendResult)
+    assert len(smtp_server.messages) == 1

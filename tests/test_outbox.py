@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from quartmail import Mail, Message, email_dispatched
 from quartmail.app.models import Base as AppBase
-from quartmail.outbox import OutboxBase, OutboxMessage
+from quartmail.outbox import OutboxBase, OutboxMessage, OutboxTable
 from quartmail.testing import SMTPTestServer
 
 from conftest import SENDER, postgres_url
@@ -202,6 +202,28 @@ async def test_retry_and_purge(engine: AsyncEngine, smtp_server: SMTPTestServer)
         assert await mail.outbox.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert await rows(engine) == []
     assert len(smtp_server.messages) == 1
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # NOTIFY is PostgreSQL's
+async def test_a_retry_from_another_process_wakes_the_dispatcher(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    smtp_server.data_replies.append("550 5.1.1 Mailbox unavailable")
+    # A poll that never comes in the test: only the NOTIFY can wake the dispatcher.
+    app, mail = make_app(engine, smtp_server, MAIL_OUTBOX_POLL=600, MAIL_OUTBOX_LEASE=1800)
+
+    async def state_is(state: str) -> bool:
+        return [row.state for row in await rows(engine)] == [state]
+
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message())
+            await session.commit()
+        await wait_for(lambda: state_is("failed"))
+        # As the CLI does it: the admin API on the database alone, not the app's outbox.
+        assert await OutboxTable(engine).retry(failed=True) == 1
+        await smtp_server.wait_for_messages(1, timeout=30)
+        await wait_for(lambda: state_is("sent"))
 
 
 async def test_delivered_outbox_mail_is_signalled(

@@ -16,7 +16,7 @@ import click
 from quart import Quart
 
 from quartmail import MailError, Message
-from quartmail.outbox import Outbox
+from quartmail.outbox import OutboxTable
 
 from .db import Database
 from .extensions import mail
@@ -96,20 +96,19 @@ async def _send_test_mail(app: Quart, address: str) -> None:
         click.echo(f"Refused: {refused}: {code} {text}")
 
 
-async def _with_outbox(app: Quart, command: Callable[[Outbox], Awaitable[None]]) -> None:
+async def _with_outbox(app: Quart, command: Callable[[OutboxTable], Awaitable[None]]) -> None:
     # No lifespan here: the app's dispatcher must not start sending from a
     # command that only looks at the table.
     database = Database.of(app)
-    state = app.extensions["mail"]
-    outbox = state.outbox or Outbox(state, database.engine)
+    table = OutboxTable(database.engine)
     try:
-        await outbox.create_table()
-        await command(outbox)
+        await table.create_table()
+        await command(table)
     finally:
         await database.engine.dispose()
 
 
-async def _status(outbox: Outbox) -> None:
+async def _status(outbox: OutboxTable) -> None:
     status = await outbox.status()
     for state in ("queued", "sending", "sent", "failed"):
         click.echo(f"{state:8} {status.counts.get(state, 0)}")
@@ -117,12 +116,12 @@ async def _status(outbox: Outbox) -> None:
         click.echo(f"oldest queued: {status.oldest_queued_age:.0f} s ago")
 
 
-async def _retry(outbox: Outbox, ids: tuple[int, ...], failed: bool) -> None:
+async def _retry(outbox: OutboxTable, ids: tuple[int, ...], failed: bool) -> None:
     count = await outbox.retry(ids, failed=failed)
     click.echo(f"{count} message(s) queued again")
 
 
-async def _purge(outbox: Outbox, days: float) -> None:
+async def _purge(outbox: OutboxTable, days: float) -> None:
     count = await outbox.purge(datetime.now(UTC) - timedelta(days=days))
     click.echo(f"{count} sent message(s) deleted")
 
