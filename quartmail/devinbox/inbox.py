@@ -22,7 +22,7 @@ from .. import testing
 from ..settings import DevInboxSettings
 from ..testing import ReceivedMessage, SMTPTestServer
 from .mail import CaughtMail, parse_mail, unparsed_mail
-from .views import make_blueprint
+from .views import EXTENSION, make_blueprint
 
 __all__ = ["DevInbox"]
 
@@ -67,7 +67,7 @@ class DevInbox:
         if app.config.get("MAIL_SUPPRESS_SEND") is None:
             # Testing would suppress sending, and the inbox would stay empty.
             app.config["MAIL_SUPPRESS_SEND"] = False
-        app.extensions["mail_dev_inbox"] = self
+        app.extensions[EXTENSION] = self
         app.register_blueprint(make_blueprint(settings.path))
 
     def __repr__(self) -> str:
@@ -77,7 +77,7 @@ class DevInbox:
     @classmethod
     def of(cls, app: Quart) -> DevInbox:
         """The development inbox of *app*; :class:`LookupError` when it has none."""
-        inbox = app.extensions.get("mail_dev_inbox")
+        inbox = app.extensions.get(EXTENSION)
         if not isinstance(inbox, cls):
             raise LookupError(f"{app.name!r} has no development inbox: set MAIL_DEV_INBOX")
         return inbox

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import jinja2
 from quart import Blueprint, Response, abort, current_app, url_for
 from quart.typing import ResponseReturnValue
 
+from ..settings import DevInboxSettings
 from .mail import CaughtMail
 
-if TYPE_CHECKING:
-    from .inbox import DevInbox
+__all__ = ["BLUEPRINT", "EXTENSION", "CaughtMessages", "make_blueprint"]
 
-__all__ = ["BLUEPRINT", "make_blueprint"]
+#: The key of the app's inbox in ``app.extensions`` (kept there by DevInbox).
+EXTENSION = "mail_dev_inbox"
 
 #: The blueprint's name, so its endpoints are ``quartmail_dev_inbox.index`` and so on.
 BLUEPRINT = "quartmail_dev_inbox"
@@ -151,10 +152,22 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-def _inbox() -> DevInbox:
-    from .inbox import DevInbox  # the inbox module imports this one
+class CaughtMessages(Protocol):
+    """What the pages read of the app's inbox (a DevInbox; the inbox module imports this
+    one, so the pages name only what they use)."""
 
-    return DevInbox.of(current_app)
+    port: int
+    settings: DevInboxSettings
+
+    @property
+    def messages(self) -> list[CaughtMail]: ...
+
+    def get(self, number: int) -> CaughtMail | None: ...
+
+
+def _inbox() -> CaughtMessages:
+    inbox: CaughtMessages = current_app.extensions[EXTENSION]
+    return inbox
 
 
 def _caught(number: int) -> CaughtMail:
