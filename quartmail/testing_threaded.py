@@ -62,6 +62,7 @@ class ThreadedSMTPTestServer:
         silent: bool
         smtputf8: bool
         idle_timeout: float
+        greeting: str | None
         messages: list[ReceivedMessage]
         connections: int
         refused_connections: int
@@ -69,6 +70,9 @@ class ThreadedSMTPTestServer:
         refuse_recipients: dict[str, str]
         data_replies: list[str]
         data_delay: float
+        ehlo_reply: str | None
+        max_recipients: int | None
+        echo_auth: bool
         auth_attempts: list[str]
         is_serving: bool
 

@@ -30,6 +30,7 @@ from quartmail import (
     email_dispatched,
     email_failed,
 )
+from quartmail.testing_threaded import ThreadedSMTPTestServer
 
 
 def create_app() -> Quart:
@@ -124,14 +125,23 @@ async def enqueue(app: Quart, msg: Message) -> str:
 
 
 @email_dispatched.connect
-async def on_sent(message: Message, app: Quart, **kwargs: Any) -> None:
+async def on_sent(app: Quart, message: Message, **kwargs: Any) -> None:
     app.logger.info("sent %s", message.msg_id)
 
 
 @email_failed.connect
-def on_failed(message: Message, app: Quart, error: MailError, **kwargs: Any) -> None:
+def on_failed(app: Quart, message: Message, error: MailError, **kwargs: Any) -> None:
     app.logger.error("not sent %s: %s", message.msg_id, error)
 
 
 async def shut_down() -> None:
     await mail.shutdown()
+
+
+def threaded_faults(server: ThreadedSMTPTestServer) -> None:
+    server.refuse_recipients["b@example.com"] = "550 5.1.1 User unknown"
+    server.max_recipients = 2
+    server.ehlo_reply = "garbage"
+    server.echo_auth = True
+    server.oauth2_tokens = {"user": "new-token"}
+    assert_type(server.greeting, str | None)
