@@ -108,8 +108,9 @@ class PipeliningProtocol(SMTPProtocol):
 
     async def _next_reply(self, timeout: float | None) -> SMTPResponse:  # noqa: ASYNC109
         waiter, queued = self._response_waiter, self._queued
-        # A reply already handed to the future comes before the queued ones.
-        if queued and waiter is not None and not waiter.done():
+        # A reply already handed to the future comes before the queued ones; those
+        # still count after the connection closed (a 421, then the server hangs up).
+        if queued and (waiter is None or not waiter.done()):
             return queued.popleft()
         self._response_pending = True
         return await self.read_response(timeout=timeout)

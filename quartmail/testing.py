@@ -311,7 +311,8 @@ class SMTPTestServer:
     check which commands a client sent together (:meth:`command_groups`).
 
     Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
-    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`) may be
+    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
+    :attr:`data_without_recipients`, :attr:`data_command_reply`) may be
     changed while the server runs. A ``421`` reply, from either,
     closes the connection after it is sent, as RFC 5321 requires of a server.
     """
@@ -391,6 +392,8 @@ class SMTPTestServer:
         #: Answer DATA with 354 even when no recipient was accepted (then 554 after the
         #: message), as some servers do; RFC 2920 3.1 asks clients to cope.
         self.data_without_recipients = False
+        #: The reply to the DATA command itself instead of 354 (e.g. ``"451 4.3.0 Busy"``).
+        self.data_command_reply: str | None = None
 
         self._auth_attempts: list[str] = []
         self._server: asyncio.Server | None = None
@@ -612,7 +615,9 @@ class SMTPTestServer:
 
         Clears :attr:`messages` and :attr:`auth_attempts`, sets every counter to 0, empties
         :attr:`refuse_recipients` and :attr:`data_replies`, sets :attr:`data_delay` to 0 and
-        turns :attr:`ehlo_reply`, :attr:`max_recipients` and :attr:`echo_auth` off.
+        turns :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
+        :attr:`data_without_recipients` and :attr:`data_command_reply` off, and forgets
+        :attr:`commands`.
         The options given to the constructor stay. Meant for a server shared by many
         tests (a session-scoped fixture): reset it before each test.
         """
@@ -627,6 +632,7 @@ class SMTPTestServer:
         self.max_recipients = None
         self.echo_auth = False
         self.data_without_recipients = False
+        self.data_command_reply = None
         self.commands = []
         self._auth_attempts = []
 
@@ -774,6 +780,7 @@ class _Handler:
     ) -> str:
         owner = self._owner
         owner.data_attempts += 1
+        owner._notify()
         reply = owner.data_replies.pop(0) if owner.data_replies else _ACCEPTED
         if owner.data_delay > 0:
             await asyncio.sleep(owner.data_delay)
@@ -894,6 +901,11 @@ class _ExtendedSMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's method name)
         assert self.envelope is not None
+        refusal = self._owner.data_command_reply
+        if refusal is not None and self.envelope.rcpt_tos:
+            _close_after_421(self, refusal)
+            await self.push(refusal)
+            return
         if not (self._owner.data_without_recipients and not self.envelope.rcpt_tos):
             await super().smtp_DATA(arg)
             return

@@ -3,12 +3,20 @@ commands arrive together, the bytes delivered, and every error path of a pipelin
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Literal
 
 import aiosmtplib
 import pytest
 
-from quartmail import Message, RecipientsRefusedError, SendError
+from quartmail import (
+    ConnectError,
+    Message,
+    RecipientsRefusedError,
+    SendError,
+    SendTimeoutError,
+)
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSMode
 
 from conftest import MakeMail
@@ -245,3 +253,71 @@ async def test_the_test_server_refuses_bdat_unless_it_advertises_chunking(
         assert client.supports_extension("pipelining")
         reply = await client.execute_command(b"BDAT", b"4", b"LAST")
     assert reply.code == 500
+
+
+@pytest.mark.parametrize("reply", ["451 4.3.0 Busy", "421 4.3.2 Going down"])
+async def test_a_refused_data_command_fails_the_message(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, reply: str
+) -> None:
+    server = await server_for(smtp_server_factory, "pipelining")
+    server.data_command_reply = reply
+    app, mail = make_mail(server)
+    async with app.app_context(), mail.connect() as conn:
+        with pytest.raises(SendError) as caught:
+            await conn.send(message())
+        assert caught.value.code == int(reply[:3])
+        server.data_command_reply = None
+        await conn.send(message())
+    assert len(server.messages) == 1
+    # A 421 ends the session (RFC 5321 3.8); after a 451 the same session goes on.
+    assert server.connections == (2 if reply.startswith("421") else 1)
+
+
+@pytest.mark.parametrize("mode", ["chunking", "pipelining"])
+async def test_a_server_that_does_not_answer_times_out(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, mode: Mode
+) -> None:
+    server = await server_for(smtp_server_factory, mode)
+    server.data_delay = 30.0
+    app, mail = make_mail(server, MAIL_TIMEOUT=0.3)
+    async with app.app_context(), mail.connect() as conn:
+        with pytest.raises(SendTimeoutError):
+            await conn.send(message())
+        server.data_delay = 0.0
+        await conn.send(message())  # on a new session: the old one is out of step
+    assert server.connections == 2
+    assert [m.rcpt_tos for m in server.messages] == [RECIPIENTS]
+
+
+@pytest.mark.parametrize("mode", ["chunking", "pipelining"])
+async def test_a_server_that_goes_away_mid_transaction_is_a_connect_error(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, mode: Mode
+) -> None:
+    server = await server_for(smtp_server_factory, mode)
+    server.data_delay = 30.0
+    app, mail = make_mail(server)
+    async with app.app_context():
+        sending = asyncio.create_task(mail.send(message()))
+        await server.wait_for(lambda: server.data_attempts == 1)
+        await server.stop()
+        with pytest.raises(ConnectError) as caught:
+            await asyncio.wait_for(sending, 10)
+    assert caught.value.transient
+    assert server.messages == []
+
+
+async def test_mail_debug_logs_the_pipelined_group_without_the_password(
+    smtp_server_factory: SMTPServerFactory,
+    make_mail: MakeMail,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await smtp_server_factory(
+        tls="starttls", auth=("user", "s3cret-password"), pipelining=True, chunking=True
+    )
+    app, mail = make_mail(server, MAIL_DEBUG=True)
+    with caplog.at_level(logging.DEBUG, logger="quartmail.smtp"):
+        async with app.app_context():
+            await mail.send(message())
+    assert ">>> MAIL, 3 RCPT, BDAT (pipelined)" in caplog.text
+    assert "s3cret-password" not in caplog.text
+    assert len(server.messages) == 1
