@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .testing import ReceivedMessage, SMTPTestServer, TLSCertificates, TLSMode
+from .testing import ReceivedCommand, ReceivedMessage, SMTPTestServer, TLSCertificates, TLSMode
 
 if TYPE_CHECKING:
     from quart import Quart
@@ -61,13 +61,18 @@ class ThreadedSMTPTestServer:
         silent: bool
         smtputf8: bool
         idle_timeout: float
+        pipelining: bool
+        chunking: bool
         messages: list[ReceivedMessage]
+        commands: list[ReceivedCommand]
         connections: int
         refused_connections: int
         data_attempts: int
         refuse_recipients: dict[str, str]
         data_replies: list[str]
         data_delay: float
+        data_without_recipients: bool
+        data_command_reply: str | None
         auth_attempts: list[str]
         is_serving: bool
 
