@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -125,6 +125,7 @@ async def send_pipelined(
     mail_options: Sequence[str] = (),
     rcpt_options: Sequence[str] = (),
     chunking: bool = False,
+    on_replies: Callable[[list[SMTPResponse]], None] | None = None,
 ) -> dict[str, SMTPResponse]:
     """One transaction, MAIL FROM to DATA (or ``BDAT <n> LAST``) in one write.
 
@@ -133,12 +134,21 @@ async def send_pipelined(
     with their replies; raises as :meth:`aiosmtplib.SMTP.sendmail` does:
     ``SMTPSenderRefused``, ``SMTPRecipientsRefused`` (all refused),
     ``SMTPDataError``, ``SMTPResponseException`` (a 421), ``SMTPServerDisconnected``
-    or a timeout, after which the client is closed.
+    or a timeout, after which the client is closed. *on_replies* sees each group's replies
+    (MAIL_DEBUG logs them).
     """
-    protocol = client.protocol
-    if not isinstance(protocol, PipeliningProtocol):
+    connected = client.protocol
+    if not isinstance(connected, PipeliningProtocol):
         raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    protocol: PipeliningProtocol = connected
     timeout = client.timeout
+
+    async def exchange(group: bytes, count: int) -> list[SMTPResponse]:
+        replies = await protocol.read_replies(group, count, timeout)
+        if on_replies is not None:
+            on_replies(replies)
+        return replies
+
     options = list(mail_options)
     encoding = "utf-8" if any(o.upper() == "SMTPUTF8" for o in options) else "ascii"
     data = normalize_message_line_endings(message)
@@ -154,14 +164,14 @@ async def send_pipelined(
     # final ".", and may end a pipelined group (RFC 3030 4.2) with the data.
     last = b"BDAT %d LAST\r\n" % len(data) + data if chunking else b"DATA\r\n"
     try:
-        replies = await protocol.read_replies(b"".join(commands) + last, len(commands) + 1, timeout)
+        replies = await exchange(b"".join(commands) + last, len(commands) + 1)
         try:
             refused = _check_envelope(replies, sender, recipients)
         except aiosmtplib.SMTPException:
             if not chunking and replies[-1].code == 354:
                 # RFC 2920 3.1: DATA accepted with no valid recipient. The server
                 # waits for a message: a lone "." ends it, as Postfix does.
-                [ended] = await protocol.read_replies(b".\r\n", 1, timeout)
+                [ended] = await exchange(b".\r\n", 1)
                 _check_421(ended)
             raise
         final = replies[-1]
@@ -172,7 +182,7 @@ async def send_pipelined(
             raise aiosmtplib.SMTPDataError(final.code, final.message)
         else:
             stuffed = PERIOD_REGEX.sub(b"..", data) + b".\r\n"
-            [final] = await protocol.read_replies(stuffed, 1, timeout)
+            [final] = await exchange(stuffed, 1)
             _check_421(final)
             if final.code != 250:
                 raise aiosmtplib.SMTPDataError(final.code, final.message)

@@ -253,7 +253,12 @@ class SMTPSession:
             mail_options=envelope.mail_options,
             rcpt_options=envelope.rcpt_options,
             chunking=chunking,
+            on_replies=self._log_replies if self.settings.debug else None,
         )
+
+    def _log_replies(self, replies: list[aiosmtplib.SMTPResponse]) -> None:
+        for reply in replies:
+            log.debug("<<< %s %s", reply.code, self.settings.redact(reply.message))
 
     async def close(self) -> None:
         """QUIT politely if the connection still works, then close it and wait

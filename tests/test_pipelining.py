@@ -11,6 +11,7 @@ import aiosmtplib
 import pytest
 
 from quartmail import (
+    ConfigError,
     ConnectError,
     Message,
     RecipientsRefusedError,
@@ -319,5 +320,23 @@ async def test_mail_debug_logs_the_pipelined_group_without_the_password(
         async with app.app_context():
             await mail.send(message())
     assert ">>> MAIL, 3 RCPT, BDAT (pipelined)" in caplog.text
+    assert "<<< 250 2.0.0 Message accepted for delivery" in caplog.text
     assert "s3cret-password" not in caplog.text
     assert len(server.messages) == 1
+
+
+async def test_background_delivery_pipelines_too(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await server_for(smtp_server_factory, "chunking")
+    app, mail = make_mail(server, MAIL_POOL_SIZE=1)
+    async with app.test_app(), app.app_context():
+        results = [await mail.send_background(message()) for _ in range(3)]
+    assert all(result.refused == {} for result in results)
+    assert transactions(server) == [["MAIL", "RCPT", "RCPT", "RCPT", "BDAT"]] * 3
+    assert len(server.messages) == 3
+
+
+def test_mail_pipelining_must_be_a_flag(make_mail: MakeMail) -> None:
+    with pytest.raises(ConfigError, match="MAIL_PIPELINING"):
+        make_mail(MAIL_PIPELINING="sometimes")
