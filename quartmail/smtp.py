@@ -4,9 +4,10 @@ This module knows nothing of Quart. :class:`SMTPSettings` holds what a session
 needs; :class:`SMTPSession` opens one (implicit TLS or required STARTTLS,
 certificates verified by the given context), sends flattened
 :class:`~quartmail.message.Envelope` objects (in several transactions when the
-server limits recipients per transaction) and turns every aiosmtplib or OS
-error into a :class:`~quartmail.errors.SendError` that keeps the SMTP code and
-the refused recipients. Neither error texts, nor the errors chained to them,
+server limits recipients per transaction; each in one write when the server
+advertises PIPELINING, see :mod:`quartmail.pipelining`) and turns every
+aiosmtplib or OS error into a :class:`~quartmail.errors.SendError` that keeps
+the SMTP code and the refused recipients. Neither error texts, nor the errors chained to them,
 nor the ``MAIL_DEBUG`` log of the conversation ever contain the password.
 """
 
