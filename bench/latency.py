@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import harness
 import proxy
 from quart import Quart
-from send import build_email_message, build_message
+from send import build_email_message, connect_session
 
 from quartmail import Mail
 
@@ -50,15 +50,7 @@ def variants(
         app.config.update(server.mail_config(), **settings, **extra)
         mail = Mail(app)
 
-        async def run(count: int) -> float:
-            async with app.app_context():
-                start = time.perf_counter()
-                async with mail.connect() as conn:
-                    for i in range(count):
-                        await conn.send(build_message(i))
-                return time.perf_counter() - start
-
-        return run
+        return lambda count: connect_session(app, mail, count)
 
     async def raw(count: int) -> float:
         start = time.perf_counter()
