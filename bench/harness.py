@@ -358,12 +358,19 @@ class SMTPServer:
 
 @contextlib.asynccontextmanager
 async def smtp_server(
-    tls: TLSMode = "none", auth: tuple[str, str] | None = None, data_delay: float = 0.0
+    tls: TLSMode = "none",
+    auth: tuple[str, str] | None = None,
+    data_delay: float = 0.0,
+    *,
+    pipelining: bool = False,
+    chunking: bool = False,
 ) -> AsyncIterator[SMTPServer]:
     """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block; its
-    certificates, for TLS, made with trustme in a temporary directory."""
+    certificates, for TLS, made with trustme in a temporary directory. *pipelining* and
+    *chunking*: advertise PIPELINING and CHUNKING."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
         options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
+        options.update(pipelining=pipelining, chunking=chunking)
         async with children(__file__, [options]) as (child,):
             yield SMTPServer(tls, auth, child, child.ready["mail_config"])
 
@@ -372,7 +379,14 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
     tls, directory = options["tls"], pathlib.Path(options["dir"])
     certificates = TLSCertificates.create(directory) if tls != "none" else None
     auth = options["auth"] and (str(options["auth"][0]), str(options["auth"][1]))
-    server = SMTPTestServer(tls=tls, certificates=certificates, auth=auth, idle_timeout=3600.0)
+    server = SMTPTestServer(
+        tls=tls,
+        certificates=certificates,
+        auth=auth,
+        idle_timeout=3600.0,
+        pipelining=bool(options.get("pipelining")),
+        chunking=bool(options.get("chunking")),
+    )
     server.data_delay = float(options["delay"])
     received = 0
 
@@ -380,6 +394,7 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
         nonlocal received
         received += len(server.messages)
         server.messages.clear()
+        server.commands.clear()
 
     async def forget_periodically() -> None:
         while True:

@@ -161,6 +161,7 @@ class MailSettings:
                 tls_context=tls_context,
                 local_hostname=local_hostname,
                 debug=debug_smtp,
+                pipelining=reader.flag("MAIL_PIPELINING", True),
             ),
         )
 

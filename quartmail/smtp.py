@@ -4,12 +4,14 @@ This module knows nothing of Quart. :class:`SMTPSettings` holds what a session
 needs; :class:`SMTPSession` opens one (implicit TLS or required STARTTLS,
 certificates verified by the given context), sends flattened
 :class:`~quartmail.message.Envelope` objects (in several transactions when the
-server limits recipients per transaction) and turns every aiosmtplib or OS
-error into a :class:`~quartmail.errors.SendError` that keeps the SMTP code and
-the refused recipients. It logs in with a password (AUTH PLAIN, LOGIN or
-CRAM-MD5) or with an OAuth2 access token (AUTH XOAUTH2, ``MAIL_OAUTH2_TOKEN``).
-Neither error texts, nor the errors chained to them, nor the ``MAIL_DEBUG``
-log of the conversation ever contain the password or the token.
+server limits recipients per transaction; each in one write when the server
+advertises PIPELINING, see :mod:`quartmail.pipelining`) and turns every
+aiosmtplib or OS error into a :class:`~quartmail.errors.SendError` that keeps
+the SMTP code and the refused recipients. It logs in with a password (AUTH
+PLAIN, LOGIN or CRAM-MD5) or with an OAuth2 access token (AUTH XOAUTH2,
+``MAIL_OAUTH2_TOKEN``). Neither error texts, nor the errors chained to them,
+nor the ``MAIL_DEBUG`` log of the conversation ever contain the password or
+the token.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .errors import (
     SendTimeoutError,
 )
 from .message import Envelope
+from .pipelining import PipeliningProtocol, send_pipelined
 
 __all__ = [
     "SMTPSession",
@@ -86,6 +89,7 @@ class SMTPSettings:
     tls_context: ssl.SSLContext | None = field(default=None, repr=False)
     local_hostname: str | None = None
     debug: bool = False
+    pipelining: bool = True  # MAIL_PIPELINING: when the server advertises it
 
     @property
     def address(self) -> str:
@@ -281,13 +285,7 @@ class SMTPSession:
     async def _transaction(self, envelope: Envelope, recipients: list[str]) -> dict[str, Reply]:
         """One MAIL, RCPT..., DATA transaction; returns the refused recipients."""
         try:
-            refused, _ = await self._client.sendmail(
-                envelope.sender,
-                recipients,
-                envelope.data,
-                mail_options=envelope.mail_options,
-                rcpt_options=envelope.rcpt_options,
-            )
+            refused = await self._send(envelope, recipients)
         except asyncio.CancelledError:
             # Cancelled mid-command: aiosmtplib's protocol is out of step
             # with the server and would pair the next reply with the wrong
@@ -301,6 +299,45 @@ class SMTPSession:
         if _spends_session(error):
             self.abort()
         raise error  # outside the except block: no __context__ (see open)
+
+    async def _send(
+        self, envelope: Envelope, recipients: list[str]
+    ) -> dict[str, aiosmtplib.SMTPResponse]:
+        """aiosmtplib's sendmail, or, when the server advertises PIPELINING and
+        MAIL_PIPELINING allows it, the whole envelope in one write (and the
+        message too, as BDAT, when it also advertises CHUNKING)."""
+        client = self._client
+        if self.settings.pipelining and client.is_ehlo_or_helo_needed:
+            # The extensions are known after EHLO, which aiosmtplib leaves to sendmail
+            # on a plain connection without AUTH: the same step, taken first.
+            await client._ehlo_or_helo_if_needed()
+        if not (self.settings.pipelining and client.supports_extension("pipelining")):
+            refused, _ = await client.sendmail(
+                envelope.sender,
+                recipients,
+                envelope.data,
+                mail_options=envelope.mail_options,
+                rcpt_options=envelope.rcpt_options,
+            )
+            return refused
+        chunking = client.supports_extension("chunking")
+        if self.settings.debug:
+            verb = "BDAT" if chunking else "DATA"
+            log.debug(">>> MAIL, %d RCPT, %s (pipelined)", len(recipients), verb)
+        return await send_pipelined(
+            client,
+            envelope.sender,
+            recipients,
+            envelope.data,
+            mail_options=envelope.mail_options,
+            rcpt_options=envelope.rcpt_options,
+            chunking=chunking,
+            on_replies=self._log_replies if self.settings.debug else None,
+        )
+
+    def _log_replies(self, replies: list[aiosmtplib.SMTPResponse]) -> None:
+        for reply in replies:
+            log.debug("<<< %s %s", reply.code, self.settings.redact(reply.message))
 
     async def close(self) -> None:
         """QUIT politely if the connection still works, then close it and wait
@@ -546,6 +583,15 @@ class _SMTP(aiosmtplib.SMTP):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._closing: dict[SMTPProtocol, asyncio.Future[None]] = {}
+
+    async def _create_connection(
+        self,
+        timeout: float | None,  # noqa: ASYNC109 (aiosmtplib's signature)
+    ) -> aiosmtplib.SMTPResponse:
+        response = await super()._create_connection(timeout)
+        if self.protocol is not None:
+            PipeliningProtocol.adopt(self.protocol)  # for PIPELINING (quartmail.pipelining)
+        return response
 
     def close(self) -> None:
         # Every way out (quit(), a failed connect(), ours) closes through here.

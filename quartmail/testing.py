@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import email
 import email.message
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ReceivedAttachment",
+    "ReceivedCommand",
     "ReceivedMessage",
     "SMTPServerFactory",
     "SMTPTestServer",
@@ -221,6 +223,20 @@ class ReceivedMessage:
 
 
 @dataclass(frozen=True)
+class ReceivedCommand:
+    """One command as the server read it (see :meth:`SMTPTestServer.command_groups`)."""
+
+    #: The command verb, upper case (``"MAIL"``, ``"BDAT"``...).
+    verb: str
+    #: The number of the connection it came on (1 for the first session served).
+    session: int
+    #: The number of the read (``data_received`` call) of that session it arrived in.
+    read: int
+    #: ``loop.time()`` when the server began handling it.
+    time: float
+
+
+@dataclass(frozen=True)
 class ReceivedAttachment:
     """One attachment of a :class:`ReceivedMessage`: its file name, type and decoded bytes."""
 
@@ -270,42 +286,50 @@ class SMTPServerFactory(Protocol):
         smtputf8: bool = ...,
         idle_timeout: float = ...,
         greeting: str | None = ...,
+        pipelining: bool = ...,
+        chunking: bool = ...,
     ) -> SMTPTestServer: ...
 
 
 class SMTPTestServer:
     """A real SMTP server on loopback, served in the running event loop.
 
-    Use it as an async context manager (or call :meth:`start` / :meth:`stop`)::
+        Use it as an async context manager (or call :meth:`start` / :meth:`stop`)::
 
-        async with SMTPTestServer(tls="starttls", certificates=certs, auth=("u", "p")) as server:
-            app.config.update(server.mail_config())
-            ...
-            [message] = await server.wait_for_messages(1)
+            async with SMTPTestServer(tls="starttls", certificates=certs, auth=("u", "p")) as server:
+                app.config.update(server.mail_config())
+                ...
+                [message] = await server.wait_for_messages(1)
 
-    Args:
-        tls: ``"none"``, ``"starttls"`` (STARTTLS required before MAIL) or ``"implicit"``
-            (TLS from the first byte, like port 465).
-        certificates: required unless ``tls == "none"``.
-        auth: ``(username, password)``; when given, AUTH (PLAIN and LOGIN) is required before MAIL.
-        oauth2_tokens: ``{username: access token}``; when given, AUTH XOAUTH2 is offered and
-            required before MAIL, and takes each user's token (see :attr:`oauth2_tokens`).
-            A bad token is answered as Gmail does: a 334 error challenge (base64 JSON), then,
-            after the client's empty line, ``535 5.7.8``.
-        host: address to bind; give an IP address, so that port 0 means one port.
-        port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
-        max_connections: above this many concurrent sessions, greet with
-            ``421 4.7.0 Too many connections`` and close, as Postfix does.
-        silent: accept TCP (and TLS) connections but never send a greeting.
-        smtputf8: advertise SMTPUTF8.
-        idle_timeout: seconds of client silence after which the server drops a session.
-        greeting: greet every connection with this line instead of 220, then close it (e.g.
-            ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
+        Args:
+            tls: ``"none"``, ``"starttls"`` (STARTTLS required before MAIL) or ``"implicit"``
+                (TLS from the first byte, like port 465).
+            certificates: required unless ``tls == "none"``.
+            auth: ``(username, password)``; when given, AUTH (PLAIN and LOGIN) is required before MAIL.
+            oauth2_tokens: ``{username: access token}``; when given, AUTH XOAUTH2 is offered and
+                required before MAIL, and takes each user's token (see :attr:`oauth2_tokens`).
+                A bad token is answered as Gmail does: a 334 error challenge (base64 JSON), then,
+                after the client's empty line, ``535 5.7.8``.
+            host: address to bind; give an IP address, so that port 0 means one port.
+            port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
+            max_connections: above this many concurrent sessions, greet with
+                ``421 4.7.0 Too many connections`` and close, as Postfix does.
+            silent: accept TCP (and TLS) connections but never send a greeting.
+            smtputf8: advertise SMTPUTF8.
+            idle_timeout: seconds of client silence after which the server drops a session.
+            greeting: greet every connection with this line instead of 220, then close it (e.g.
+                ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
+            pipelining: advertise PIPELINING (RFC 2920); aiosmtpd reads pipelined commands anyway.
+            chunking: advertise CHUNKING and take ``BDAT`` (RFC 3030).
 
-    Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
-    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
-    :attr:`oauth2_tokens`) may be changed while the server runs. A ``421`` reply, from either,
-    closes the connection after it is sent, as RFC 5321 requires of a server.
+        :attr:`commands` records every command with the read it arrived in, so that a test can
+        check which commands a client sent together (:meth:`command_groups`).
+
+        Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
+        :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
+    :attr:`oauth2_tokens`, :attr:`data_without_recipients`, :attr:`data_command_reply`) may be
+        changed while the server runs. A ``421`` reply, from either,
+        closes the connection after it is sent, as RFC 5321 requires of a server.
     """
 
     def __init__(
@@ -322,6 +346,8 @@ class SMTPTestServer:
         smtputf8: bool = True,
         idle_timeout: float = 300.0,
         greeting: str | None = None,
+        pipelining: bool = False,
+        chunking: bool = False,
     ) -> None:
         if tls not in ("none", "starttls", "implicit"):
             raise ValueError(f"tls must be 'none', 'starttls' or 'implicit', not {tls!r}")
@@ -359,7 +385,11 @@ class SMTPTestServer:
         self.smtputf8 = smtputf8
         self.idle_timeout = idle_timeout
         self.greeting = greeting
+        self.pipelining = pipelining
+        self.chunking = chunking
 
+        #: Every command received (any session), in order, with the read it arrived in.
+        self.commands: list[ReceivedCommand] = []
         #: Accepted messages, in order of arrival.
         self.messages: list[ReceivedMessage] = []
         #: SMTP sessions greeted with 220 so far (connections refused by the limit not included).
@@ -385,6 +415,11 @@ class SMTPTestServer:
         #: Answer a failed AUTH with a 535 that quotes the credentials (or the token), plain and
         #: base64, as some servers echo the command they refuse.
         self.echo_auth = False
+        #: Answer DATA with 354 even when no recipient was accepted (then 554 after the
+        #: message), as some servers do; RFC 2920 3.1 asks clients to cope.
+        self.data_without_recipients = False
+        #: The reply to the DATA command itself instead of 354 (e.g. ``"451 4.3.0 Busy"``).
+        self.data_command_reply: str | None = None
 
         self._auth_attempts: list[str] = []
         self._server: asyncio.Server | None = None
@@ -612,10 +647,11 @@ class SMTPTestServer:
 
         Clears :attr:`messages` and :attr:`auth_attempts`, sets every counter to 0, empties
         :attr:`refuse_recipients` and :attr:`data_replies`, sets :attr:`data_delay` to 0 and
-        turns :attr:`ehlo_reply`, :attr:`max_recipients` and :attr:`echo_auth` off, and gives
-        :attr:`oauth2_tokens` back the tokens given to the constructor. The other options
-        given to the constructor stay. Meant for a server shared by many tests (a
-        session-scoped fixture): reset it before each test.
+        turns :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
+        :attr:`data_without_recipients` and :attr:`data_command_reply` off, forgets
+        :attr:`commands`, and gives :attr:`oauth2_tokens` back the tokens given to the
+        constructor. The other options given to the constructor stay. Meant for a server
+        shared by many tests (a session-scoped fixture): reset it before each test.
         """
         self.messages = []
         self.connections = 0
@@ -628,7 +664,21 @@ class SMTPTestServer:
         self.max_recipients = None
         self.echo_auth = False
         self.oauth2_tokens = self._given_tokens()
+        self.data_without_recipients = False
+        self.data_command_reply = None
+        self.commands = []
         self._auth_attempts = []
+
+    def command_groups(self) -> list[list[str]]:
+        """The command verbs of :attr:`commands`, grouped by the read they arrived in.
+
+        ``[["EHLO"], ["MAIL", "RCPT", "BDAT"], ["QUIT"]]`` says MAIL, RCPT and BDAT came in
+        one read: the client sent them in one write (RFC 2920 pipelining).
+        """
+        groups: dict[tuple[int, int], list[str]] = {}
+        for command in self.commands:
+            groups.setdefault((command.session, command.read), []).append(command.verb)
+        return list(groups.values())
 
     def configure(self, app: Quart) -> None:
         """Point *app* at this server: :meth:`mail_config` into its config, which also turns
@@ -768,6 +818,7 @@ class _Handler:
     ) -> str:
         owner = self._owner
         owner.data_attempts += 1
+        owner._notify()
         reply = owner.data_replies.pop(0) if owner.data_replies else _ACCEPTED
         if owner.data_delay > 0:
             await asyncio.sleep(owner.data_delay)
@@ -801,7 +852,9 @@ class _Handler:
         if reply is not None:
             return [reply]
         session.host_name = hostname  # aiosmtpd leaves this to a handler with this hook
-        return responses
+        owner = self._owner
+        extra = ["250-PIPELINING"] * owner.pipelining + ["250-CHUNKING"] * owner.chunking
+        return [*responses[:-1], *extra, responses[-1]]
 
     async def handle_exception(self, error: Exception) -> str:
         """Reply to an error raised while handling a command (aiosmtpd's hook)."""
@@ -846,7 +899,96 @@ class _Handler:
         return AuthResult(success=False, handled=False)
 
 
-class _Session(SMTP):
+class _ExtendedSMTP(SMTP):
+    """aiosmtpd's SMTP protocol plus what aiosmtpd 1.4 lacks: BDAT (RFC 3030), a record of
+    the read each command arrived in, and DATA that takes a message with no recipient."""
+
+    _owner: SMTPTestServer
+
+    def __init__(self, handler: _Handler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._number = 0  # the session's number, set when the connection is made
+        self._received = 0  # octets received so far
+        self._read_ends: list[int] = []  # the octet count at the end of each read
+        self._chunks: list[bytes] = []  # BDAT chunks of the current transaction
+        self._chunks_for: object = None  # the envelope they belong to
+        #: Set by a 421 reply: commands pipelined after it are not handled (RFC 5321 3.8).
+        self.closing = False
+        # aiosmtpd dispatches each command through this table: record it on the way.
+        self._smtp_methods = {
+            verb: functools.partial(self._dispatch, verb, method)
+            for verb, method in self._smtp_methods.items()
+        }
+
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        self._read_ends.append(self._received)
+        super().data_received(data)
+
+    async def _dispatch(
+        self, verb: str, method: Callable[[str | None], Any], arg: str | None
+    ) -> None:
+        # The octets consumed so far end in the read this command arrived in; aiosmtpd's
+        # reader keeps the rest in its buffer (aiosmtpd itself reaches into it).
+        consumed = self._received - len(self._reader._buffer)  # type: ignore[attr-defined]
+        read = bisect.bisect_left(self._read_ends, consumed) + 1
+        now = asyncio.get_running_loop().time()
+        self._owner.commands.append(ReceivedCommand(verb, self._number, read, now))
+        if not self.closing:
+            await method(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's method name)
+        assert self.envelope is not None
+        refusal = self._owner.data_command_reply
+        if refusal is not None and self.envelope.rcpt_tos:
+            _close_after_421(self, refusal)
+            await self.push(refusal)
+            return
+        if not (self._owner.data_without_recipients and not self.envelope.rcpt_tos):
+            await super().smtp_DATA(arg)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        while (await self._reader.readuntil()) != b".\r\n":
+            pass
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("554 5.5.1 No valid recipients")
+
+    async def smtp_BDAT(self, arg: str | None) -> None:  # noqa: N802 (aiosmtpd's method name)
+        """RFC 3030: ``BDAT <size> [LAST]``, then exactly *size* octets, no dot-stuffing."""
+        match = re.fullmatch(r"(\d{1,9})( +LAST)?", (arg or "").strip(), re.IGNORECASE)
+        if not self._owner.chunking:
+            await self.push('500 Error: command "BDAT" not recognized')
+            return
+        if match is None:
+            await self.push("501 5.5.4 Syntax: BDAT <size> [LAST]")
+            return
+        # RFC 3030 2: the chunk is read whatever the reply, or the rest of it would be
+        # taken for commands.
+        chunk = await self._reader.readexactly(int(match[1]))
+        if await self.check_helo_needed("EHLO") or await self.check_auth_needed("BDAT"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if self._chunks_for is not envelope:
+            self._chunks, self._chunks_for = [], envelope
+        if not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not envelope.rcpt_tos:
+            await self.push("554 5.5.1 No valid recipients")
+            return
+        self._chunks.append(chunk)
+        if match[2] is None:
+            await self.push(f"250 2.0.0 {len(chunk)} octets received")
+            return
+        envelope.original_content = envelope.content = b"".join(self._chunks)
+        self._chunks = []
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(_ACCEPTED if status is MISSING else status)
+
+
+class _Session(_ExtendedSMTP):
     """aiosmtpd's SMTP protocol, registered with its SMTPTestServer for stop(), with AUTH
     XOAUTH2 and AUTH lines as long as a SASL response needs."""
 
@@ -910,6 +1052,7 @@ class _Session(SMTP):
             self._tracked = transport
             self._owner._track(transport)
             self._owner.connections += 1
+            self._number = self._owner.connections
         super().connection_made(transport)
         if first:
             # aiosmtpd runs each session in a task it keeps here (stable since 1.2).
@@ -1013,6 +1156,8 @@ def _is_encrypted(server: SMTP, session: Session) -> bool:
 def _close_after_421(server: SMTP, reply: str) -> None:
     """Close the connection once ``reply`` is sent, if it is a 421 (RFC 5321, 3.8)."""
     transport = server.transport
+    if reply.startswith("421") and isinstance(server, _ExtendedSMTP):
+        server.closing = True
     if reply.startswith("421") and transport is not None:
         # aiosmtpd writes the reply in the same step that our hook returns in, so a callback
         # scheduled now runs after the reply is in the transport; close() then flushes it.

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .testing import ReceivedMessage, SMTPTestServer, TLSCertificates, TLSMode
+from .testing import ReceivedCommand, ReceivedMessage, SMTPTestServer, TLSCertificates, TLSMode
 
 if TYPE_CHECKING:
     from quart import Quart
@@ -63,7 +63,10 @@ class ThreadedSMTPTestServer:
         smtputf8: bool
         idle_timeout: float
         greeting: str | None
+        pipelining: bool
+        chunking: bool
         messages: list[ReceivedMessage]
+        commands: list[ReceivedCommand]
         connections: int
         refused_connections: int
         data_attempts: int
@@ -73,6 +76,8 @@ class ThreadedSMTPTestServer:
         ehlo_reply: str | None
         max_recipients: int | None
         echo_auth: bool
+        data_without_recipients: bool
+        data_command_reply: str | None
         auth_attempts: list[str]
         is_serving: bool
 
