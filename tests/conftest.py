@@ -236,11 +236,13 @@ async def serve_app(
     *,
     ready_timeout: float = 20.0,
     workers: int | None = None,
+    worker_class: str | None = None,
 ) -> AsyncIterator[ServedApp]:
     """Serve *app_spec* with ``python -m hypercorn -c hypercorn.toml`` from the repository root
     on a free loopback port, its environment the test's minus the app's settings, plus *env*.
 
-    *workers* overrides hypercorn.toml's ``workers`` (``--workers``). Yields once the app has
+    *workers* and *worker_class* override hypercorn.toml's (``--workers``,
+    ``--worker-class``). Yields once the app has
     started in every worker (each logs "Running on" after the app's start-up; they share the
     main process's socket, so all name one port) and the port accepts connections; fails with
     Hypercorn's stderr if it exits first or does not get there within *ready_timeout* seconds.
@@ -263,6 +265,7 @@ async def serve_app(
             "--bind",
             "127.0.0.1:0",
             *([] if workers is None else ["--workers", str(workers)]),
+            *([] if worker_class is None else ["--worker-class", worker_class]),
             app_spec,
             cwd=REPO_ROOT,
             env=environment,
