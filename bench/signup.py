@@ -7,7 +7,8 @@ sign-up) and a copy of ``hypercorn.toml`` whose ``shutdown_timeout`` lets the ma
 Variants: ``fast`` (the SMTP server answers at once), ``slow`` (2 s per DATA, ``--data-delay``)
 and the baseline ``suppressed`` (``MAIL_SUPPRESS_SEND``). An HTTP/1.1 client in this process
 keeps ``-c`` keep-alive connections busy, each posting a new name as soon as it has its answer:
-``--warmup`` sign-ups, then ``-n`` measured (req/s, p50/p90/p99/max). Then Hypercorn gets SIGTERM
+``--warmup`` sign-ups, then ``-n`` measured (req/s, p50/p90/p99/max, the server's CPU per sign-up;
+``--workers`` and ``--worker-class`` set Hypercorn's). Then Hypercorn gets SIGTERM
 and its shutdown is timed; the server must have one mail per sign-up. Target: p99 with the slow
 server <= 1.1x p99 with mail suppressed. SQLite has one writer: ``-c 1`` shows the latency
 without that contention.
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import pathlib
 import re
 import secrets
@@ -116,12 +118,36 @@ async def sign_up(connections: list[Connection], names: list[str]) -> Load:
     return load
 
 
-def hypercorn_config(directory: pathlib.Path, shutdown_timeout: float) -> pathlib.Path:
-    """A copy of hypercorn.toml with *shutdown_timeout* (Hypercorn has no flag for it)."""
+def server_cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) so far of Hypercorn's process *pid* and of its children
+    (its workers), from /proc; NaN where there is no /proc (not Linux)."""
+    try:
+        children = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        ticks = 0
+        for process in (pid, *map(int, children)):
+            stat = pathlib.Path(f"/proc/{process}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    except OSError:
+        return math.nan
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def hypercorn_config(
+    directory: pathlib.Path, shutdown_timeout: float, args: argparse.Namespace
+) -> pathlib.Path:
+    """A copy of hypercorn.toml with *shutdown_timeout* (Hypercorn has no flag for it) and
+    ``--workers`` and ``--worker-class`` when given."""
+    settings = {"shutdown_timeout": f"{shutdown_timeout:.1f}"}
+    if args.workers is not None:
+        settings["workers"] = str(args.workers)
+    if args.worker_class is not None:
+        settings["worker_class"] = f'"{args.worker_class}"'
     text = (harness.PROJECT / "hypercorn.toml").read_text(encoding="utf-8")
-    text = re.sub(r"(?m)^shutdown_timeout\s*=.*$", "", text)
+    for key, value in settings.items():
+        text = re.sub(rf"(?m)^{key}\s*=.*$", "", text) + f"\n{key} = {value}\n"
     config = directory / "hypercorn.toml"
-    config.write_text(f"{text}\nshutdown_timeout = {shutdown_timeout:.1f}\n", encoding="utf-8")
+    config.write_text(text, encoding="utf-8")
     return config
 
 
@@ -154,12 +180,14 @@ async def run_variant(name: str, args: argparse.Namespace) -> tuple[Load, list[s
                 MAIL_POOL_SIZE=str(args.pool_size),
                 MAIL_SHUTDOWN_TIMEOUT=f"{mail_shutdown:g}",
             )
-            config = hypercorn_config(directory, shutdown)
+            config = hypercorn_config(directory, shutdown, args)
             async with harness.serve_app(APP_SPEC, env, directory, config) as served:
                 connections = [Connection(served.port) for _ in range(args.concurrency)]
                 prefix = f"{name}-{secrets.token_hex(4)}"
                 warmup = await sign_up(connections, [f"{prefix}-w{i}" for i in range(args.warmup)])
+                cpu = server_cpu_seconds(served.process.pid)
                 measured = await sign_up(connections, [f"{prefix}-{i}" for i in range(args.n)])
+                cpu = server_cpu_seconds(served.process.pid) - cpu
                 for connection in connections:
                     await connection.close()
                 code, seconds = await served.stop(timeout=5 + shutdown + 10)
@@ -168,7 +196,8 @@ async def run_variant(name: str, args: argparse.Namespace) -> tuple[Load, list[s
     expected = 0 if name == "suppressed" else warmup.statuses[201] + measured.statuses[201]
     figures = "  ".join(f"{measured.percentile(p):7.1f}" for p in (50, 90, 99, 100))
     print(
-        f"{label(name, args):<30}  {measured.rate:6.0f}  {figures}  {seconds:7.1f}s  "
+        f"{label(name, args):<30}  {measured.rate:6.0f}  {figures}  "
+        f"{cpu / max(len(measured.latencies), 1) * 1000:6.2f}  {seconds:7.1f}s  "
         f"{received} of {expected}"
     )
     problems = []
@@ -194,11 +223,16 @@ async def benchmark() -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=16, help="connections (16)")
     parser.add_argument("--pool-size", type=int, default=64, help="MAIL_POOL_SIZE (64)")
     parser.add_argument("--data-delay", type=float, default=2.0, help="slow server's (2 s)")
+    parser.add_argument("--workers", type=int, help="Hypercorn's workers (hypercorn.toml's)")
+    parser.add_argument(
+        "--worker-class", choices=("asyncio", "uvloop"), help="Hypercorn's (hypercorn.toml's)"
+    )
     args = parser.parse()
     print(
         f"sign-ups: {args.n} per variant after {args.warmup}, {args.concurrency} connections, "
-        f"MAIL_POOL_SIZE={args.pool_size}\n{'variant':<30}   req/s   p50 ms   p90 ms   p99 ms"
-        "   max ms  shutdown  mail received"
+        f"MAIL_POOL_SIZE={args.pool_size}, workers={args.workers}, "
+        f"worker_class={args.worker_class}\n{'variant':<30}   req/s   p50 ms   p90 ms   p99 ms"
+        "   max ms  CPU ms  shutdown  mail received"
     )
     ok, results = True, {}
     for name in args.only:

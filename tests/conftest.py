@@ -227,6 +227,10 @@ class ServedApp:
         """Send SIGTERM to Hypercorn's main process, as a process manager does."""
         self.process.send_signal(signal.SIGTERM)
 
+    def terminate_group(self) -> None:
+        """Send SIGTERM to Hypercorn's whole process group at once, as systemd does."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+
     def kill(self) -> None:
         """Send SIGKILL to Hypercorn's whole process group (main process and any worker) at
         once, as ``kill -9`` does; :func:`serve_app` starts it in a session of its own."""
@@ -243,17 +247,26 @@ class ServedApp:
 
 @asynccontextmanager
 async def serve_app(
-    app_spec: str, env: Mapping[str, str], log_dir: Path, *, ready_timeout: float = 20.0
+    app_spec: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    ready_timeout: float = 20.0,
+    workers: int | None = None,
+    worker_class: str | None = None,
 ) -> AsyncIterator[ServedApp]:
     """Serve *app_spec* with ``python -m hypercorn -c hypercorn.toml`` from the repository root
     on a free loopback port, its environment the test's minus the app's settings, plus *env*.
 
-    Yields once the app has started (Hypercorn logs "Running on" after the app's start-up)
-    and its port accepts connections; fails with Hypercorn's stderr if it exits first or does
-    not get there within *ready_timeout* seconds. Awaiting in between lets the SMTP test server
-    in the test's loop serve the app. On the way out the whole process group (Hypercorn and its
-    worker) is killed unless it has exited: stop it with :meth:`ServedApp.terminate` and
-    :meth:`ServedApp.wait` to test a clean shutdown.
+    *workers* and *worker_class* override hypercorn.toml's (``--workers``,
+    ``--worker-class``). Yields once the app has
+    started in every worker (each logs "Running on" after the app's start-up; they share the
+    main process's socket, so all name one port) and the port accepts connections; fails with
+    Hypercorn's stderr if it exits first or does not get there within *ready_timeout* seconds.
+    Awaiting in between lets the SMTP test server in the test's loop serve the app. On the way
+    out the whole process group (Hypercorn and its workers) is killed unless it has exited:
+    stop it with :meth:`ServedApp.terminate` and :meth:`ServedApp.wait` to test a clean
+    shutdown.
     """
     environment = clean_environment(**env)
     stdout_path, stderr_path = log_dir / "hypercorn.out", log_dir / "hypercorn.err"
@@ -268,6 +281,8 @@ async def serve_app(
             # (no race with other programs) and reports in its "Running on" line.
             "--bind",
             "127.0.0.1:0",
+            *([] if workers is None else ["--workers", str(workers)]),
+            *([] if worker_class is None else ["--worker-class", worker_class]),
             app_spec,
             cwd=REPO_ROOT,
             env=environment,
@@ -279,7 +294,7 @@ async def serve_app(
         )
     served = ServedApp(process, "", stdout_path, stderr_path)
     try:
-        served.url = await _wait_until_serving(served, ready_timeout)
+        served.url = await _wait_until_serving(served, ready_timeout, max(workers or 1, 1))
         yield served
     finally:
         if process.returncode is None:
@@ -291,7 +306,11 @@ async def serve_app(
             served.kill()
 
 
-async def _wait_until_serving(served: ServedApp, timeout: float) -> str:  # noqa: ASYNC109
+async def _wait_until_serving(
+    served: ServedApp,
+    timeout: float,  # noqa: ASYNC109
+    workers: int,
+) -> str:
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -300,9 +319,10 @@ async def _wait_until_serving(served: ServedApp, timeout: float) -> str:  # noqa
                         f"Hypercorn exited with {served.process.returncode} before serving:\n"
                         f"{served.stderr}"
                     )
-                found = _RUNNING_ON.search(served.stderr)
-                if found is not None:
-                    port = int(found.group(1))
+                running_on = _RUNNING_ON.findall(served.stderr)
+                if len(running_on) >= workers:
+                    assert len(set(running_on)) == 1, f"one port for all\n{served.stderr}"
+                    port = int(running_on[0])
                     try:
                         _, writer = await asyncio.open_connection("127.0.0.1", port)
                     except OSError:

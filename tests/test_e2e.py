@@ -7,6 +7,7 @@ served in this test's event loop, and stopped with SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ SUBJECT = "[Flasky] New User"
 # this bound, a hung one fails the test instead of hanging it.
 STOP_TIMEOUT = 40.0
 HTTP_TIMEOUT = 10.0
+SIGN_UP_BURST, BURSTS = 4, 3  # at most 12 sign-ups, 12 s of DATA for one worker
 
 # What must never appear in the log of a clean run.
 ALARMING = re.compile(r"Traceback|\bERROR\b|\bCRITICAL\b|Exception|Not sent|LifespanTimeout")
@@ -71,9 +73,13 @@ def assert_admin_mail(message: ReceivedMessage, name: str) -> None:
     assert text.get_content() == f"User {name} has joined.\n"
 
 
-async def stop_cleanly(served: ServedApp) -> None:
-    """SIGTERM, as a process manager stops a service; Hypercorn exits 0 with a quiet log."""
-    served.terminate()
+async def stop_cleanly(served: ServedApp, *, whole_group: bool = False) -> None:
+    """SIGTERM, as a process manager stops a service (to the main process, or to every
+    process of the group as systemd does); Hypercorn exits 0 with a quiet log."""
+    if whole_group:
+        served.terminate_group()
+    else:
+        served.terminate()
     assert await served.wait(STOP_TIMEOUT) == 0, served.stderr
     alarming = [line for line in served.stderr.splitlines() if ALARMING.search(line)]
     assert alarming == [], served.stderr
@@ -112,6 +118,73 @@ async def test_api_signup_mail_is_delivered_across_sigterm(
     [message] = server.messages
     assert_admin_mail(message, "Ada Lovelace")
     assert '"POST /api/users 1.1" 201' in served.stdout  # the access log
+
+
+@pytest.mark.parametrize(
+    ("whole_group", "worker_class"),
+    [(False, "asyncio"), (True, "asyncio"), (False, "uvloop")],
+    ids=["main-process", "whole-group", "uvloop"],
+)
+async def test_every_worker_drains_its_mail_across_sigterm(
+    smtp_server_factory: SMTPServerFactory, tmp_path: Path, whole_group: bool, worker_class: str
+) -> None:
+    """With two Hypercorn workers, SIGTERM to the main process (Kubernetes, docker stop)
+    or to every process at once (systemd) lets each worker deliver the mail it holds
+    (app/workers.py), and Hypercorn exits 0; on asyncio's loop and on uvloop's."""
+    server = await mail_server(smtp_server_factory)
+    server.data_delay = 1.0  # each mail sits in DATA for a second
+    env = production_environment(server, tmp_path)
+    # One SMTP connection per worker: two mails in DATA at once are two workers' mail.
+    # A drain bound above what one worker may hold here (every sign-up's mail in a row),
+    # inside hypercorn.toml's shutdown_timeout.
+    env |= {"MAIL_POOL_SIZE": "1", "MAIL_SHUTDOWN_TIMEOUT": "14"}
+
+    def both_workers_in_data() -> bool:
+        return server.data_attempts - len(server.messages) >= 2
+
+    names: list[str] = []
+
+    async def sign_up(client: httpx.AsyncClient, name: str) -> None:
+        names.append(name)
+        response = await client.post("/api/users", json={"name": name})
+        assert response.status_code == 201, response.text
+
+    async with serve_app(APP_SPEC, env, tmp_path, workers=2, worker_class=worker_class) as served:
+        # Both workers accept from the one socket; while one is busy with a sign-up the
+        # other takes the next connection. Sign up SIGN_UP_BURST at once, each on its own
+        # connection, until each worker has a mail on the wire.
+        while not both_workers_in_data():
+            if len(names) == SIGN_UP_BURST * BURSTS:
+                pytest.fail(f"{len(names)} sign-ups never kept both workers busy\n{served.stderr}")
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(http_client(served))
+                    for _ in range(SIGN_UP_BURST)
+                ]
+                await asyncio.gather(
+                    *(sign_up(client, f"Ada {len(names) + i}") for i, client in enumerate(clients))
+                )
+            # The server wakes no waiter when DATA starts: poll, for a second at most.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    while not both_workers_in_data():  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+
+        await stop_cleanly(served, whole_group=whole_group)
+
+    assert sorted(message_text(message) for message in server.messages) == sorted(
+        f"User {name} has joined.\n" for name in names
+    )
+    # make_msgid puts the process id in the Message-ID: each worker built and sent mail.
+    process_ids = {str(message.parsed()["Message-ID"]).split(".")[1] for message in server.messages}
+    assert len(process_ids) == 2, process_ids
+
+
+def message_text(message: ReceivedMessage) -> str:
+    """The plain-text body of *message*."""
+    text = message.parsed().get_body(preferencelist=("plain",))
+    assert text is not None
+    return str(text.get_content())
 
 
 async def test_form_signup_over_http(

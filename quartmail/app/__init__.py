@@ -28,6 +28,7 @@ try:
     from .db import Database
     from .extensions import mail, schema
     from .views import main
+    from .workers import keep_draining_on_sigterm
 except ModuleNotFoundError as error:
     raise missing_extra(error, "app", "The sign-up app (quartmail.app)") from None
 
@@ -68,6 +69,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     app.register_blueprint(api)
     app.register_error_handler(HTTPException, _error_page)
     register_commands(app)
+    keep_draining_on_sigterm(app)
     if app.config["GC_FREEZE"]:
         app.before_serving(_freeze_startup_objects)
     return app

@@ -12,6 +12,7 @@ from typing import Any
 
 from quart import Quart, current_app
 from sqlalchemy import event
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -71,6 +72,16 @@ class Database:
 
     async def create_tables(self) -> None:
         """Create the tables that do not exist yet."""
+        try:
+            await self._create_missing_tables()
+        except DatabaseError:
+            # Hypercorn's workers start side by side: another one may have created a
+            # table between create_all's check and its CREATE TABLE ("already exists"
+            # on SQLite, a duplicate key or table on PostgreSQL). Checked again, the
+            # tables now exist; any other error happens again and is raised.
+            await self._create_missing_tables()
+
+    async def _create_missing_tables(self) -> None:
         async with self.engine.begin() as connection:
             await connection.run_sync(Base.metadata.create_all)
 
