@@ -294,42 +294,42 @@ class SMTPServerFactory(Protocol):
 class SMTPTestServer:
     """A real SMTP server on loopback, served in the running event loop.
 
-        Use it as an async context manager (or call :meth:`start` / :meth:`stop`)::
+    Use it as an async context manager (or call :meth:`start` / :meth:`stop`)::
 
-            async with SMTPTestServer(tls="starttls", certificates=certs, auth=("u", "p")) as server:
-                app.config.update(server.mail_config())
-                ...
-                [message] = await server.wait_for_messages(1)
+        async with SMTPTestServer(tls="starttls", certificates=certs, auth=("u", "p")) as server:
+            app.config.update(server.mail_config())
+            ...
+            [message] = await server.wait_for_messages(1)
 
-        Args:
-            tls: ``"none"``, ``"starttls"`` (STARTTLS required before MAIL) or ``"implicit"``
-                (TLS from the first byte, like port 465).
-            certificates: required unless ``tls == "none"``.
-            auth: ``(username, password)``; when given, AUTH (PLAIN and LOGIN) is required before MAIL.
-            oauth2_tokens: ``{username: access token}``; when given, AUTH XOAUTH2 is offered and
-                required before MAIL, and takes each user's token (see :attr:`oauth2_tokens`).
-                A bad token is answered as Gmail does: a 334 error challenge (base64 JSON), then,
-                after the client's empty line, ``535 5.7.8``.
-            host: address to bind; give an IP address, so that port 0 means one port.
-            port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
-            max_connections: above this many concurrent sessions, greet with
-                ``421 4.7.0 Too many connections`` and close, as Postfix does.
-            silent: accept TCP (and TLS) connections but never send a greeting.
-            smtputf8: advertise SMTPUTF8.
-            idle_timeout: seconds of client silence after which the server drops a session.
-            greeting: greet every connection with this line instead of 220, then close it (e.g.
-                ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
-            pipelining: advertise PIPELINING (RFC 2920); aiosmtpd reads pipelined commands anyway.
-            chunking: advertise CHUNKING and take ``BDAT`` (RFC 3030).
+    Args:
+        tls: ``"none"``, ``"starttls"`` (STARTTLS required before MAIL) or ``"implicit"``
+            (TLS from the first byte, like port 465).
+        certificates: required unless ``tls == "none"``.
+        auth: ``(username, password)``; when given, AUTH (PLAIN and LOGIN) is required before MAIL.
+        oauth2_tokens: ``{username: access token}``; when given, AUTH XOAUTH2 is offered and
+            required before MAIL, and takes each user's token (see :attr:`oauth2_tokens`).
+            A bad token is answered as Gmail does: a 334 error challenge (base64 JSON), then,
+            after the client's empty line, ``535 5.7.8``.
+        host: address to bind; give an IP address, so that port 0 means one port.
+        port: port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
+        max_connections: above this many concurrent sessions, greet with
+            ``421 4.7.0 Too many connections`` and close, as Postfix does.
+        silent: accept TCP (and TLS) connections but never send a greeting.
+        smtputf8: advertise SMTPUTF8.
+        idle_timeout: seconds of client silence after which the server drops a session.
+        greeting: greet every connection with this line instead of 220, then close it (e.g.
+            ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
+        pipelining: advertise PIPELINING (RFC 2920); aiosmtpd reads pipelined commands anyway.
+        chunking: advertise CHUNKING and take ``BDAT`` (RFC 3030).
 
-        :attr:`commands` records every command with the read it arrived in, so that a test can
-        check which commands a client sent together (:meth:`command_groups`).
+    :attr:`commands` records every command with the read it arrived in, so that a test can
+    check which commands a client sent together (:meth:`command_groups`).
 
-        Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
-        :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
-    :attr:`oauth2_tokens`, :attr:`data_without_recipients`, :attr:`data_command_reply`) may be
-        changed while the server runs. A ``421`` reply, from either,
-        closes the connection after it is sent, as RFC 5321 requires of a server.
+    Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
+    :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
+    :attr:`oauth2_tokens`, :attr:`data_without_recipients`, :attr:`data_command_reply`) may
+    be changed while the server runs. A ``421`` reply, from either, closes the connection
+    after it is sent, as RFC 5321 requires of a server.
     """
 
     def __init__(
