@@ -34,6 +34,7 @@ try:
         Index,
         Integer,
         LargeBinary,
+        MetaData,
         String,
         Text,
         TypeDecorator,
@@ -45,6 +46,7 @@ try:
         text,
         update,
     )
+    from sqlalchemy.exc import DatabaseError
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
     from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 except ModuleNotFoundError as error:
@@ -61,6 +63,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxStatus",
     "OutboxTable",
+    "create_missing_tables",
     "decoded_row",
     "one_line_or_none",
     "rebuilt_message",
@@ -153,8 +156,7 @@ class OutboxTable:
 
     async def create_table(self) -> None:
         """Create the ``mail_outbox`` table if it does not exist."""
-        async with self.engine.begin() as connection:
-            await connection.run_sync(OutboxBase.metadata.create_all)
+        await create_missing_tables(self.engine, OutboxBase.metadata)
 
     # The admin API
 
@@ -356,3 +358,20 @@ def rebuilt_message(envelope: Envelope) -> Message:
     message = Message(subject, sender=envelope.sender, recipients=list(envelope.recipients))
     message.msg_id = envelope.message_id
     return message
+
+
+async def create_missing_tables(engine: AsyncEngine, metadata: MetaData) -> None:
+    """Create the tables of *metadata* that do not exist yet, also when other processes
+    (Hypercorn's workers, starting side by side) do the same at the same moment."""
+    try:
+        await _create_all(engine, metadata)
+    except DatabaseError:
+        # Another process created a table between create_all's check and its CREATE
+        # TABLE ("already exists" on SQLite, a duplicate type or key on PostgreSQL).
+        # Checked again, the tables exist; any other error happens again and is raised.
+        await _create_all(engine, metadata)
+
+
+async def _create_all(engine: AsyncEngine, metadata: MetaData) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)

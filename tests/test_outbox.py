@@ -310,3 +310,15 @@ async def test_a_send_slower_than_the_lease_is_not_sent_twice(
     assert smtp_server.data_attempts == 1
     [row] = await rows(engine)
     assert (row.state, row.claimed_by) == ("sent", None)
+
+
+async def test_processes_starting_together_create_the_table_once(engine: AsyncEngine) -> None:
+    # Hypercorn's workers start side by side, each creating what is missing: one of them
+    # loses the race between create_all's check and its CREATE TABLE, and must not fail.
+    engines = [create_async_engine(engine.url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(OutboxTable(other).create_table() for other in engines))
+    finally:
+        for other in engines:
+            await other.dispose()
+    assert (await OutboxTable(engine).status()).oldest_queued_age is None  # the table is there

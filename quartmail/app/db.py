@@ -12,7 +12,6 @@ from typing import Any
 
 from quart import Quart, current_app
 from sqlalchemy import event
-from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -20,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from ..outbox import create_missing_tables
 from .models import Base
 
 __all__ = ["Database", "database_url"]
@@ -71,19 +71,8 @@ class Database:
         return f"<Database {self.engine.url.render_as_string(hide_password=True)}>"
 
     async def create_tables(self) -> None:
-        """Create the tables that do not exist yet."""
-        try:
-            await self._create_missing_tables()
-        except DatabaseError:
-            # Hypercorn's workers start side by side: another one may have created a
-            # table between create_all's check and its CREATE TABLE ("already exists"
-            # on SQLite, a duplicate key or table on PostgreSQL). Checked again, the
-            # tables now exist; any other error happens again and is raised.
-            await self._create_missing_tables()
-
-    async def _create_missing_tables(self) -> None:
-        async with self.engine.begin() as connection:
-            await connection.run_sync(Base.metadata.create_all)
+        """Create the tables that do not exist yet (Hypercorn's workers may do it at once)."""
+        await create_missing_tables(self.engine, Base.metadata)
 
     @staticmethod
     def of(app: Quart | None = None) -> Database:
