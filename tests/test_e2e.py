@@ -130,7 +130,12 @@ async def test_every_worker_drains_its_mail_across_sigterm(
 ) -> None:
     """With two Hypercorn workers, SIGTERM to the main process (Kubernetes, docker stop)
     or to every process at once (systemd) lets each worker deliver the mail it holds
-    (app/workers.py), and Hypercorn exits 0; on asyncio's loop and on uvloop's."""
+    (app/workers.py), and Hypercorn exits 0; on asyncio's loop and on uvloop's.
+
+    Which worker accepts a connection is the kernel's choice (an idle worker may take them
+    all), so the test tries to get mail in flight in both, but needs it in one only: without
+    app/workers.py that worker is killed mid-drain either way (by the group's SIGTERM, or by
+    the main process once the idle worker has exited) and its mail is lost."""
     server = await mail_server(smtp_server_factory)
     server.data_delay = 1.0  # each mail sits in DATA for a second
     env = production_environment(server, tmp_path)
@@ -153,9 +158,7 @@ async def test_every_worker_drains_its_mail_across_sigterm(
         # Both workers accept from the one socket; while one is busy with a sign-up the
         # other takes the next connection. Sign up SIGN_UP_BURST at once, each on its own
         # connection, until each worker has a mail on the wire.
-        while not both_workers_in_data():
-            if len(names) == SIGN_UP_BURST * BURSTS:
-                pytest.fail(f"{len(names)} sign-ups never kept both workers busy\n{served.stderr}")
+        while not both_workers_in_data() and len(names) < SIGN_UP_BURST * BURSTS:
             async with contextlib.AsyncExitStack() as stack:
                 clients = [
                     await stack.enter_async_context(http_client(served))
@@ -170,14 +173,12 @@ async def test_every_worker_drains_its_mail_across_sigterm(
                     while not both_workers_in_data():  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
 
+        assert server.data_attempts > len(server.messages), "no mail in flight at SIGTERM"
         await stop_cleanly(served, whole_group=whole_group)
 
     assert sorted(message_text(message) for message in server.messages) == sorted(
         f"User {name} has joined.\n" for name in names
     )
-    # make_msgid puts the process id in the Message-ID: each worker built and sent mail.
-    process_ids = {str(message.parsed()["Message-ID"]).split(".")[1] for message in server.messages}
-    assert len(process_ids) == 2, process_ids
 
 
 def message_text(message: ReceivedMessage) -> str:
