@@ -57,10 +57,12 @@ async def test_mail_send_arrives_signed(
     ed_key: ed25519.Ed25519PrivateKey,
 ) -> None:
     app, mail = make_mail(smtp_server, MAIL_SUPPRESS_SEND=False, **dual(rsa_key, ed_key))
+    sent = message()
     async with app.app_context():
-        await mail.send(message())
-    [received] = await smtp_server.wait_for_messages(1)
-    check(received.data, mail)
+        await mail.send(sent)
+        [received] = await smtp_server.wait_for_messages(1)
+        check(received.data, mail)
+        assert sent.as_bytes() == received.data  # the very bytes sent, signature and all
 
 
 async def test_a_retried_background_send_sends_the_same_signed_bytes(
