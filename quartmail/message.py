@@ -160,6 +160,9 @@ class Message:
         self.mail_options: list[str] = list(mail_options or [])
         self.rcpt_options: list[str] = list(rcpt_options or [])
         self._msg_id: str | None = None
+        # (flattened, signed) once the core has DKIM-signed it: as_bytes gives
+        # the signed bytes sent while the message flattens as it did then.
+        self._signed: tuple[bytes, bytes] | None = None
         self._boundary_key: str | None = None  # kept, so flattening again gives the same bytes
 
     def __repr__(self) -> str:
@@ -316,10 +319,14 @@ class Message:
         ``MAIL_DEFAULT_SENDER`` and ``MAIL_ASCII_ATTACHMENTS`` apply."""
         state = _app_mail()
         if state is None:
-            return self.envelope(default_sender).data
-        if default_sender is None:
-            default_sender = state.default_sender
-        return self.envelope(default_sender, ascii_attachments=state.ascii_attachments).data
+            data = self.envelope(default_sender).data
+        else:
+            if default_sender is None:
+                default_sender = state.default_sender
+            data = self.envelope(default_sender, ascii_attachments=state.ascii_attachments).data
+        if self._signed is not None and self._signed[0] == data:
+            return self._signed[1]
+        return data
 
     def as_string(self, default_sender: AddressLike | None = None) -> str:
         """:meth:`as_bytes`, decoded; the bytes are ASCII unless an address needs SMTPUTF8."""

@@ -15,11 +15,14 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .addresses import AddressLike, parse_address
 from .errors import ConfigError, MailError
 from .smtp import SMTPSettings, TokenProvider, make_tls_context, token_problem
+
+if TYPE_CHECKING:
+    from .dkim import DKIMSigner
 
 __all__ = ["DevInboxSettings", "MailSettings"]
 
@@ -71,6 +74,8 @@ class MailSettings:
     outbox: bool  # MAIL_OUTBOX: for the app to decide; the outbox needs its engine
     outbox_lease: float
     outbox_poll: float
+    # MAIL_DKIM_*: signs every message where the core flattens it; None: unsigned
+    dkim: DKIMSigner | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, testing: bool, debug: bool) -> MailSettings:
@@ -149,6 +154,7 @@ class MailSettings:
             outbox=reader.flag("MAIL_OUTBOX", False),
             outbox_lease=outbox_lease,
             outbox_poll=outbox_poll,
+            dkim=_dkim_signer(config),
             smtp=SMTPSettings(
                 hostname=server,
                 port=port,
@@ -208,6 +214,26 @@ class DevInboxSettings:
             )
         size = reader.number("MAIL_DEV_INBOX_SIZE", 50, low=1, high=10_000)
         return cls(path=prefix, size=size)
+
+
+#: The settings quartmail.dkim.dkim_signer_from_config reads.
+DKIM_KEYS = (
+    "MAIL_DKIM_KEY",
+    "MAIL_DKIM_SELECTOR",
+    "MAIL_DKIM_DOMAIN",
+    "MAIL_DKIM_SECOND_KEY",
+    "MAIL_DKIM_SECOND_SELECTOR",
+)
+
+
+def _dkim_signer(config: Mapping[str, Any]) -> DKIMSigner | None:
+    """The MAIL_DKIM_* signer, or None when none is set; quartmail.dkim (the
+    dkim extra) is imported only then, so a plain install runs without it."""
+    if not any(config.get(key) for key in DKIM_KEYS):
+        return None
+    from .dkim import dkim_signer_from_config  # raises naming quartmail[dkim] without it
+
+    return dkim_signer_from_config(config)
 
 
 def _is_loopback(host: str) -> bool:

@@ -48,6 +48,11 @@ ENVIRONMENT_KEYS = (
     "MAIL_OUTBOX",
     "MAIL_OUTBOX_LEASE",
     "MAIL_OUTBOX_POLL",
+    "MAIL_DKIM_KEY",  # PEM text works from the environment
+    "MAIL_DKIM_SELECTOR",
+    "MAIL_DKIM_DOMAIN",
+    "MAIL_DKIM_SECOND_KEY",
+    "MAIL_DKIM_SECOND_SELECTOR",
 )
 
 
