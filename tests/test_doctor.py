@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from quart import Quart
 
+from quartmail import ConfigError, Mail
 from quartmail.doctor import Finding, all_well, diagnose
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSCertificates, TLSMode
 
@@ -552,9 +553,15 @@ async def test_dns_dkim_for_another_domain(
     assert dkim[1].do == "Set MAIL_DKIM_DOMAIN to example.com (or leave it unset)."
 
 
-async def test_dns_a_bad_dkim_setting(smtp_server: SMTPTestServer, make_mail: MakeMail) -> None:
-    app, _ = make_mail(smtp_server, MAIL_DKIM_KEY=ed25519_pem())  # no MAIL_DKIM_SELECTOR
-    finding = only(await doctor(app, dns=True), "dkim")
+async def test_a_bad_dkim_setting(smtp_server: SMTPTestServer) -> None:
+    # Mail(app) refuses it at start-up; the doctor, given the app's config, names it.
+    app = Quart(__name__)
+    app.config.update(smtp_server.mail_config(), MAIL_DKIM_KEY=ed25519_pem())  # no selector
+    with pytest.raises(ConfigError, match="MAIL_DKIM_SELECTOR is required with MAIL_DKIM_KEY"):
+        Mail(app)
+    app = Quart(__name__)
+    app.config.update(smtp_server.mail_config(), MAIL_DKIM_KEY=ed25519_pem())
+    finding = only(await doctor(app, dns=True), "settings")
     assert finding.level == "error"
     assert finding.what == "MAIL_DKIM_SELECTOR is required with MAIL_DKIM_KEY"
 
