@@ -22,6 +22,7 @@ import asyncio
 import base64
 import bisect
 import collections
+import datetime
 import email
 import email.message
 import email.policy
@@ -110,8 +111,18 @@ class TLSCertificates:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     @classmethod
-    def create(cls, directory: pathlib.Path) -> TLSCertificates:
-        """Make a new CA and server certificate and write them as PEM files into ``directory``."""
+    def create(
+        cls,
+        directory: pathlib.Path,
+        *names: str,
+        not_after: datetime.datetime | None = None,
+    ) -> TLSCertificates:
+        """Make a new CA and server certificate and write them as PEM files into ``directory``.
+
+        The certificate is for *names* (default: ``localhost``, ``127.0.0.1`` and ``::1``)
+        and valid until *not_after* (default: trustme's, years ahead); give other names or
+        a past date to test a certificate for the wrong host or an expired one.
+        """
         # trustme (and cryptography) are test-only dependencies: import them only when asked.
         try:
             import trustme
@@ -120,7 +131,7 @@ class TLSCertificates:
 
         directory.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA()
-        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        leaf = ca.issue_cert(*(names or ("localhost", "127.0.0.1", "::1")), not_after=not_after)
         certificates = cls(
             ca_file=directory / "ca.pem",
             cert_file=directory / "server.pem",

@@ -21,7 +21,6 @@ import dns.rdtypes.ANY.TXT
 import dns.rrset
 import pytest
 import pytest_asyncio
-import trustme
 from click.testing import Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -63,26 +62,6 @@ async def doctor(app: Quart, **options: Any) -> list[Finding]:
         findings = await diagnose(app, **options)
     no_secret(findings)
     return findings
-
-
-def certificates(
-    directory: pathlib.Path,
-    *names: str,
-    not_after: datetime.datetime | None = None,
-) -> TLSCertificates:
-    """A CA of its own and a server certificate for *names* (valid until *not_after*)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    leaf = ca.issue_cert(*names, not_after=not_after)
-    made = TLSCertificates(
-        ca_file=directory / "ca.pem",
-        cert_file=directory / "server.pem",
-        key_file=directory / "server.key",
-    )
-    ca.cert_pem.write_to_path(made.ca_file)
-    made.cert_file.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(made.key_file)
-    return made
 
 
 # --- SMTP: all well ---
@@ -233,7 +212,7 @@ async def test_a_certificate_for_another_host(
     tmp_path: pathlib.Path,
     tls: TLSMode,
 ) -> None:
-    made = certificates(tmp_path, "mail.example.net")
+    made = TLSCertificates.create(tmp_path, "mail.example.net")
     server = await smtp_server_factory(tls=tls, certificates=made)
     app, _ = make_mail(server)
     findings = await doctor(app)
@@ -247,7 +226,7 @@ async def test_an_expired_certificate(
     smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, tmp_path: pathlib.Path
 ) -> None:
     gone = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
-    made = certificates(tmp_path, "127.0.0.1", not_after=gone)
+    made = TLSCertificates.create(tmp_path, "127.0.0.1", not_after=gone)
     server = await smtp_server_factory(tls="starttls", certificates=made)
     app, _ = make_mail(server)
     finding = only(await doctor(app), "certificate")
@@ -259,7 +238,7 @@ async def test_a_certificate_about_to_expire(
     smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, tmp_path: pathlib.Path
 ) -> None:
     soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3, hours=1)
-    made = certificates(tmp_path, "127.0.0.1", not_after=soon)
+    made = TLSCertificates.create(tmp_path, "127.0.0.1", not_after=soon)
     server = await smtp_server_factory(tls="implicit", certificates=made)
     app, _ = make_mail(server)
     findings = await doctor(app)
