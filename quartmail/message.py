@@ -170,8 +170,7 @@ class Message:
         if isinstance(list_unsubscribe, list | tuple):
             self.list_unsubscribe = list(list_unsubscribe)  # a copy, as of the address lists
         self._msg_id: str | None = None
-        # (flattened, signed) once the core has DKIM-signed it: as_bytes gives
-        # the signed bytes sent while the message flattens as it did then.
+        # (flattened, signed): see set_signed.
         self._signed: tuple[bytes, bytes] | None = None
         self._boundary_key: str | None = None  # kept, so flattening again gives the same bytes
 
@@ -339,6 +338,17 @@ class Message:
         if self._signed is not None and self._signed[0] == data:
             return self._signed[1]
         return data
+
+    def set_signed(self, flattened: bytes, signed: bytes) -> None:
+        """Record that the message, flattened to *flattened* (by
+        :meth:`envelope`), goes out as *signed*: the same bytes with
+        DKIM-Signature headers on top. ``Mail`` calls it when it signs (with
+        ``MAIL_DKIM_KEY``); call it if you sign the bytes yourself.
+        :meth:`as_bytes` then returns *signed* for as long as the message
+        flattens to *flattened*; once it is changed, its new, unsigned bytes."""
+        if not signed.endswith(flattened):
+            raise MessageError("set_signed: the signed bytes must end with the flattened message")
+        self._signed = (flattened, signed)
 
     def as_string(self, default_sender: AddressLike | None = None) -> str:
         """:meth:`as_bytes`, decoded; the bytes are ASCII unless an address needs SMTPUTF8."""
