@@ -25,8 +25,9 @@ that there is no import cycle and that nothing imports the app)::
 :class:`MailCore` is one app's: the settings, the open ``record_messages()``
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
 background delivery and the outbox) checks and flattens a message with
-:meth:`MailCore.envelope` and DKIM-signs it once with :meth:`MailCore.sign`, takes its sessions from :meth:`MailCore.session`
-(the reuse rule: connected, under ``MAIL_MAX_EMAILS``), decides what a failed
+:meth:`MailCore.envelope`, DKIM-signs it once with :meth:`MailCore.sign`,
+takes its sessions from :meth:`MailCore.session` (the reuse rule:
+connected, under ``MAIL_MAX_EMAILS``), decides what a failed
 attempt means with :meth:`MailCore.after_failure` (retry or fail), logs a
 failure for good with :meth:`MailCore.not_sent`, and signals through
 :meth:`MailCore.dispatched` (awaited, in the sender's own task) or

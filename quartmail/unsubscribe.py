@@ -26,7 +26,8 @@ Three pieces, wired together by the app::
   :mod:`quartmail.listunsubscribe`, gives their values.
 
 Mailbox providers only offer the one-click button when a DKIM signature covers
-both headers (RFC 8058 section 4); :mod:`quartmail.dkim` signs them.
+both headers (RFC 8058 section 4); with ``MAIL_DKIM_KEY`` set, ``Mail``'s
+signature (:mod:`quartmail.dkim`) does.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from quart import Blueprint, Response, request, url_for
 
 from .addresses import check_header_value, parse_address
 from .errors import ConfigError, MailError, MessageError
-from .listunsubscribe import ONE_CLICK, list_unsubscribe_headers
+from .listunsubscribe import ONE_CLICK, list_unsubscribe_headers  # re-exported (the rule's home)
 
 __all__ = [
     "MAX_AGE",
