@@ -8,13 +8,16 @@ timed from the first submit to the last result; context: raw on 8 connections. T
 (the Flask chapter's). Target >= 17x. ``memory`` (Linux): ``--memory-n`` messages, each figure
 in a fresh process, RSS growth and peak (VmHWM) of (a) all queued by ``send_background`` while
 the server holds each DATA 0.5 s, then drained; (b) ``EmailMessage`` objects in a list; (c)
-quartmail ``Message`` objects.
+quartmail ``Message`` objects. ``dkim``: what DKIM signing (``MAIL_DKIM_KEY``) costs per
+message, Ed25519 and RSA 2048, against unsigned, each with its own app on the plain server
+(pool of 8): msg/s and CPU milliseconds per message of this process (the server is another).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import smtplib
 import socket
@@ -24,12 +27,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import harness
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from quart import Quart
 from send import build_email_message, build_message, raw_session
 
 from quartmail import Mail
 
-SECTIONS = ("plain", "starttls", "implicit", "slow", "memory")
+SECTIONS = ("plain", "starttls", "implicit", "slow", "memory", "dkim")
 TLS: dict[str, harness.TLSMode] = {"plain": "none", "starttls": "starttls", "implicit": "implicit"}
 POOL_SIZE, SLOW_POOL_SIZE, RAW_CONNECTIONS = 8, 32, 8
 SLOW_DELAY = 0.05  # seconds the slow server takes per DATA
@@ -40,12 +45,13 @@ MB = 1024 * 1024
 class Section:
     """The variants of one section, bound to one server and one app."""
 
-    def __init__(self, server: harness.SMTPServer, pool_size: int) -> None:
+    def __init__(self, server: harness.SMTPServer, pool_size: int, **config: Any) -> None:
         self.server = server
         self.hostname = socket.getfqdn()  # quartmail looks it up once per app; so do the others
         self.app = Quart(__name__)
-        self.app.config.update(server.mail_config(), MAIL_POOL_SIZE=pool_size)
+        self.app.config.update(server.mail_config(), MAIL_POOL_SIZE=pool_size, **config)
         self.mail = Mail(self.app)
+        self.cpu: list[float] = []  # CPU seconds per message, per round (the dkim section)
 
     async def raw(self, count: int) -> float:
         start = time.perf_counter()
@@ -66,6 +72,14 @@ class Section:
         await asyncio.gather(*(self.mail.send_background(build_message(i)) for i in range(count)))
         self.server.expected += count
         return time.perf_counter() - start
+
+    async def background_cpu(self, count: int) -> float:
+        """:meth:`background` in this section's own app, noting the CPU time per message."""
+        async with self.app.app_context():
+            cpu = time.process_time()
+            seconds = await self.background(count)
+            self.cpu.append((time.process_time() - cpu) / count)
+        return seconds
 
     def threads(self, count: int) -> float:
         """A thread per mail, each sending with smtplib (plain SMTP, no AUTH), all joined."""
@@ -122,6 +136,49 @@ async def throughput(name: str, args: argparse.Namespace) -> bool:
         harness.print_table(variants, raw, "raw")
         text = f"send_background x{pool}, {name} ({what}), vs raw aiosmtplib"
         harness.target(text, variants[1].best / raw.best, at_least=17.0 if slow else 2.0)
+        return await server.check()
+
+
+# DKIM signing
+def private_pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+
+
+async def signing(args: argparse.Namespace) -> bool:
+    keys = {
+        "unsigned (baseline)": None,
+        "Ed25519": ed25519.Ed25519PrivateKey.generate(),
+        "RSA 2048": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    }
+    async with harness.smtp_server() as server:
+        print(f"\n[dkim] send_background, pool of {POOL_SIZE}, plain; {args.rounds} round(s)")
+        sections: dict[str, Section] = {}
+        for label, key in keys.items():
+            dkim = (
+                {}
+                if key is None
+                else {"MAIL_DKIM_KEY": private_pem(key), "MAIL_DKIM_SELECTOR": "b"}
+            )
+            sections[label] = Section(server, POOL_SIZE, **dkim)
+        variants = [
+            harness.Variant(label, section.background_cpu, args.n, args.warmup)
+            for label, section in sections.items()
+        ]
+        async with contextlib.AsyncExitStack() as lifespans:
+            for section in sections.values():
+                lifespan = section.app.test_app()
+                await lifespan.startup()
+                lifespans.push_async_callback(lifespan.shutdown)
+            await harness.take_turns(variants, args.rounds)
+        harness.print_table(variants, variants[0], "unsigned")
+        rounds = slice(-args.rounds, None)  # not the warm-up's
+        base = min(sections["unsigned (baseline)"].cpu[rounds])
+        for label, section in sections.items():
+            cpu = min(section.cpu[rounds])
+            extra = (cpu - base) * 1000
+            print(f"  {label + ':':<20} {cpu * 1000:6.2f} ms CPU per message (+{extra:.2f})")
         return await server.check()
 
 
@@ -234,7 +291,9 @@ async def benchmark() -> int:
     for name in args.only:
         if name == "memory" and not args.profile:
             ok = await memory(args) and ok
-        elif name != "memory":
+        elif name == "dkim" and not args.profile:
+            ok = await signing(args) and ok
+        elif name not in ("memory", "dkim"):
             ok = await throughput(name, args) and ok
     return harness.finish(ok)
 

@@ -3,7 +3,9 @@
 :meth:`Delivery.submit` checks a message in the caller and queues it. Up to
 ``MAIL_POOL_SIZE`` worker tasks take messages from the queue; each holds at
 most one SMTP session, opened when it first has a message (TLS and AUTH done
-once) and reused until ``MAIL_MAX_EMAILS``, a failure, or shutdown.
+once) and reused until ``MAIL_MAX_EMAILS``, a failure, or shutdown. With
+``MAIL_DKIM_KEY``, the worker that first takes a message signs it (checked
+as signable in the caller), so that every attempt sends the same bytes.
 
 Failures:
 
@@ -48,7 +50,7 @@ import random
 from dataclasses import dataclass, field
 
 from .core import MailCore, timed_out
-from .errors import ConnectError, MailError, SendError
+from .errors import ConnectError, MailError, MessageError, SendError
 from .message import Envelope, Message
 from .settings import MailSettings
 from .smtp import SendResult, SMTPSession
@@ -78,6 +80,7 @@ class _Job:
     held: bool = False  # a worker has it (connecting or sending)
     finished: bool = False  # delivered, failed or dropped
     last_error: SendError | None = None
+    unsigned: bool = False  # to be DKIM-signed by the worker that first takes it
 
 
 @dataclass(eq=False)
@@ -145,7 +148,8 @@ class Delivery:
             future.set_result(result)
             return future
         deadline = asyncio.get_running_loop().time() + self._settings.delivery_timeout
-        job = _Job(envelope, future, message, deadline=deadline)
+        unsigned = self._settings.dkim is not None
+        job = _Job(envelope, future, message, deadline=deadline, unsigned=unsigned)
         return self._queue_job(job)
 
     def attempt(self, envelope: Envelope, deadline: float = math.inf) -> asyncio.Future[SendResult]:
@@ -241,6 +245,15 @@ class Delivery:
             await session.close()
 
     async def _deliver(self, worker: _Worker, job: _Job) -> None:
+        if job.unsigned:
+            # Signed here, once, and not in submit(), which returns at once
+            # and cannot wait for a thread; envelope() checked it there.
+            try:
+                job.envelope = await self._core.sign(job.message, job.envelope)
+            except MessageError as unsignable:
+                self._fail(job, unsignable)
+                return
+            job.unsigned = False
         session = await self._session_for(worker, job)
         if session is None:
             return

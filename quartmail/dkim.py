@@ -21,7 +21,12 @@ message has, and From once more than it occurs, so that no From can be added
 without breaking the signature. RSA signing is pure Python in dkimpy: about
 10 ms a message at 2048 bits and 65 ms at 4096 on a busy 2-core machine,
 against 0.4 ms for Ed25519; callers on an event loop run it in a thread
-(:attr:`DKIMSigner.blocks`).
+(:attr:`DKIMSigner.blocks`, :meth:`DKIMSigner.sign_async`). A thread does
+not free the loop entirely: each of dkimpy's two big-number ``pow()`` calls
+(CRT) holds the GIL for its whole length, so the loop may still pause for up
+to about half a signature at a time, instead of all of it.
+:meth:`DKIMSigner.check` raises what :meth:`DKIMSigner.sign` would, without
+signing, so that a message signed later fails in its caller.
 """
 
 from __future__ import annotations
@@ -130,6 +135,13 @@ class DKIMSigner:
             raise ValueError("no domain: pass the domain of your From addresses")
         return {f"{key.selector}._domainkey.{domain}": key.dns_record for key in self.keys}
 
+    def check(self, message: bytes) -> None:
+        """Raise the :class:`~quartmail.MessageError` that :meth:`sign` would
+        raise for *message* (no From domain to sign for, or a message that
+        cannot be parsed), without the cost of signing: so that a message
+        signed later, in the background, fails in its caller."""
+        self._prepare(message)
+
     def sign(self, message: bytes) -> bytes:
         """Return *message* with a DKIM-Signature header prepended for each key.
 
@@ -137,16 +149,7 @@ class DKIMSigner:
         :class:`~quartmail.MessageError` when it has no From domain to sign for
         (and no ``MAIL_DKIM_DOMAIN``) or cannot be parsed.
         """
-        try:
-            signer = dkim.DKIM(message, linesep=b"\r\n")
-        except dkim.DKIMException as err:
-            raise MessageError(f"DKIM: the message cannot be parsed: {err}") from err
-        headers: list[tuple[bytes, bytes]] = [(name, value) for name, value in signer.headers]
-        domain = (self.domain or _from_domain(headers)).encode("ascii")
-        include = [name.lower() for name, _ in headers if name.lower().decode() in SIGNED_HEADERS]
-        # RFC 6376 section 8.15: listing From once more than it occurs signs
-        # its absence, so a second From added on the way breaks the signature.
-        include.append(b"from")
+        signer, domain, include = self._prepare(message)
         signatures = []
         for key in self.keys:
             try:
@@ -163,6 +166,20 @@ class DKIMSigner:
             except dkim.DKIMException as err:
                 raise MessageError(f"DKIM: the message cannot be signed: {err}") from err
         return b"".join(signatures) + message
+
+    def _prepare(self, message: bytes) -> tuple[dkim.DKIM, bytes, list[bytes]]:
+        """dkimpy's parse of *message*, the ``d=`` domain and the ``h=`` list."""
+        try:
+            signer = dkim.DKIM(message, linesep=b"\r\n")
+        except dkim.DKIMException as err:
+            raise MessageError(f"DKIM: the message cannot be parsed: {err}") from err
+        headers: list[tuple[bytes, bytes]] = [(name, value) for name, value in signer.headers]
+        domain = (self.domain or _from_domain(headers)).encode("ascii")
+        include = [name.lower() for name, _ in headers if name.lower().decode() in SIGNED_HEADERS]
+        # RFC 6376 section 8.15: listing From once more than it occurs signs
+        # its absence, so a second From added on the way breaks the signature.
+        include.append(b"from")
+        return signer, domain, include
 
 
 def dkim_signer_from_config(config: Mapping[str, Any]) -> DKIMSigner | None:

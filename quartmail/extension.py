@@ -92,7 +92,8 @@ class MailState(FlaskMailSettings):
         await self.core.close(deadline)  # the signals' tasks
 
     def envelope(self, message: Message) -> Envelope:
-        """Check *message*, fill in the default sender and the date, and flatten it."""
+        """Check *message*, fill in the default sender and the date, and
+        flatten it (not DKIM-signed: ``Mail`` signs what it sends)."""
         return self.core.envelope(message)
 
     # Flask-Mail's methods on app.extensions["mail"], for code that calls them there.
@@ -342,6 +343,7 @@ class Connection:
             await self._core.dispatched(message)
             return SendResult(message_id=envelope.message_id)
 
+        envelope = await self._core.sign(message, envelope)
         current, self._session = self._session, None
         session = self._session = await self._core.session(current)
         result = await session.send(envelope)  # a spent session closes itself

@@ -47,6 +47,7 @@ from .attachments import (
     mime_body,
 )
 from .errors import MessageError
+from .listunsubscribe import list_unsubscribe_headers
 
 __all__ = ["Attachment", "Envelope", "Message"]
 
@@ -117,6 +118,10 @@ class Message:
     ``alts`` maps MIME subtypes to more alternatives (``{"json": ...}``);
     ``html`` is ``alts["html"]``. ``date`` is a Unix timestamp or an aware
     datetime; it is set when the message is sent if it is None.
+    ``list_unsubscribe`` (keyword only; not in Flask-Mail) is an https or
+    mailto URL, or a list of them (one https at most), written as the
+    ``List-Unsubscribe`` header (RFC 2369) and, when an https URL is given,
+    ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058).
     Nothing is checked until the message is sent (or :meth:`envelope` is
     called), so a message can be built up step by step.
     """
@@ -138,6 +143,8 @@ class Message:
         extra_headers: Mapping[str, str] | None = None,
         mail_options: Sequence[str] | None = None,
         rcpt_options: Sequence[str] | None = None,
+        *,
+        list_unsubscribe: str | Sequence[str] | None = None,
     ) -> None:
         self.subject = subject
         self.recipients: list[AddressLike] = _as_list(recipients)
@@ -159,9 +166,11 @@ class Message:
         self.extra_headers: dict[str, str] = dict(extra_headers or {})
         self.mail_options: list[str] = list(mail_options or [])
         self.rcpt_options: list[str] = list(rcpt_options or [])
+        self.list_unsubscribe: str | Sequence[str] | None = list_unsubscribe
+        if isinstance(list_unsubscribe, list | tuple):
+            self.list_unsubscribe = list(list_unsubscribe)  # a copy, as of the address lists
         self._msg_id: str | None = None
-        # (flattened, signed) once the core has DKIM-signed it: as_bytes gives
-        # the signed bytes sent while the message flattens as it did then.
+        # (flattened, signed): see set_signed.
         self._signed: tuple[bytes, bytes] | None = None
         self._boundary_key: str | None = None  # kept, so flattening again gives the same bytes
 
@@ -300,6 +309,8 @@ class Message:
         headers = _Headers(
             sender, to, cc, reply_to, self.subject, date, self._msg_id, self.extra_headers
         )
+        if self.list_unsubscribe is not None:
+            headers = replace(headers, lists=list_unsubscribe_headers(self.list_unsubscribe))
         data = headers.lines() + self._flatten_body(charset, ascii_attachments)
         mail_options = list(self.mail_options)
         if utf8 and "SMTPUTF8" not in (option.upper() for option in mail_options):
@@ -328,6 +339,17 @@ class Message:
             return self._signed[1]
         return data
 
+    def set_signed(self, flattened: bytes, signed: bytes) -> None:
+        """Record that the message, flattened to *flattened* (by
+        :meth:`envelope`), goes out as *signed*: the same bytes with
+        DKIM-Signature headers on top. ``Mail`` calls it when it signs (with
+        ``MAIL_DKIM_KEY``); call it if you sign the bytes yourself.
+        :meth:`as_bytes` then returns *signed* for as long as the message
+        flattens to *flattened*; once it is changed, its new, unsigned bytes."""
+        if not signed.endswith(flattened):
+            raise MessageError("set_signed: the signed bytes must end with the flattened message")
+        self._signed = (flattened, signed)
+
     def as_string(self, default_sender: AddressLike | None = None) -> str:
         """:meth:`as_bytes`, decoded; the bytes are ASCII unless an address needs SMTPUTF8."""
         return self.as_bytes(default_sender).decode("utf-8")
@@ -349,6 +371,7 @@ class Message:
                 raise MessageError(
                     f"extra_headers cannot set {name}: the message's structure decides it"
                 )
+        self._check_list_unsubscribe()
         for attachment in self.attachments:
             check_attachment(attachment)
         for field_name, address in (("sender", self._sender_value()), ("reply_to", self.reply_to)):
@@ -370,6 +393,16 @@ class Message:
                 check_header_value(field_name, option)
                 if not _ESMTP_PARAM.fullmatch(option):
                     raise MessageError(f"{field_name}: {option!r} is not an ESMTP parameter")
+
+    def _check_list_unsubscribe(self) -> None:
+        if self.list_unsubscribe is None:
+            return
+        list_unsubscribe_headers(self.list_unsubscribe)  # raises for a URL it cannot write
+        for name in self.extra_headers:
+            if name.lower() in {"list-unsubscribe", "list-unsubscribe-post"}:
+                raise MessageError(
+                    f"extra_headers sets {name} and list_unsubscribe is given: use one of them"
+                )
 
     def _texts(self) -> list[tuple[str, str]]:
         """The text alternatives, as (subtype, text): the body, then ``alts``
@@ -446,6 +479,7 @@ class _Headers:
     date: datetime
     message_id: str
     extra: Mapping[str, str]
+    lists: Sequence[tuple[str, str]] = ()  # List-Unsubscribe(-Post), checked
 
     def lines(self) -> bytes:
         """The headers, encoded and folded; extra headers replace ours."""
@@ -465,6 +499,9 @@ class _Headers:
             lines.append(mime.plain_header("Date", format_datetime(self.date)))
         if "message-id" not in replaced:
             lines.append(mime.plain_header("Message-ID", self.message_id))
+        for name, value in self.lists:
+            # Checked ASCII URLs in <>: folded between them, never encoded (RFC 2369 section 2).
+            lines.append(mime.text_header(name, value))
         for name, value in self.extra.items():
             lines.append(mime.text_header(name, value))
         return b"".join(lines)

@@ -228,6 +228,7 @@ class Outbox(OutboxTable):
         if self._core.settings.suppress_send:
             await self._core.dispatched(message)
             return envelope.message_id
+        envelope = await self._core.sign(message, envelope)  # stored signed: resends send it
         now = _now()
         session.add(
             OutboxMessage(

@@ -10,7 +10,7 @@ Three pieces, wired together by the app::
 
     # when writing a mail, in a request (or with SERVER_NAME set):
     url = unsubscribe_url(tokens, "ann@example.com", "new-users")
-    headers = list_unsubscribe_headers([url, "mailto:unsubscribe@example.com"])
+    msg = Message(..., list_unsubscribe=[url, "mailto:unsubscribe@example.com"])
 
 - :class:`UnsubscribeTokens` makes and checks the signed, expiring token that
   carries the address and the list's name (itsdangerous, with a salt of its
@@ -20,20 +20,22 @@ Three pieces, wired together by the app::
   ``List-Unsubscribe=One-Click`` and no cookies; and ``GET`` on the same URL,
   a page with a button that sends that POST. Mail scanners fetch every link in
   a mail, so a GET never unsubscribes.
-- :func:`list_unsubscribe_headers` writes the ``List-Unsubscribe`` (RFC 2369)
-  and ``List-Unsubscribe-Post`` (RFC 8058 section 3.1) header values.
+- ``Message(list_unsubscribe=url)`` (or a list of an https and a mailto URL)
+  writes the ``List-Unsubscribe`` (RFC 2369) and ``List-Unsubscribe-Post``
+  (RFC 8058 section 3.1) headers; :func:`list_unsubscribe_headers`, from
+  :mod:`quartmail.listunsubscribe`, gives their values.
 
 Mailbox providers only offer the one-click button when a DKIM signature covers
-both headers (RFC 8058 section 4); :mod:`quartmail.dkim` signs them.
+both headers (RFC 8058 section 4); with ``MAIL_DKIM_KEY`` set, ``Mail``'s
+signature (:mod:`quartmail.dkim`) does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from markupsafe import Markup
@@ -41,6 +43,7 @@ from quart import Blueprint, Response, request, url_for
 
 from .addresses import check_header_value, parse_address
 from .errors import ConfigError, MailError, MessageError
+from .listunsubscribe import ONE_CLICK, list_unsubscribe_headers  # re-exported (the rule's home)
 
 __all__ = [
     "MAX_AGE",
@@ -68,8 +71,6 @@ OnUnsubscribe = Callable[[str, str], Awaitable[None]]
 SALT = "quartmail.unsubscribe"
 
 _MAX_LIST_NAME = 100
-# RFC 8058 section 3.1: the POST body is this one key/value pair.
-_ONE_CLICK = ("List-Unsubscribe", "One-Click")
 # No caching, no indexing, and the token in the URL is not sent on to any link.
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
@@ -199,8 +200,8 @@ def unsubscribe_blueprint(
         ).format(
             list_name=unsubscription.list_name,
             address=unsubscription.address,
-            key=_ONE_CLICK[0],
-            value=_ONE_CLICK[1],
+            key=ONE_CLICK[0],
+            value=ONE_CLICK[1],
         )
         return _page(200, "Unsubscribe", body)
 
@@ -211,7 +212,7 @@ def unsubscribe_blueprint(
         except UnsubscribeTokenError as err:
             return _error_page(err)
         form = await request.form
-        if form.get(_ONE_CLICK[0]) != _ONE_CLICK[1]:
+        if form.get(ONE_CLICK[0]) != ONE_CLICK[1]:
             return _page(
                 400,
                 "Not unsubscribed",
@@ -229,58 +230,6 @@ def unsubscribe_blueprint(
         )
 
     return blueprint
-
-
-def list_unsubscribe_headers(urls: str | Iterable[str]) -> list[tuple[str, str]]:
-    """The ``List-Unsubscribe`` header, and ``List-Unsubscribe-Post`` when an https URL is given::
-
-        >>> list_unsubscribe_headers(["https://example.com/u/t0k", "mailto:u@example.com"])
-        [('List-Unsubscribe', '<https://example.com/u/t0k>, <mailto:u@example.com>'),
-         ('List-Unsubscribe-Post', 'List-Unsubscribe=One-Click')]
-
-    Takes https and mailto URLs, at most one https (RFC 8058 section 3.1);
-    raises :class:`~quartmail.BadHeaderError` for CR or LF and
-    :class:`~quartmail.MessageError` for anything else it cannot write.
-    """
-    given = [urls] if isinstance(urls, str) else list(urls)
-    if not given:
-        raise MessageError("list_unsubscribe needs at least one https or mailto URL")
-    https = 0
-    for url in given:
-        _check_url(url)
-        https += url.lower().startswith("https:")
-    if https > 1:
-        raise MessageError("list_unsubscribe takes one https URL (RFC 8058 section 3.1)")
-    headers = [("List-Unsubscribe", ", ".join(f"<{url}>" for url in given))]
-    if https:
-        headers.append(("List-Unsubscribe-Post", "=".join(_ONE_CLICK)))
-    return headers
-
-
-def _check_url(url: str) -> None:
-    if not isinstance(url, str):
-        raise MessageError(f"list_unsubscribe: expected a URL string, got {type(url).__name__}")
-    check_header_value("list_unsubscribe", url)
-    scheme = url.partition(":")[0].lower()
-    if scheme not in {"https", "mailto"}:
-        raise MessageError(
-            f"list_unsubscribe takes https and mailto URLs, got {url!r}"
-            + (" (one-click needs https: RFC 8058 section 3.1)" if scheme == "http" else "")
-        )
-    # RFC 2369 section 2: the URL sits in angle brackets, so it holds none,
-    # nor white space; non-ASCII must be percent-encoded (RFC 3986).
-    if not url.isascii() or any(char in url for char in "<> \t") or not url.isprintable():
-        raise MessageError(f"list_unsubscribe: {url!r} is not a plain ASCII URL")
-    # "=?" would make the header writer take it for an RFC 2047 encoded-word.
-    if "=?" in url:
-        raise MessageError(f"list_unsubscribe: {url!r} holds '=?'; percent-encode it")
-    if scheme == "https" and not urlsplit(url).hostname:
-        raise MessageError(f"list_unsubscribe: {url!r} has no host")
-    if scheme == "mailto" and "@" not in url:
-        raise MessageError(f"list_unsubscribe: {url!r} has no address")
-    # One header line is at most 998 octets (RFC 5322 section 2.1.1).
-    if len("List-Unsubscribe: <>,") + len(url) > 998:
-        raise MessageError("list_unsubscribe: a URL is too long for a header line")
 
 
 def _error_page(err: UnsubscribeTokenError) -> Response:

@@ -410,3 +410,13 @@ def test_an_rsa_key_over_4096_bits_is_refused() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=4096 + 64)
     with pytest.raises(ConfigError, match="MAIL_DKIM_KEY: the RSA key has 4160 bits"):
         dkim_signer_from_config({"MAIL_DKIM_KEY": pem(key), "MAIL_DKIM_SELECTOR": "s"})
+
+
+def test_check_raises_what_sign_would_without_signing(ed_signer: DKIMSigner) -> None:
+    data = unicode_message().as_bytes()
+    ed_signer.check(data)  # signable: no error, and nothing returned to send
+    no_from = re.sub(rb"^From: .*?\r\n", b"", data, count=1, flags=re.MULTILINE)
+    with pytest.raises(MessageError, match="MAIL_DKIM_DOMAIN"):
+        ed_signer.check(no_from)
+    with pytest.raises(MessageError, match="cannot be parsed"):
+        ed_signer.check(b"From: a@example.com\r\nnot a header line\r\n\r\nbody\r\n")

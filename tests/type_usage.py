@@ -145,3 +145,11 @@ def threaded_faults(server: ThreadedSMTPTestServer) -> None:
     server.echo_auth = True
     server.oauth2_tokens = {"user": "new-token"}
     assert_type(server.greeting, str | None)
+
+
+def newsletter(url: str, sign: Any) -> Message:
+    msg = Message("News", recipients=["you@example.com"], body="x", list_unsubscribe=url)
+    msg.list_unsubscribe = [url, "mailto:leave@example.com"]
+    data = msg.as_bytes()
+    msg.set_signed(data, sign(data))  # a signer of the app's own
+    return msg
