@@ -45,7 +45,7 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
-from .core import MailCore, partly_refused
+from .core import MailCore, counted, partly_refused
 from .delivery import Delivery
 from .errors import MailError, MessageError
 from .message import Envelope, Message
@@ -386,7 +386,7 @@ class Dispatcher:
     ) -> dict[str, Any]:
         """The row's values after a failed attempt, by the core's retry rule;
         a failure for good is logged and added to *failed*."""
-        attempts = item.attempts + 1
+        attempts = item.attempts + counted(error)  # a throttled attempt is not counted
         time_left = (item.created_at - now).total_seconds() + self._core.settings.delivery_timeout
         message_id = item.envelope.message_id
         outcome = self._core.after_failure(message_id, error, attempts, time_left)
