@@ -154,7 +154,7 @@ class Throttle:
         if self._level == 1:
             self._began = loop.time()
             log.warning(
-                "%s throttles this sender (%d %s): no new transaction for %.1f s, "
+                "%s throttles this sender (%d %s): no new transaction for %.2f s, "
                 "longer while it lasts; throttled messages are retried",
                 self.name,
                 code,
@@ -163,7 +163,7 @@ class Throttle:
             )
         else:
             log.debug(
-                "%s still throttles (%d %s): backing off %.1f s", self.name, code, text, delay
+                "%s still throttles (%d %s): backing off %.2f s", self.name, code, text, delay
             )
 
     def passed(self, ticket: int) -> None:
