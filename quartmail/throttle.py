@@ -114,11 +114,6 @@ class Throttle:
         """True while the back-off after a throttling reply runs."""
         return self.remaining() > 0
 
-    @property
-    def throttled_now(self) -> bool:
-        """True during an episode: from a throttling reply to the next success."""
-        return self._level > 0
-
     def remaining(self) -> float:
         """Seconds until the back-off ends (0 when there is none)."""
         return max(0.0, self._until - asyncio.get_running_loop().time())

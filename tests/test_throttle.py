@@ -12,7 +12,7 @@ from test_background import message, serving, wait_until
 
 from quartmail import Message, RecipientsRefusedError, SendError
 from quartmail.errors import ConnectError
-from quartmail.testing import ReceivedCommand, SMTPTestServer
+from quartmail.testing import ReceivedCommand, SMTPServerFactory, SMTPTestServer
 from quartmail.throttle import MAX_BACKOFF, grown, throttling, throttling_reply
 
 from conftest import MakeMail
@@ -104,6 +104,21 @@ async def test_throttled_background_messages_are_all_delivered_with_one_retry(
     assert reply.split(" ", 1)[1] in warning and f"127.0.0.1:{smtp_server.port}" in warning
     assert len(throttle_records(caplog, logging.INFO)) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(("verb", "reply"), THROTTLING, ids=IDS)
+async def test_throttling_replies_to_pipelined_commands_are_read_alike(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail, verb: str, reply: str
+) -> None:
+    # MAIL, RCPT and DATA in one write (RFC 2920): the throttling reply among the others.
+    server = await smtp_server_factory(pipelining=True)
+    server.command_replies[verb] = [reply] * 2
+    app, mail = make_mail(server, MAIL_RETRIES=0, MAIL_RETRY_DELAY=0.02)
+    async with serving(app):
+        async with asyncio.timeout(10):
+            await mail.send_background(message())
+    assert len(server.messages) == 1
+    assert ["MAIL", "RCPT", "DATA"] in server.command_groups()
 
 
 async def test_throttled_attempts_leave_the_retries_to_other_failures(
@@ -202,9 +217,12 @@ async def test_mail_send_fails_at_once_when_the_back_off_outlasts_mail_timeout(
     smtp_server.command_replies["MAIL"] = [SES]
     # A back-off of at least 7.5 s, longer than MAIL_TIMEOUT.
     app, mail = make_mail(smtp_server, MAIL_RETRY_DELAY=10, MAIL_TIMEOUT=5)
+    throttle = mail.state.core.throttle
+    assert repr(throttle) == f"<Throttle SMTP server 127.0.0.1:{smtp_server.port} open>"
     async with app.app_context():
         with pytest.raises(SendError):
             await mail.send(message(1))
+        assert "backing off" in repr(throttle)
         async with asyncio.timeout(4):  # it does not wait for the back-off
             with pytest.raises(SendError) as caught:
                 await mail.send(message(2))
