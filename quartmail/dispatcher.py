@@ -8,6 +8,8 @@ over the background delivery pool (:mod:`quartmail.delivery`), then marks
 them ``sent`` or schedules the retry or marks them ``failed`` with the last
 error, by the core's rule (:meth:`quartmail.core.MailCore.after_failure`).
 A lease that expires (its process died mid-send) makes the row due again.
+An attempt the server throttled (:mod:`quartmail.throttle`) is retried when
+the process's back-off ends and does not add to the row's ``attempts``.
 
 New rows are picked up at once: a PostgreSQL ``NOTIFY`` sent in the
 enqueueing transaction (delivered only if it commits) wakes every dispatcher,

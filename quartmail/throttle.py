@@ -43,7 +43,14 @@ import re
 
 from .errors import RecipientsRefusedError, Reply, SendError
 
-__all__ = ["MAX_BACKOFF", "Throttle", "grown", "throttling", "throttling_reply"]
+__all__ = [
+    "MAX_BACKOFF",
+    "Throttle",
+    "grown",
+    "refused_by_throttling",
+    "throttling",
+    "throttling_reply",
+]
 
 log = logging.getLogger("quartmail.throttle")
 
