@@ -26,14 +26,15 @@ that there is no import cycle and that nothing imports the app)::
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
 background delivery and the outbox) checks and flattens a message with
 :meth:`MailCore.envelope`, takes its sessions from :meth:`MailCore.session`
-(the reuse rule: connected, under ``MAIL_MAX_EMAILS``), sends on them with
-:meth:`MailCore.transaction` (through the throttling back-off, see
-:mod:`quartmail.throttle`), decides what a failed attempt means with
-:meth:`MailCore.after_failure` (retry or fail), logs a failure for good with
-:meth:`MailCore.not_sent`, and signals through :meth:`MailCore.dispatched`
-(awaited, in the sender's own task) or :meth:`MailCore.signal` (in a task the
-core owns, so that a receiver that never returns holds up its signal, not a
-worker or a dispatcher).
+(the reuse rule: connected, under ``MAIL_MAX_EMAILS``), decides what a failed
+attempt means with :meth:`MailCore.after_failure` (retry or fail), logs a
+failure for good with :meth:`MailCore.not_sent`, and signals through
+:meth:`MailCore.dispatched` (awaited, in the sender's own task) or
+:meth:`MailCore.signal` (in a task the core owns, so that a receiver that
+never returns holds up its signal, not a worker or a dispatcher).
+
+Every path sends with :meth:`MailCore.transaction`, behind the back-off that
+throttling replies start (:mod:`quartmail.throttle`).
 """
 
 from __future__ import annotations
