@@ -41,7 +41,7 @@ import math
 import random
 import re
 
-from .errors import RecipientsRefusedError, Reply, SendError
+from .errors import AuthenticationError, ConnectError, RecipientsRefusedError, Reply, SendError
 
 __all__ = [
     "MAX_BACKOFF",
@@ -72,7 +72,9 @@ def throttling_reply(code: int | None, text: str | None) -> bool:
 def throttling(error: BaseException) -> Reply | None:
     """The throttling reply that ended a transaction with *error*, or None
     when *error* is no throttling (see the module's rule)."""
-    if not isinstance(error, SendError):
+    if not isinstance(error, SendError) or isinstance(error, ConnectError | AuthenticationError):
+        # Not a reply to MAIL, RCPT or DATA: a 421 greeting is a connection
+        # limit (the pool's own back-off), a 454 to AUTH a login failure.
         return None
     if isinstance(error, RecipientsRefusedError):
         return refused_by_throttling(error.refused, every=True)

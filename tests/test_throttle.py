@@ -11,7 +11,7 @@ import pytest
 from test_background import message, serving, wait_until
 
 from quartmail import Message, RecipientsRefusedError, SendError
-from quartmail.errors import ConnectError
+from quartmail.errors import AuthenticationError, ConnectError
 from quartmail.testing import ReceivedCommand, SMTPServerFactory, SMTPTestServer
 from quartmail.throttle import MAX_BACKOFF, grown, throttling, throttling_reply
 
@@ -69,6 +69,9 @@ def test_every_recipient_must_be_refused_so_for_a_refusal_to_throttle() -> None:
     ses = SendError("x", code=454, reply="4.7.0 Throttling")
     assert throttling(ses) == (454, "4.7.0 Throttling")
     assert throttling(ConnectError("lost")) is None
+    # Replies outside a transaction: a connection limit, a login failure.
+    assert throttling(ConnectError("refused: 421 4.7.0 Too many connections", code=421)) is None
+    assert throttling(AuthenticationError("x", code=454, reply="4.7.0 Temporary failure")) is None
     assert throttling(ValueError("not ours")) is None
 
 
