@@ -30,7 +30,10 @@ server's reply) and once when it ends (INFO).
 
 A message throttled is retried when the back-off ends and does not spend one
 of its ``MAIL_RETRIES``; only ``MAIL_DELIVERY_TIMEOUT`` ends it (the core's
-retry rule, :meth:`quartmail.core.MailCore.after_failure`).
+retry rule, :meth:`quartmail.core.MailCore.after_failure`). ``mail.send`` and
+``connect()``, which do not retry, wait for a back-off at most ``MAIL_TIMEOUT``
+(what their caller already waits for a command); one that lasts longer fails
+them at once with the throttling reply, a transient :class:`SendError`.
 """
 
 from __future__ import annotations
