@@ -13,6 +13,7 @@ that there is no import cycle and that nothing imports the app)::
          └─ core                MailCore: this module
              ├─ settings        the checked MAIL_* settings
              ├─ smtp            one SMTP session (aiosmtplib)
+             ├─ throttle        throttling replies, and the back-off gate before each transaction
              ├─ message         Message -> Envelope (checked, flattened), with
              │   ├─ attachments, mime    the two body writers
              │   └─ listunsubscribe      the List-Unsubscribe(-Post) values
@@ -33,13 +34,15 @@ failure for good with :meth:`MailCore.not_sent`, and signals through
 :meth:`MailCore.dispatched` (awaited, in the sender's own task) or
 :meth:`MailCore.signal` (in a task the core owns, so that a receiver that
 never returns holds up its signal, not a worker or a dispatcher).
+
+Every path sends with :meth:`MailCore.transaction`, behind the back-off that
+throttling replies start (:mod:`quartmail.throttle`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import time
 from collections.abc import Coroutine
@@ -53,8 +56,9 @@ from .message import Envelope, Message
 from .settings import MailSettings
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
+from .throttle import Throttle, grown, refused_by_throttling, throttling
 
-__all__ = ["MailCore", "backoff", "next_attempt", "partly_refused", "timed_out"]
+__all__ = ["MailCore", "backoff", "counted", "next_attempt", "partly_refused", "timed_out"]
 
 log = logging.getLogger("quartmail")
 
@@ -73,6 +77,8 @@ class MailCore:
         self.recordings: list[list[Message]] = []  # open record_messages() blocks
         self._local_hostname: str | None = None
         self._signalling: set[asyncio.Task[None]] = set()
+        #: The back-off after throttling replies, for every path of this app.
+        self.throttle = Throttle(f"SMTP server {settings.smtp.address}")
 
     def __repr__(self) -> str:
         return f"<MailCore {self.app.name!r} {self.settings.smtp!r}>"
@@ -140,6 +146,32 @@ class MailCore:
             await current.close()
         return await self.open_session()
 
+    async def transaction(
+        self, session: SMTPSession, envelope: Envelope, deadline: float
+    ) -> SendResult:
+        """Send *envelope* on *session* (every path sends through here):
+        first wait for the throttling back-off, if one runs, then send, and
+        tell the back-off how it went.
+
+        *deadline* (a loop time) bounds the wait: when the back-off would
+        end later, :class:`~quartmail.SendError` (transient, with the
+        server's throttling reply) is raised at once.
+        """
+        ticket = await self.throttle.wait(deadline)  # the gate before MAIL FROM
+        try:
+            result = await session.send(envelope)
+        except SendError as error:
+            reply = throttling(error)
+            if reply is not None:
+                self.throttle.throttled(ticket, reply, self.settings.retry_delay)
+            raise
+        reply = refused_by_throttling(result.refused)
+        if reply is not None:  # taken for the others (see quartmail.throttle)
+            self.throttle.throttled(ticket, reply, self.settings.retry_delay)
+        else:
+            self.throttle.passed(ticket)
+        return result
+
     # Outcomes
 
     def after_failure(
@@ -148,9 +180,24 @@ class MailCore:
         """The retry rule, for a message whose attempt number *attempts*
         failed with *error*, *time_left* seconds before its
         ``MAIL_DELIVERY_TIMEOUT``: the seconds until the next attempt (the
-        retry is logged), or the error it fails with for good."""
+        retry is logged), or the error it fails with for good.
+
+        A throttled attempt (which :func:`counted` does not count) is tried
+        again when the throttling back-off ends, whatever *attempts* says."""
         settings = self.settings
-        delay = next_attempt(error, attempts, settings.retries, settings.retry_delay, time_left)
+        throttled = throttling(error) is not None
+        delay = next_attempt(
+            error,
+            attempts,
+            settings.retries,
+            settings.retry_delay,
+            time_left,
+            throttled_for=self.throttle.remaining() if throttled else None,
+        )
+        if delay is not None and throttled:
+            # Logged once for the episode by the throttle, not for each message.
+            log.debug("Throttled: retrying %s in %.2f s: %s", message_id, delay, error)
+            return delay
         if delay is not None:
             log.info(
                 "Retrying %s in %.2f s (attempt %d of %d): %s",
@@ -166,7 +213,7 @@ class MailCore:
             failure.__cause__ = error
             return failure
         if isinstance(error, SendError) and error.transient:
-            if attempts <= settings.retries:  # out of time, not of retries
+            if attempts <= settings.retries or throttled:  # out of time, not of retries
                 return timed_out(settings.delivery_timeout, error)
             if settings.retries:
                 error.add_note(f"gave up after {attempts} attempts (MAIL_RETRIES)")
@@ -236,20 +283,37 @@ def backoff(first: float, attempt: int) -> float:
     """Seconds to wait before retry number *attempt* (1, 2, ...): *first*
     doubled each time, at most an hour, with jitter so that retries do not
     come back in a herd."""
-    delay = min(_MAX_RETRY_DELAY, first * 2.0 ** min(attempt - 1, 60))
-    return delay * random.uniform(0.75, 1.25)
+    return grown(first, attempt, _MAX_RETRY_DELAY)
+
+
+def counted(error: BaseException) -> int:
+    """How many of ``MAIL_RETRIES`` a failed attempt spends: none when the
+    server throttled it (a fact about the sender, not the message), else one."""
+    return 0 if throttling(error) is not None else 1
 
 
 def next_attempt(
-    error: BaseException, attempts: int, retries: int, first_delay: float, time_left: float
+    error: BaseException,
+    attempts: int,
+    retries: int,
+    first_delay: float,
+    time_left: float,
+    *,
+    throttled_for: float | None = None,
 ) -> float | None:
     """Seconds until the next attempt at a message whose attempt number
     *attempts* failed with *error*, or None when it has failed for good: a
     permanent error, ``MAIL_RETRIES`` used up, or a next attempt that would
-    start after ``MAIL_DELIVERY_TIMEOUT`` (*time_left* seconds from now)."""
-    if not (isinstance(error, SendError) and error.transient) or attempts > retries:
+    start after ``MAIL_DELIVERY_TIMEOUT`` (*time_left* seconds from now).
+
+    A throttled attempt (*throttled_for*: the seconds the throttling
+    back-off has left) is tried again when the back-off ends, retries or not."""
+    if throttled_for is not None:
+        delay = throttled_for
+    elif not (isinstance(error, SendError) and error.transient) or attempts > retries:
         return None
-    delay = backoff(first_delay, attempts)
+    else:
+        delay = backoff(first_delay, attempts)
     return delay if delay < time_left else None
 
 
@@ -261,6 +325,7 @@ def timed_out(timeout: float, last: SendError | None) -> SendError:
         text + (f"; last error: {last}" if last is not None else ""),
         code=last.code if last is not None else None,
         refused=last.refused if last is not None else None,
+        reply=last.reply if last is not None else None,
     )
     error.__cause__ = last
     return error

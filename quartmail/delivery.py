@@ -24,7 +24,10 @@ Failures:
   seconds after it was submitted fails for good (a retry that would start
   later is not scheduled), so every message ends, delivered or failed;
 - a message the server took for some recipients and refused for others is
-  delivered; the refusals are logged (WARNING) and sent with ``email_failed``.
+  delivered; the refusals are logged (WARNING) and sent with ``email_failed``;
+- a throttling reply (:mod:`quartmail.throttle`) holds back every worker for
+  the back-off, and the message is retried when it ends, without spending
+  one of its ``MAIL_RETRIES``.
 
 Each failure for good is logged (ERROR, with the Message-ID), sent with
 ``email_failed`` and raised from the message's future. The rules (reuse of a
@@ -49,7 +52,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from .core import MailCore, timed_out
+from .core import MailCore, counted, timed_out
 from .errors import ConnectError, MailError, MessageError, SendError
 from .message import Envelope, Message
 from .settings import MailSettings
@@ -269,7 +272,9 @@ class Delivery:
         reused = session.sent > 0
         # The send runs in a task of its own so that the caller can cancel
         # this one message (future.cancel()) without cancelling the worker.
-        job.sending = asyncio.create_task(session.send(job.envelope))
+        job.sending = asyncio.create_task(
+            self._core.transaction(session, job.envelope, job.deadline)
+        )
         try:
             await asyncio.wait([job.sending])
         except asyncio.CancelledError:
@@ -348,7 +353,7 @@ class Delivery:
             job.future.set_result(result)
 
     def _attempt_failed(self, job: _Job, error: SendError) -> None:
-        job.attempts += 1
+        job.attempts += counted(error)  # a throttled attempt is not counted
         job.last_error = error
         if job.future.done():  # its caller cancelled it meanwhile
             self._settle(job)

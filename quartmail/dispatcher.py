@@ -8,6 +8,8 @@ over the background delivery pool (:mod:`quartmail.delivery`), then marks
 them ``sent`` or schedules the retry or marks them ``failed`` with the last
 error, by the core's rule (:meth:`quartmail.core.MailCore.after_failure`).
 A lease that expires (its process died mid-send) makes the row due again.
+An attempt the server throttled (:mod:`quartmail.throttle`) is retried when
+the process's back-off ends and does not add to the row's ``attempts``.
 
 New rows are picked up at once: a PostgreSQL ``NOTIFY`` sent in the
 enqueueing transaction (delivered only if it commits) wakes every dispatcher,
@@ -45,7 +47,7 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
-from .core import MailCore, partly_refused
+from .core import MailCore, counted, partly_refused
 from .delivery import Delivery
 from .errors import MailError, MessageError
 from .message import Envelope, Message
@@ -386,7 +388,7 @@ class Dispatcher:
     ) -> dict[str, Any]:
         """The row's values after a failed attempt, by the core's retry rule;
         a failure for good is logged and added to *failed*."""
-        attempts = item.attempts + 1
+        attempts = item.attempts + counted(error)  # a throttled attempt is not counted
         time_left = (item.created_at - now).total_seconds() + self._core.settings.delivery_timeout
         message_id = item.envelope.message_id
         outcome = self._core.after_failure(message_id, error, attempts, time_left)

@@ -60,6 +60,8 @@ class SendError(MailError):
     server sent none (a lost connection, a timeout, a reply that is not SMTP).
 
     ``refused`` maps each refused recipient to its ``(code, text)`` reply.
+    ``reply`` is the text of the server's reply with ``code``, when there was
+    one (``"4.7.0 Throttling failure: ..."``), for the rules that read it.
     """
 
     def __init__(
@@ -68,10 +70,12 @@ class SendError(MailError):
         *,
         code: int | None = None,
         refused: dict[str, Reply] | None = None,
+        reply: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.refused: dict[str, Reply] = dict(refused or {})
+        self.reply = reply
 
     @property
     def transient(self) -> bool:

@@ -346,7 +346,11 @@ class Connection:
         envelope = await self._core.sign(message, envelope)
         current, self._session = self._session, None
         session = self._session = await self._core.session(current)
-        result = await session.send(envelope)  # a spent session closes itself
+        # Through the throttling back-off, waiting at most MAIL_TIMEOUT for it:
+        # a caller (a request, most often) waits no longer than for a command.
+        # A session spent by the send closes itself.
+        deadline = asyncio.get_running_loop().time() + self._core.settings.smtp.timeout
+        result = await self._core.transaction(session, envelope, deadline)
         await self._core.dispatched(message)
         return result
 

@@ -471,7 +471,11 @@ def _translate(err: Exception, settings: SMTPSettings, mask: Callable[[str], str
             mask(f"{where} refused the connection: {err.code} {err.message}"), code=err.code
         )
     if isinstance(err, aiosmtplib.SMTPResponseException):
-        return SendError(mask(f"{where} replied {err.code} {err.message}"), code=err.code)
+        return SendError(
+            mask(f"{where} replied {err.code} {err.message}"),
+            code=err.code,
+            reply=mask(err.message),
+        )
     if isinstance(err, TimeoutError):  # aiosmtplib's timeouts subclass it
         return SendTimeoutError(
             f"{where} did not answer within {settings.timeout:g} s (MAIL_TIMEOUT)"

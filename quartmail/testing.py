@@ -338,9 +338,9 @@ class SMTPTestServer:
 
     Fault injection attributes (:attr:`refuse_recipients`, :attr:`data_replies`,
     :attr:`data_delay`, :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
-    :attr:`oauth2_tokens`, :attr:`data_without_recipients`, :attr:`data_command_reply`) may
-    be changed while the server runs. A ``421`` reply, from either, closes the connection
-    after it is sent, as RFC 5321 requires of a server.
+    :attr:`oauth2_tokens`, :attr:`data_without_recipients`, :attr:`data_command_reply`,
+    :attr:`command_replies`) may be changed while the server runs. A ``421`` reply, from
+    any of them, closes the connection after it is sent, as RFC 5321 requires of a server.
     """
 
     def __init__(
@@ -431,6 +431,12 @@ class SMTPTestServer:
         self.data_without_recipients = False
         #: The reply to the DATA command itself instead of 354 (e.g. ``"451 4.3.0 Busy"``).
         self.data_command_reply: str | None = None
+        #: Verb -> replies to the next commands of that verb, first in first out, instead of
+        #: handling them, e.g. a provider throttling the first three messages:
+        #: ``{"MAIL": ["454 4.7.0 Throttling failure: Maximum sending rate exceeded."] * 3}``.
+        #: For any verb with no data after its line: ``"MAIL"``, ``"RCPT"``, ``"DATA"``...
+        #: (not ``"BDAT"``). The commands are in :attr:`commands` all the same, with their time.
+        self.command_replies: dict[str, list[str]] = {}
 
         self._auth_attempts: list[str] = []
         self._server: asyncio.Server | None = None
@@ -659,10 +665,11 @@ class SMTPTestServer:
         Clears :attr:`messages` and :attr:`auth_attempts`, sets every counter to 0, empties
         :attr:`refuse_recipients` and :attr:`data_replies`, sets :attr:`data_delay` to 0 and
         turns :attr:`ehlo_reply`, :attr:`max_recipients`, :attr:`echo_auth`,
-        :attr:`data_without_recipients` and :attr:`data_command_reply` off, forgets
-        :attr:`commands`, and gives :attr:`oauth2_tokens` back the tokens given to the
-        constructor. The other options given to the constructor stay. Meant for a server
-        shared by many tests (a session-scoped fixture): reset it before each test.
+        :attr:`data_without_recipients` and :attr:`data_command_reply` off, empties
+        :attr:`command_replies`, forgets :attr:`commands`, and gives :attr:`oauth2_tokens`
+        back the tokens given to the constructor. The other options given to the constructor
+        stay. Meant for a server shared by many tests (a session-scoped fixture): reset it
+        before each test.
         """
         self.messages = []
         self.connections = 0
@@ -677,6 +684,7 @@ class SMTPTestServer:
         self.oauth2_tokens = self._given_tokens()
         self.data_without_recipients = False
         self.data_command_reply = None
+        self.command_replies = {}
         self.commands = []
         self._auth_attempts = []
 
@@ -945,8 +953,15 @@ class _ExtendedSMTP(SMTP):
         read = bisect.bisect_left(self._read_ends, consumed) + 1
         now = asyncio.get_running_loop().time()
         self._owner.commands.append(ReceivedCommand(verb, self._number, read, now))
-        if not self.closing:
-            await method(arg)
+        if self.closing:
+            return
+        replies = self._owner.command_replies.get(verb)
+        if replies:
+            reply = replies.pop(0)
+            _close_after_421(self, reply)
+            await self.push(reply)
+            return
+        await method(arg)
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's method name)
         assert self.envelope is not None

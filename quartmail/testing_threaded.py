@@ -78,6 +78,7 @@ class ThreadedSMTPTestServer:
         echo_auth: bool
         data_without_recipients: bool
         data_command_reply: str | None
+        command_replies: dict[str, list[str]]
         auth_attempts: list[str]
         is_serving: bool
 

@@ -212,6 +212,36 @@ async def test_recipient_reply_421_closes_the_connection(smtp_server: SMTPTestSe
         await writer.wait_closed()
 
 
+async def test_command_replies_throttle_the_first_commands_of_a_kind(
+    smtp_server: SMTPTestServer,
+) -> None:
+    smtp_server.command_replies["MAIL"] = ["454 4.7.0 Throttling failure"]
+    smtp_server.command_replies["RCPT"] = ["421 4.7.0 Try again later"]
+    reader, writer = await asyncio.open_connection(smtp_server.host, smtp_server.port)
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        mail = f"MAIL FROM:<{SENDER}>\r\n".encode()
+        writer.write(b"HELO client\r\n" + mail + mail + f"RCPT TO:<{RECIPIENT}>\r\n".encode())
+        assert (await reader.readline()).startswith(b"250 ")
+        assert await reader.readline() == b"454 4.7.0 Throttling failure\r\n"
+        assert (await reader.readline()).startswith(b"250 ")  # only the first MAIL
+        assert await reader.readline() == b"421 4.7.0 Try again later\r\n"
+        assert await asyncio.wait_for(reader.read(), timeout=2) == b""  # closed by the server
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert smtp_server.command_replies == {"MAIL": [], "RCPT": []}
+    # Each command is recorded, with the time the server read it.
+    verbs = [(command.verb, command.session) for command in smtp_server.commands]
+    assert verbs == [("HELO", 1), ("MAIL", 1), ("MAIL", 1), ("RCPT", 1)]
+    times = [command.time for command in smtp_server.commands]
+    assert times == sorted(times)
+    # After the throttled ones, the server handles the commands again.
+    async with client(smtp_server) as smtp:
+        await smtp.send_message(make_message())
+    assert len(smtp_server.messages) == 1
+
+
 async def test_data_delay(smtp_server: SMTPTestServer) -> None:
     smtp_server.data_delay = 0.3
     async with client(smtp_server) as smtp:

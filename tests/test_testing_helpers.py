@@ -141,6 +141,7 @@ async def test_reset_gives_back_a_fresh_server(
     server.ehlo_reply = "garbage"
     server.max_recipients = 1
     server.echo_auth = True
+    server.command_replies["MAIL"] = ["454 4.7.0 Throttling failure"]
     assert server.messages and server.connections and server.auth_attempts
 
     server.reset()

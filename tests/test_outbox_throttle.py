@@ -1,0 +1,67 @@
+"""The outbox under throttling, on SQLite and PostgreSQL: a throttled row is retried after
+the back-off without counting an attempt, and every row is sent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from test_outbox import engine, make_app, message, rows, wait_for  # noqa: F401 (a fixture)
+from test_throttle import IDS, THROTTLING, throttle_records
+
+from quartmail.testing import SMTPTestServer
+
+
+@pytest.mark.parametrize(("verb", "reply"), THROTTLING, ids=IDS)
+async def test_throttled_outbox_rows_are_all_sent_without_spending_attempts(
+    engine: AsyncEngine,  # noqa: F811
+    smtp_server: SMTPTestServer,
+    caplog: pytest.LogCaptureFixture,
+    verb: str,
+    reply: str,
+) -> None:
+    smtp_server.command_replies[verb] = [reply] * 4
+    app, mail = make_app(engine, smtp_server, MAIL_RETRIES=1, MAIL_POOL_SIZE=2)
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            for n in range(3):
+                await mail.outbox.enqueue(session, message(n))
+            await session.commit()
+
+        async def all_sent() -> bool:
+            return [row.state for row in await rows(engine)] == ["sent"] * 3
+
+        await wait_for(all_sent, within=30)
+    assert len(smtp_server.messages) == 3
+    assert smtp_server.command_replies[verb] == []  # every throttling reply was met
+    code = int(reply[:3])
+    # No attempt counted; the throttling reply is kept on the rows it met.
+    assert [row.attempts for row in await rows(engine)] == [0, 0, 0]
+    assert {row.last_error_code for row in await rows(engine)} <= {None, code}
+    assert code in {row.last_error_code for row in await rows(engine)}
+    assert len(throttle_records(caplog, logging.WARNING)) == 1
+
+
+async def test_an_outbox_row_that_stays_throttled_fails_at_the_delivery_timeout(
+    engine: AsyncEngine,  # noqa: F811
+    smtp_server: SMTPTestServer,
+) -> None:
+    smtp_server.command_replies["MAIL"] = ["454 4.7.0 Throttling failure"] * 1000
+    app, mail = make_app(engine, smtp_server, MAIL_RETRIES=1, MAIL_DELIVERY_TIMEOUT=3)
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            await mail.outbox.enqueue(session, message())
+            await session.commit()
+
+        async def failed() -> bool:
+            return [row.state for row in await rows(engine)] == ["failed"]
+
+        async with asyncio.timeout(30):
+            await wait_for(failed, within=30)
+    [row] = await rows(engine)
+    assert (row.attempts, row.last_error_code) == (0, 454)
+    assert row.last_error is not None
+    assert "MAIL_DELIVERY_TIMEOUT" in row.last_error and "Throttling failure" in row.last_error
+    assert len([c for c in smtp_server.commands if c.verb == "MAIL"]) > 2
