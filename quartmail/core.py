@@ -16,10 +16,12 @@ that there is no import cycle and that nothing imports the app)::
              ├─ message         Message -> Envelope (checked, flattened), with
              │   └─ attachments, mime    the two body writers
              ├─ signals         email_dispatched, email_failed
+             ├─ observer        MailObserver: hooks for metrics and traces (quartmail.metrics)
              └─ addresses, errors
 
     Beside them, for apps and their tests: testing, testing_threaded and
-    pytest_plugin (the SMTP test server), dkim, unsubscribe.
+    pytest_plugin (the SMTP test server), dkim, unsubscribe, and metrics
+    (a MailObserver, set by the extension when MAIL_METRICS or MAIL_TRACING is on).
 
 :class:`MailCore` is one app's: the settings, the open ``record_messages()``
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
@@ -48,6 +50,7 @@ from quart import Quart
 
 from .errors import MailError, RecipientsRefusedError, Reply, SendError
 from .message import Envelope, Message
+from .observer import MailObserver
 from .settings import MailSettings
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
@@ -71,6 +74,8 @@ class MailCore:
         self.recordings: list[list[Message]] = []  # open record_messages() blocks
         self._local_hostname: str | None = None
         self._signalling: set[asyncio.Task[None]] = set()
+        # Told about every send, retry and failure; quartmail.metrics sets one that records.
+        self.observer = MailObserver()
 
     def __repr__(self) -> str:
         return f"<MailCore {self.app.name!r} {self.settings.smtp!r}>"
@@ -106,7 +111,9 @@ class MailCore:
                 # aiosmtplib would look the name up (in a thread) on every connect.
                 self._local_hostname = await asyncio.to_thread(socket.getfqdn)
             smtp = replace(smtp, local_hostname=self._local_hostname)
-        return await SMTPSession.open(smtp)
+        session = await SMTPSession.open(smtp)
+        self.observer.session_opened()
+        return session
 
     def reusable(self, session: SMTPSession) -> bool:
         """Whether *session* may take another message: still connected (a
@@ -123,6 +130,11 @@ class MailCore:
                 return current
             await current.close()
         return await self.open_session()
+
+    async def send(self, session: SMTPSession, envelope: Envelope) -> SendResult:
+        """One attempt at *envelope* on *session*, seen by the :attr:`observer`."""
+        with self.observer.sending(envelope, session.settings):
+            return await session.send(envelope)
 
     # Outcomes
 
@@ -144,6 +156,7 @@ class MailCore:
                 settings.retries + 1,
                 error,
             )
+            self.observer.retried(error)
             return delay
         if not isinstance(error, MailError):
             failure = MailError(f"unexpected error sending {message_id}")
@@ -158,6 +171,7 @@ class MailCore:
 
     def not_sent(self, what: str, error: BaseException) -> None:
         """Log (ERROR) a message that failed for good: *what* names it (its Message-ID)."""
+        self.observer.failed(error)
         log.error("Not sent: %s (SMTP code %s): %s", what, getattr(error, "code", None), error)
 
     # Recording and signals

@@ -22,6 +22,7 @@ from .cli import cli
 from .compat import FlaskMailSettings
 from .core import MailCore
 from .delivery import Delivery
+from .errors import SendError
 from .message import Envelope, Message
 from .settings import DevInboxSettings, MailSettings
 from .smtp import SendResult, SMTPSession
@@ -161,11 +162,14 @@ class Mail:
         inbox = _dev_inbox(app)  # first: it points MAIL_SERVER and MAIL_PORT at itself
         try:
             settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+            state = MailState(app, settings)
+            if settings.metrics is not None or settings.tracing is not None:
+                _observe(state)
         except BaseException:
             if inbox is not None:
                 inbox.close()
             raise
-        state = app.extensions["mail"] = MailState(app, settings)
+        app.extensions["mail"] = state
         # Quart runs these in `async with app.test_app()` and under Hypercorn.
         # Quart drains its own background tasks before after_serving.
         if inbox is not None:
@@ -295,6 +299,17 @@ class Mail:
             yield outbox
 
 
+def _observe(state: MailState) -> None:
+    """Metrics and traces (MAIL_METRICS, MAIL_TRACING; see :mod:`quartmail.metrics`)."""
+    from .metrics import MailMetrics  # the metrics extra only when one is on
+
+    def backlog() -> tuple[int, int]:
+        delivery = state.delivery  # a new one in each lifespan
+        return delivery.pending - delivery.in_flight, delivery.in_flight
+
+    state.core.observer = MailMetrics(state.settings, backlog)
+
+
 def _dev_inbox(app: Quart) -> DevInbox | None:
     """The app's development inbox when ``MAIL_DEV_INBOX`` is on (see :mod:`quartmail.devinbox`)."""
     settings = DevInboxSettings.from_config(app.config, testing=app.testing, debug=app.debug)
@@ -343,8 +358,12 @@ class Connection:
             return SendResult(message_id=envelope.message_id)
 
         current, self._session = self._session, None
-        session = self._session = await self._core.session(current)
-        result = await session.send(envelope)  # a spent session closes itself
+        try:
+            session = self._session = await self._core.session(current)
+            result = await self._core.send(session, envelope)  # a spent session closes itself
+        except SendError as error:
+            self._core.observer.failed(error)  # raised to the caller: no retry here
+            raise
         await self._core.dispatched(message)
         return result
 
