@@ -20,7 +20,7 @@ from werkzeug.exceptions import Unauthorized
 from .._extras import missing_extra
 
 try:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.exposition import choose_encoder
 except ModuleNotFoundError as error:
     raise missing_extra(error, "metrics", "The sign-up app's /metrics") from None
 
@@ -43,4 +43,7 @@ async def scrape() -> ResponseReturnValue:
             www_authenticate=WWWAuthenticate("bearer"),
         )
     registry = registry_for(current_app.extensions["mail"].settings.metrics)
-    return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+    # The format the scraper asks for (OpenMetrics, or the text format), as
+    # prometheus-client's own HTTP server answers.
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return encode(registry), 200, {"Content-Type": content_type}
