@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from quartmail import ConfigError, Mail, Message, SendError
 from quartmail.metrics import MailMetrics, error_labels
 from quartmail.outbox import OutboxBase, OutboxMessage, OutboxTable
+from quartmail.settings import MailSettings
 from quartmail.testing import SMTPTestServer
 
 from conftest import SENDER, MakeMail, postgres_url
@@ -438,3 +439,42 @@ async def test_a_cancelled_send_ends_its_span(
     [span] = finished(exporter)
     assert span.attributes is not None
     assert span.attributes["error.type"] == "cancelled"
+
+
+# --- docs/metrics.md --------------------------------------------------------------------------
+
+METRICS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+
+
+def documented() -> dict[str, tuple[str, set[str]]]:
+    """docs/metrics.md's table: metric name -> (type, label names)."""
+    rows: dict[str, tuple[str, set[str]]] = {}
+    for line in METRICS_PAGE.read_text(encoding="utf-8").splitlines():
+        match = re.fullmatch(r"\| `(quartmail_\w+)` \| (\w+) \|([^|]*)\| .+ \|", line)
+        if match:
+            assert match[1] not in rows, f"{match[1]} has two rows"
+            labels = {label.strip().strip("`") for label in match[3].split(",") if label.strip()}
+            rows[match[1]] = (match[2], labels)
+    return rows
+
+
+def registered() -> dict[str, tuple[str, set[str]]]:
+    """What a registry holds once every hook has been called: name -> (type, label names)."""
+    registry = CollectorRegistry()
+    settings = MailSettings.from_config({"MAIL_METRICS": registry}, testing=False, debug=False)
+    observer = MailMetrics(settings, lambda: (0, 0))
+    error = SendError("451 4.3.0 Try again later", code=451)
+    observer.failed(error)
+    observer.retried(error)
+    observer.throttled(error)
+    observer.outbox_status({"queued": 1}, 3.0)
+    found: dict[str, tuple[str, set[str]]] = {}
+    for family in registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {key for sample in family.samples for key in sample.labels} - {"le"}
+        found[name] = (family.type, labels)
+    return found
+
+
+def test_the_page_lists_exactly_the_metrics_registered() -> None:
+    assert documented() == registered()
