@@ -29,6 +29,8 @@ OPTIONAL_PACKAGES = frozenset(
         "nacl",
         "cryptography",
         "dns",
+        "prometheus_client",
+        "opentelemetry",
     }
 )
 

@@ -18,10 +18,12 @@ that there is no import cycle and that nothing imports the app)::
              │   ├─ attachments, mime    the two body writers
              │   └─ listunsubscribe      the List-Unsubscribe(-Post) values
              ├─ signals         email_dispatched, email_failed
+             ├─ observer        MailObserver: hooks for metrics and traces (quartmail.metrics)
              └─ addresses, errors
 
     Beside them, for apps and their tests: testing, testing_threaded and
-    pytest_plugin (the SMTP test server), dkim, unsubscribe.
+    pytest_plugin (the SMTP test server), dkim, unsubscribe, and metrics
+    (a MailObserver, set by the extension when MAIL_METRICS or MAIL_TRACING is on).
 
 :class:`MailCore` is one app's: the settings, the open ``record_messages()``
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
@@ -53,6 +55,7 @@ from quart import Quart
 
 from .errors import MailError, RecipientsRefusedError, Reply, SendError
 from .message import Envelope, Message
+from .observer import MailObserver
 from .settings import MailSettings
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
@@ -79,6 +82,8 @@ class MailCore:
         self._signalling: set[asyncio.Task[None]] = set()
         #: The back-off after throttling replies, for every path of this app.
         self.throttle = Throttle(f"SMTP server {settings.smtp.address}")
+        # Told about every send, retry and failure; quartmail.metrics sets one that records.
+        self.observer = MailObserver()
 
     def __repr__(self) -> str:
         return f"<MailCore {self.app.name!r} {self.settings.smtp!r}>"
@@ -128,7 +133,9 @@ class MailCore:
                 # aiosmtplib would look the name up (in a thread) on every connect.
                 self._local_hostname = await asyncio.to_thread(socket.getfqdn)
             smtp = replace(smtp, local_hostname=self._local_hostname)
-        return await SMTPSession.open(smtp)
+        session = await SMTPSession.open(smtp)
+        self.observer.session_opened()
+        return session
 
     def reusable(self, session: SMTPSession) -> bool:
         """Whether *session* may take another message: still connected (a
@@ -150,8 +157,8 @@ class MailCore:
         self, session: SMTPSession, envelope: Envelope, deadline: float
     ) -> SendResult:
         """Send *envelope* on *session* (every path sends through here):
-        first wait for the throttling back-off, if one runs, then send, and
-        tell the back-off how it went.
+        first wait for the throttling back-off, if one runs, then send, seen
+        by the :attr:`observer`, and tell the back-off how it went.
 
         *deadline* (a loop time) bounds the wait: when the back-off would
         end later, :class:`~quartmail.SendError` (transient, with the
@@ -159,15 +166,20 @@ class MailCore:
         """
         ticket = await self.throttle.wait(deadline)  # the gate before MAIL FROM
         try:
-            result = await session.send(envelope)
+            with self.observer.sending(envelope, session.settings):
+                result = await session.send(envelope)
         except SendError as error:
             reply = throttling(error)
             if reply is not None:
                 self.throttle.throttled(ticket, reply, self.settings.retry_delay)
+                self.observer.throttled(error)
             raise
         reply = refused_by_throttling(result.refused)
         if reply is not None:  # taken for the others (see quartmail.throttle)
             self.throttle.throttled(ticket, reply, self.settings.retry_delay)
+            self.observer.throttled(
+                RecipientsRefusedError(reply[1], code=reply[0], refused=result.refused)
+            )
         else:
             self.throttle.passed(ticket)
         return result
@@ -207,6 +219,7 @@ class MailCore:
                 settings.retries + 1,
                 error,
             )
+            self.observer.retried(error)
             return delay
         if not isinstance(error, MailError):
             failure = MailError(f"unexpected error sending {message_id}")
@@ -221,6 +234,7 @@ class MailCore:
 
     def not_sent(self, what: str, error: BaseException) -> None:
         """Log (ERROR) a message that failed for good: *what* names it (its Message-ID)."""
+        self.observer.failed(error)
         log.error("Not sent: %s (SMTP code %s): %s", what, getattr(error, "code", None), error)
 
     # Recording and signals

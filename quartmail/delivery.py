@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import random
@@ -84,6 +85,7 @@ class _Job:
     finished: bool = False  # delivered, failed or dropped
     last_error: SendError | None = None
     unsigned: bool = False  # to be DKIM-signed by the worker that first takes it
+    context: contextvars.Context | None = None  # the submitter's (see _queue_job)
 
 
 @dataclass(eq=False)
@@ -127,6 +129,11 @@ class Delivery:
         """Messages submitted and not yet delivered or failed for good."""
         return len(self._pending)
 
+    @property
+    def in_flight(self) -> int:
+        """Of :attr:`pending`, the messages a worker holds (connecting or sending)."""
+        return sum(1 for job in self._pending if job.held)
+
     def start(self) -> None:
         """Start the workers in the running loop (done on first use, or at start-up)."""
         if self._closed:
@@ -168,6 +175,7 @@ class Delivery:
 
     def _queue_job(self, job: _Job) -> asyncio.Future[SendResult]:
         self.start()
+        job.context = contextvars.copy_context()
         job.future.add_done_callback(lambda _: self._caller_cancelled(job))
         if job.deadline < math.inf:
             job.expiry = asyncio.get_running_loop().call_at(job.deadline, self._expire, job)
@@ -272,8 +280,9 @@ class Delivery:
         reused = session.sent > 0
         # The send runs in a task of its own so that the caller can cancel
         # this one message (future.cancel()) without cancelling the worker.
+        # In the submitter's context: its trace (a request's span) is the send's parent.
         job.sending = asyncio.create_task(
-            self._core.transaction(session, job.envelope, job.deadline)
+            self._core.transaction(session, job.envelope, job.deadline), context=job.context
         )
         try:
             await asyncio.wait([job.sending])

@@ -113,6 +113,7 @@ class Dispatcher:
         self._token = secrets.token_hex(16)
         self._renew_at = 0.0  # loop time to extend the leases of rows in flight
         self._reclaim_at = 0.0  # loop time to look for expired leases
+        self._status_at = 0.0  # loop time to count the rows for the observer (metrics)
 
     def __repr__(self) -> str:
         return (
@@ -199,6 +200,7 @@ class Dispatcher:
             await self._record(outcomes)
         if not (self._stopping and not self._in_flight):
             await self._renew_leases()
+        await self._report_status()
 
     def _send(self, claimed: list[_Claimed]) -> None:
         loop = asyncio.get_running_loop()
@@ -231,6 +233,21 @@ class Dispatcher:
             return
         if result.rowcount:
             log.warning("%d outbox messages were left by a dispatcher that died", result.rowcount)
+
+    async def _report_status(self) -> None:
+        """Count the rows for the core's observer every ``outbox_interval``
+        seconds (metrics on): here, so that no scrape waits on the database."""
+        interval = self._core.observer.outbox_interval
+        loop = asyncio.get_running_loop()
+        if interval is None or loop.time() < self._status_at:
+            return
+        self._status_at = loop.time() + interval
+        try:
+            status = await self._outbox.status()
+        except Exception:
+            log.exception("Could not count the outbox messages for the metrics")
+            return
+        self._core.observer.outbox_status(status.counts, status.oldest_due_age)
 
     def _held(self) -> Any:
         """Rows this dispatcher still holds: no other has taken its lease over."""

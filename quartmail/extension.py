@@ -22,6 +22,7 @@ from .cli import cli
 from .compat import FlaskMailSettings
 from .core import MailCore
 from .delivery import Delivery
+from .errors import SendError
 from .message import Envelope, Message
 from .settings import DevInboxSettings, MailSettings
 from .smtp import SendResult, SMTPSession
@@ -162,11 +163,14 @@ class Mail:
         inbox = _dev_inbox(app)  # first: it points MAIL_SERVER and MAIL_PORT at itself
         try:
             settings = MailSettings.from_config(app.config, testing=app.testing, debug=app.debug)
+            state = MailState(app, settings)
+            if settings.metrics is not None or settings.tracing is not None:
+                _observe(state)
         except BaseException:
             if inbox is not None:
                 inbox.close()
             raise
-        state = app.extensions["mail"] = MailState(app, settings)
+        app.extensions["mail"] = state
         # Quart runs these in `async with app.test_app()` and under Hypercorn.
         # Quart drains its own background tasks before after_serving.
         if inbox is not None:
@@ -296,6 +300,17 @@ class Mail:
             yield outbox
 
 
+def _observe(state: MailState) -> None:
+    """Metrics and traces (MAIL_METRICS, MAIL_TRACING; see :mod:`quartmail.metrics`)."""
+    from .metrics import MailMetrics  # the metrics extra only when one is on
+
+    def backlog() -> tuple[int, int]:
+        delivery = state.delivery  # a new one in each lifespan
+        return delivery.pending - delivery.in_flight, delivery.in_flight
+
+    state.core.observer = MailMetrics(state.settings, backlog)
+
+
 def _dev_inbox(app: Quart) -> DevInbox | None:
     """The app's development inbox when ``MAIL_DEV_INBOX`` is on (see :mod:`quartmail.devinbox`)."""
     settings = DevInboxSettings.from_config(app.config, testing=app.testing, debug=app.debug)
@@ -345,12 +360,16 @@ class Connection:
 
         envelope = await self._core.sign(message, envelope)
         current, self._session = self._session, None
-        session = self._session = await self._core.session(current)
-        # Through the throttling back-off, waiting at most MAIL_TIMEOUT for it:
-        # a caller (a request, most often) waits no longer than for a command.
-        # A session spent by the send closes itself.
-        deadline = asyncio.get_running_loop().time() + self._core.settings.smtp.timeout
-        result = await self._core.transaction(session, envelope, deadline)
+        try:
+            session = self._session = await self._core.session(current)
+            # Through the throttling back-off, waiting at most MAIL_TIMEOUT for it:
+            # a caller (a request, most often) waits no longer than for a command.
+            # A session spent by the send closes itself.
+            deadline = asyncio.get_running_loop().time() + self._core.settings.smtp.timeout
+            result = await self._core.transaction(session, envelope, deadline)
+        except SendError as error:
+            self._core.observer.failed(error)  # raised to the caller: no retry here
+            raise
         await self._core.dispatched(message)
         return result
 

@@ -129,14 +129,24 @@ class OutboxMessage(OutboxBase):
 
 @dataclass(frozen=True)
 class OutboxStatus:
-    """Counts by state, and the age in seconds of the oldest queued message."""
+    """Counts by state, the age in seconds of the oldest queued message, and
+    how long the oldest message due for sending has waited past its due time."""
 
     counts: dict[str, int]
     oldest_queued_age: float | None
+    oldest_due_age: float | None = None
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _age(moment: datetime | None) -> float | None:
+    """Seconds from *moment* (naive: UTC, as SQLite returns it) to now."""
+    if moment is None:
+        return None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return max((_now() - moment).total_seconds(), 0.0)
 
 
 class OutboxTable:
@@ -170,11 +180,16 @@ class OutboxTable:
             oldest = await connection.scalar(
                 select(func.min(OutboxMessage.created_at)).where(OutboxMessage.state == "queued")
             )
-        age = None
-        if oldest is not None:
-            oldest = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
-            age = (_now() - oldest).total_seconds()
-        return OutboxStatus(counts=counts, oldest_queued_age=age)
+            now = _now()
+            # A due row not claimed for long: no dispatcher is sending (metrics' alarm).
+            oldest_due = await connection.scalar(
+                select(func.min(OutboxMessage.next_attempt_at)).where(
+                    OutboxMessage.state == "queued", OutboxMessage.next_attempt_at <= now
+                )
+            )
+        return OutboxStatus(
+            counts=counts, oldest_queued_age=_age(oldest), oldest_due_age=_age(oldest_due)
+        )
 
     async def retry(self, ids: Sequence[int] = (), *, failed: bool = False) -> int:
         """Queue the given failed messages (or every failed one) again, now,

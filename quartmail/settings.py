@@ -53,6 +53,10 @@ OUTBOX_LEASE = 300.0
 # it at once (NOTIFY on PostgreSQL, a commit in the same process).
 OUTBOX_POLL = 1.0
 
+# How often the outbox's gauges are refreshed (a query): Prometheus' usual
+# scrape interval, so a scrape sees counts at most that old.
+METRICS_INTERVAL = 15.0
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -76,6 +80,11 @@ class MailSettings:
     outbox_poll: float
     # MAIL_DKIM_*: signs every message where the core flattens it; None: unsigned
     dkim: DKIMSigner | None = None
+    # MAIL_METRICS, MAIL_TRACING: None (off), True (prometheus-client's default
+    # registry, OpenTelemetry's global tracer provider) or the app's own one
+    metrics: object | None = None
+    tracing: object | None = None
+    metrics_interval: float = METRICS_INTERVAL  # MAIL_METRICS_INTERVAL: outbox gauges
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, testing: bool, debug: bool) -> MailSettings:
@@ -155,6 +164,9 @@ class MailSettings:
             outbox_lease=outbox_lease,
             outbox_poll=outbox_poll,
             dkim=_dkim_signer(config),
+            metrics=reader.switch("MAIL_METRICS"),
+            tracing=reader.switch("MAIL_TRACING"),
+            metrics_interval=reader.seconds("MAIL_METRICS_INTERVAL", METRICS_INTERVAL),
             smtp=SMTPSettings(
                 hostname=server,
                 port=port,
@@ -288,6 +300,14 @@ class _Reader:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+    def switch(self, key: str) -> object | None:
+        """A flag that may instead be an object to use (a registry, a
+        provider): None when off, True when on, or the object."""
+        value: object = self._config.get(key)
+        if value is None or isinstance(value, bool | int | str):
+            return True if self.flag(key, False) else None
+        return value
 
     def number(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
         value = self.optional_number(key, low=low, high=high)

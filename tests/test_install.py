@@ -75,7 +75,12 @@ async def test_the_extension_sends_without_any_extra(smtp_server: SMTPTestServer
 
 @pytest.mark.parametrize(
     ("module", "extra"),
-    [("quartmail.outbox", "outbox"), ("quartmail.app", "app"), ("quartmail.dkim", "dkim")],
+    [
+        ("quartmail.outbox", "outbox"),
+        ("quartmail.app", "app"),
+        ("quartmail.dkim", "dkim"),
+        ("quartmail.metrics", "metrics"),
+    ],
 )
 async def test_a_part_without_its_extra_names_the_extra(module: str, extra: str) -> None:
     code, _, stderr = await _run(f"import {module}")
@@ -96,3 +101,19 @@ async def test_the_outbox_of_mail_names_its_extra() -> None:
     )
     assert code == 1
     assert "pip install 'quartmail[outbox]'" in stderr
+
+
+@pytest.mark.parametrize("setting", ["MAIL_METRICS", "MAIL_TRACING"])
+async def test_metrics_and_traces_name_their_extra(setting: str) -> None:
+    code, _, stderr = await _run(
+        f"""
+        from quart import Quart
+        from quartmail import Mail
+
+        app = Quart("slim")
+        app.config["{setting}"] = True
+        Mail(app)
+        """
+    )
+    assert code == 1
+    assert "pip install 'quartmail[metrics]'" in stderr

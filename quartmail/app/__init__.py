@@ -59,6 +59,8 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     if app.config["DEV_SMTP_SERVER"] and not app.config.get("MAIL_SERVER"):
         # No SMTP server named: quartmail's development inbox catches the mail (/dev/inbox/).
         app.config.setdefault("MAIL_DEV_INBOX", True)
+    if app.config.get("METRICS_TOKEN"):
+        app.config.setdefault("MAIL_METRICS", True)  # what /metrics serves
     mail.init_app(app)
     database = Database(app)  # after Mail: the engine is disposed after the mail drain
     if app.extensions["mail"].settings.outbox:
@@ -67,6 +69,10 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
 
     app.register_blueprint(main)
     app.register_blueprint(api)
+    if app.config.get("METRICS_TOKEN"):
+        from .metrics import metrics  # prometheus-client only when served
+
+        app.register_blueprint(metrics)
     app.register_error_handler(HTTPException, _error_page)
     register_commands(app)
     keep_draining_on_sigterm(app)

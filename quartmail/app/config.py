@@ -53,6 +53,10 @@ ENVIRONMENT_KEYS = (
     "MAIL_DKIM_DOMAIN",
     "MAIL_DKIM_SECOND_KEY",
     "MAIL_DKIM_SECOND_SELECTOR",
+    "MAIL_METRICS",
+    "MAIL_TRACING",
+    "MAIL_METRICS_INTERVAL",
+    "METRICS_TOKEN",
 )
 
 
@@ -75,6 +79,8 @@ class Config:
     MAX_CONTENT_LENGTH = 64 * 1024
     # gc.freeze() once started (see create_app): a server's choice, not a test run's.
     GC_FREEZE = False
+    # Set: GET /metrics serves quartmail's metrics to who shows it as a bearer token.
+    METRICS_TOKEN: str | None = None
 
     @staticmethod
     def init_app(app: Quart) -> None:
