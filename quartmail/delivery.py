@@ -22,7 +22,10 @@ Failures:
   seconds after it was submitted fails for good (a retry that would start
   later is not scheduled), so every message ends, delivered or failed;
 - a message the server took for some recipients and refused for others is
-  delivered; the refusals are logged (WARNING) and sent with ``email_failed``.
+  delivered; the refusals are logged (WARNING) and sent with ``email_failed``;
+- with a suppression list (:mod:`quartmail.suppression`), a worker first
+  leaves the suppressed recipients out (one query); a message with none left
+  fails with :class:`~quartmail.SuppressedError` and is never sent.
 
 Each failure for good is logged (ERROR, with the Message-ID), sent with
 ``email_failed`` and raised from the message's future. The rules (reuse of a
@@ -45,9 +48,9 @@ import contextlib
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .core import MailCore, timed_out
+from .core import MailCore, left_out, timed_out
 from .errors import ConnectError, MailError, SendError
 from .message import Envelope, Message
 from .settings import MailSettings
@@ -78,6 +81,7 @@ class _Job:
     held: bool = False  # a worker has it (connecting or sending)
     finished: bool = False  # delivered, failed or dropped
     last_error: SendError | None = None
+    suppressed: dict[str, str] | None = None  # None: not checked yet
 
 
 @dataclass(eq=False)
@@ -241,6 +245,13 @@ class Delivery:
             await session.close()
 
     async def _deliver(self, worker: _Worker, job: _Job) -> None:
+        if job.suppressed is None and job.message is not None:
+            # Once per message, before its first attempt (attempt(): the outbox checks).
+            [(job.envelope, job.suppressed)] = await self._core.leave_out([job.envelope])
+            if not job.envelope.recipients:
+                nobody = left_out(job.envelope.message_id, job.suppressed, sent=False)
+                self._fail(job, nobody, log_it=False)
+                return
         session = await self._session_for(worker, job)
         if session is None:
             return
@@ -329,6 +340,8 @@ class Delivery:
         if job.finished:
             return
         self._settle(job)
+        if job.suppressed:
+            result = replace(result, suppressed=job.suppressed)
         if job.message is not None:
             self._core.delivered(job.message, result)  # before the caller wakes
         if not job.future.done():

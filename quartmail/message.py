@@ -70,6 +70,13 @@ class Envelope:
     message_id: str
     mail_options: list[str] = field(default_factory=list)
     rcpt_options: list[str] = field(default_factory=list)
+    #: Message(transactional=True): sent to recipients who only unsubscribed.
+    transactional: bool = False
+
+    def without(self, recipients: Iterable[str]) -> Envelope:
+        """This envelope without *recipients* (the bytes stay as they are)."""
+        left_out = set(recipients)
+        return replace(self, recipients=[r for r in self.recipients if r not in left_out])
 
     def with_sender(self, value: AddressLike) -> Envelope:
         """This envelope with another envelope sender (Flask-Mail's
@@ -138,6 +145,8 @@ class Message:
         extra_headers: Mapping[str, str] | None = None,
         mail_options: Sequence[str] | None = None,
         rcpt_options: Sequence[str] | None = None,
+        *,
+        transactional: bool = False,
     ) -> None:
         self.subject = subject
         self.recipients: list[AddressLike] = _as_list(recipients)
@@ -159,6 +168,9 @@ class Message:
         self.extra_headers: dict[str, str] = dict(extra_headers or {})
         self.mail_options: list[str] = list(mail_options or [])
         self.rcpt_options: list[str] = list(rcpt_options or [])
+        #: Mail the recipient needs (a password reset): the suppression list's
+        #: unsubscribes do not stop it (its bounces do). Never a header.
+        self.transactional = transactional
         self._msg_id: str | None = None
         # (flattened, signed) once the core has DKIM-signed it: as_bytes gives
         # the signed bytes sent while the message flattens as it did then.
@@ -311,6 +323,7 @@ class Message:
             message_id=self._msg_id,
             mail_options=mail_options,
             rcpt_options=list(self.rcpt_options),
+            transactional=bool(self.transactional),
         )
 
     def as_bytes(self, default_sender: AddressLike | None = None) -> bytes:
