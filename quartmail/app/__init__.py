@@ -19,6 +19,7 @@ from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from .._extras import missing_extra
+from ..unsubscribe import UnsubscribeTokens, unsubscribe_blueprint
 
 try:
     from .api import JSONErrorsRequest, api
@@ -26,6 +27,7 @@ try:
     from .config import CONFIGS, config_values, from_environment
     from .csrf import csrf_token
     from .db import Database
+    from .email import unsubscribed
     from .extensions import mail, schema
     from .views import main
     from .workers import keep_draining_on_sigterm
@@ -61,12 +63,17 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
         app.config.setdefault("MAIL_DEV_INBOX", True)
     mail.init_app(app)
     database = Database(app)  # after Mail: the engine is disposed after the mail drain
+    # The app always has a database: the suppression list is there, outbox or not.
+    mail.init_suppression(app, database.engine)
     if app.extensions["mail"].settings.outbox:
         mail.init_outbox(app, database.engine)
     schema.init_app(app)
 
     app.register_blueprint(main)
     app.register_blueprint(api)
+    # One-click unsubscribe (RFC 8058) from the administrator's notices.
+    tokens = app.extensions["unsubscribe_tokens"] = UnsubscribeTokens.from_config(app.config)
+    app.register_blueprint(unsubscribe_blueprint(tokens, unsubscribed))
     app.register_error_handler(HTTPException, _error_page)
     register_commands(app)
     keep_draining_on_sigterm(app)
