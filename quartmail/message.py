@@ -124,6 +124,8 @@ class Message:
     ``alts`` maps MIME subtypes to more alternatives (``{"json": ...}``);
     ``html`` is ``alts["html"]``. ``date`` is a Unix timestamp or an aware
     datetime; it is set when the message is sent if it is None.
+    ``transactional=True`` (keyword only) marks mail the recipient needs, such
+    as a password reset: the suppression list's unsubscribes do not stop it.
     Nothing is checked until the message is sent (or :meth:`envelope` is
     called), so a message can be built up step by step.
     """

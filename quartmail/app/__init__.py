@@ -22,6 +22,8 @@ from .._extras import missing_extra
 from ..unsubscribe import UnsubscribeTokens, unsubscribe_blueprint
 
 try:
+    from quart_schema import hide
+
     from .api import JSONErrorsRequest, api
     from .cli import register_commands
     from .config import CONFIGS, config_values, from_environment
@@ -74,6 +76,9 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     # One-click unsubscribe (RFC 8058) from the administrator's notices.
     tokens = app.extensions["unsubscribe_tokens"] = UnsubscribeTokens.from_config(app.config)
     app.register_blueprint(unsubscribe_blueprint(tokens, unsubscribed))
+    for endpoint, view in app.view_functions.items():
+        if endpoint.startswith("unsubscribe."):
+            hide(view)  # pages for people, not the JSON API: out of the OpenAPI document
     app.register_error_handler(HTTPException, _error_page)
     register_commands(app)
     keep_draining_on_sigterm(app)
