@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -159,7 +159,7 @@ class SuppressionList:
         transactional mail). Raises :class:`~quartmail.MessageError` for an
         invalid address or reason.
         """
-        return bool(await self._add([normalized(address)], reason, source))
+        return await self._add(normalized(address), reason, source)
 
     async def remove(self, address: str) -> bool:
         """Take *address* off the list; returns whether it was on it."""
@@ -220,20 +220,22 @@ class SuppressionList:
         if not bounced:
             return []
         for address, source in bounced.items():
-            await self._add([_key(address)], "bounce", source)
+            await self._add(_key(address), "bounce", source)
         log.warning("Suppressed after a permanent refusal: %s", ", ".join(bounced))
         return list(bounced)
 
-    async def _add(self, keys: Iterable[str], reason: Reason, source: str) -> int:
+    async def _add(self, key: str, reason: Reason, source: str) -> bool:
         reason = _reason(reason)
         if not isinstance(source, str):
             raise MessageError(f"source must be a string, got {type(source).__name__}")
-        rows = [
-            {"address": key, "reason": reason, "source": source[:_MAX_SOURCE], "created_at": _now()}
-            for key in keys
-        ]
+        row = {
+            "address": key,
+            "reason": reason,
+            "source": source[:_MAX_SOURCE],
+            "created_at": _now(),
+        }
         dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        insert = dialect.insert(SuppressedAddress).values(rows)
+        insert = dialect.insert(SuppressedAddress).values(row)
         if reason != _WEAKEST:
             # A stronger reason replaces an unsubscribe, in the same statement.
             excluded = insert.excluded
@@ -250,7 +252,7 @@ class SuppressionList:
             insert = insert.on_conflict_do_nothing(index_elements=[SuppressedAddress.address])
         async with self.engine.begin() as connection:
             result = await connection.execute(insert)
-        return int(result.rowcount)
+        return bool(result.rowcount)
 
 
 def _key(recipient: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from quart import Quart
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from quartmail import (
@@ -174,6 +174,16 @@ async def test_bad_input_is_a_clear_message_error(table: SuppressionList) -> Non
         await table.add("not an address", "manual", "cli")
     with pytest.raises(MessageError):
         await table.remove("a@b@c")
+    assert await table.entries() == []
+
+
+async def test_edges_of_check_and_record(table: SuppressionList) -> None:
+    assert await table.check([]) == {}
+    # A stored row's recipient that does not parse is compared as it is.
+    assert await table.check(["not an address"]) == {}
+    assert await table.record_refusals("<id@x>", {ALIVE: (450, "4.2.1 try later")}) == []
+    with pytest.raises(MessageError, match="source must be a string"):
+        await table.add(ALIVE, "manual", None)  # type: ignore[arg-type]
     assert await table.entries() == []
 
 
@@ -341,3 +351,29 @@ async def test_the_app_without_a_list_has_a_clear_error(smtp_server: SMTPTestSer
     async with app.app_context():
         with pytest.raises(RuntimeError, match="init_suppression"):
             mail.suppression  # noqa: B018 (the property raises)
+
+
+async def test_a_list_that_cannot_be_read_loses_no_mail(
+    engine: AsyncEngine, smtp_server: SMTPTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    smtp_server.refuse_recipients = {DEAD: USER_UNKNOWN}
+    app, mail = make_app(engine, smtp_server, outbox=False)
+    async with app.test_app(), app.app_context():
+        await mail.suppression.add(LEFT, "unsubscribe", "new-users")
+        async with engine.begin() as connection:  # the table is gone, under the running app
+            await connection.execute(text("DROP TABLE mail_suppression"))
+        with caplog.at_level(logging.WARNING, "quartmail"):
+            result = await mail.send_background(Message("hi", recipients=[LEFT, DEAD], body="x"))
+            assert result.suppressed == {}
+            assert set(result.refused) == {DEAD}
+
+            def logged(text: str) -> bool:
+                return any(text in record.getMessage() for record in caplog.records)
+
+            async def bounce_not_recorded() -> bool:
+                return logged("Could not add the bounced recipients")
+
+            await eventually(bounce_not_recorded)
+        assert logged("Could not read the suppression list; sending to every recipient")
+    [received] = smtp_server.messages
+    assert received.rcpt_tos == [LEFT]
