@@ -404,7 +404,8 @@ class Dispatcher:
                         .where(OutboxMessage.id.in_([item.id for item in sent]), self._held())
                         .values(state="sent", sent_at=now, lease_until=None, claimed_by=None)
                     )
-                for id, refusal in partly.items():
+                # What the row's recipients did not get: refused (first) or suppressed.
+                for id, refusal in {**suppressed, **partly}.items():
                     await connection.execute(
                         update(OutboxMessage)
                         .where(OutboxMessage.id == id)

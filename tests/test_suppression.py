@@ -241,6 +241,10 @@ async def test_a_550_5_1_1_adds_the_address_and_the_next_send_skips_it(
         [left_out] = await failures.of_type(SuppressedError)
         assert isinstance(left_out, SuppressedError)
         assert left_out.suppressed == {"dead@EXAMPLE.com": "bounce"}
+        if outbox:
+            await eventually(lambda: _row_state(engine, 2, "sent"))
+            note = (await outbox_rows(engine))[1].last_error or ""
+            assert "dead@EXAMPLE.com (bounce)" in note
 
         # None left: nothing is sent, and it is said.
         await send(mail, engine, Message("third", recipients=[DEAD], body="3"), outbox=outbox)

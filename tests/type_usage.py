@@ -27,6 +27,7 @@ from quartmail import (
     RecipientsRefusedError,
     SendError,
     SendResult,
+    SuppressedError,
     email_dispatched,
     email_failed,
 )
@@ -145,3 +146,16 @@ def threaded_faults(server: ThreadedSMTPTestServer) -> None:
     server.echo_auth = True
     server.oauth2_tokens = {"user": "new-token"}
     assert_type(server.greeting, str | None)
+
+
+async def suppression(app: Quart) -> None:
+    mail.init_suppression(app, create_async_engine("sqlite+aiosqlite:///mail.db"))
+    assert_type(await mail.suppression.add("a@example.com", "manual", "support"), bool)
+    assert_type(await mail.suppression.check(["a@example.com"]), dict[str, str])
+    reset = Message("Reset", recipients=["a@example.com"], body="...", transactional=True)
+    try:
+        result = await mail.send_background(reset)
+    except SuppressedError as error:
+        assert_type(error.suppressed, dict[str, str])
+        return
+    assert_type(result.suppressed, dict[str, str])
