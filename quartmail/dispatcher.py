@@ -317,54 +317,44 @@ class Dispatcher:
             else:
                 message_id = item.envelope.message_id
                 nobody.append((item, left_out(message_id, suppressed, sent=False)))
-        if not nobody:
-            return sendable
+        if nobody and await self._mark_failed(
+            {item.id: str(error) for item, error in nobody}, "suppressed"
+        ):
+            for item, error in nobody:
+                self._core.failed(rebuilt_message(item.envelope), error)
+        return sendable
+
+    async def _mark_failed(self, reasons: dict[int, str], what: str) -> bool:
+        """Mark the rows of *reasons* (still held) failed, each with its
+        reason, in one transaction; False (logged) if the database failed:
+        they stay "sending" until their lease runs out, then are tried again."""
         try:
             async with self.engine.begin() as connection:
-                for item, error in nobody:
+                for id, reason in reasons.items():
                     await connection.execute(
                         update(OutboxMessage)
-                        .where(OutboxMessage.id == item.id, self._held())
+                        .where(OutboxMessage.id == id, self._held())
                         .values(
                             state="failed",
                             attempts=OutboxMessage.attempts + 1,
                             lease_until=None,
                             claimed_by=None,
                             last_error_code=None,
-                            last_error=str(error)[:2000],
+                            last_error=reason[:2000],
                         )
                     )
         except Exception:
-            # They stay "sending" until their lease runs out, then are checked again.
-            log.exception("Could not mark %d suppressed outbox rows failed", len(nobody))
-            return sendable
-        for item, error in nobody:
-            self._core.failed(rebuilt_message(item.envelope), error)
-        return sendable
+            log.exception("Could not mark %d %s outbox rows failed", len(reasons), what)
+            return False
+        return True
 
     async def _fail_unreadable(self, rows: list[_Unreadable]) -> None:
         """Mark rows that cannot be sent as stored failed, with the reason."""
         for row in rows:
             error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")
             self._core.not_sent(f"outbox row {row.id} (Message-ID {row.message_id!r:.200})", error)
-        try:
-            async with self.engine.begin() as connection:
-                for row in rows:
-                    await connection.execute(
-                        update(OutboxMessage)
-                        .where(OutboxMessage.id == row.id, self._held())
-                        .values(
-                            state="failed",
-                            attempts=OutboxMessage.attempts + 1,
-                            lease_until=None,
-                            claimed_by=None,
-                            last_error_code=None,
-                            last_error=f"cannot be sent as stored: {row.reason}"[:2000],
-                        )
-                    )
-        except Exception:
-            # They stay "sending" until their lease runs out, then fail again.
-            log.exception("Could not mark %d unreadable outbox rows failed", len(rows))
+        reasons = {row.id: f"cannot be sent as stored: {row.reason}" for row in rows}
+        if not await self._mark_failed(reasons, "unreadable"):
             return
         for row in rows:
             error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")

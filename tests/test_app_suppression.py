@@ -3,14 +3,12 @@
 The administrator's "New User" notice carries RFC 8058 one-click unsubscribe;
 using it puts the administrator on the suppression list, and the notices
 stop, with the outbox and without, on SQLite and PostgreSQL. The commands run
-``quart`` in a subprocess, awaited, as in test_app.py.
+``quart`` in a subprocess, awaited (test_app.run_quart).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import pytest_asyncio
 from quart import Quart
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
+from test_app import run_quart
 
 from quartmail import MailError, Message, SuppressedError, email_failed
 from quartmail.app import create_app
@@ -124,33 +123,6 @@ async def test_the_admin_notice_stops_after_one_click_unsubscribe(
 
 
 # --- the command line ---------------------------------------------------------------------
-
-APP_SPEC = "quartmail.app:create_app('testing')"
-
-
-async def run_quart(cwd: Path, *args: str, **env: str) -> tuple[int, str, str]:
-    """Run ``python -m quart --app APP_SPEC *args`` with *env* added, bounded."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "quart",
-        "--app",
-        APP_SPEC,
-        *args,
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(60):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.communicate()
-        raise
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 async def test_cli_suppression_add_list_remove(tmp_path: Path) -> None:
