@@ -217,12 +217,12 @@ class MailCore:
             return [(envelope, {}) for envelope in envelopes]
         checked: list[tuple[Envelope, dict[str, str]]] = []
         for envelope in envelopes:
-            left_out = {
+            suppressed = {
                 address: reasons[address]
                 for address in envelope.recipients
                 if address in reasons and stops(reasons[address], envelope.transactional)
             }
-            checked.append((envelope.without(left_out) if left_out else envelope, left_out))
+            checked.append((envelope.without(suppressed) if suppressed else envelope, suppressed))
         return checked
 
     def bounced(self, message_id: str, refused: Mapping[str, Reply]) -> None:
