@@ -24,6 +24,7 @@ from .errors import (
     RecipientsRefusedError,
     SendError,
     SendTimeoutError,
+    SuppressedError,
 )
 from .extension import Connection, Mail, SendResult
 from .message import Attachment, Message
@@ -44,6 +45,7 @@ __all__ = [
     "SendError",
     "SendResult",
     "SendTimeoutError",
+    "SuppressedError",
     "email_dispatched",
     "email_failed",
 ]

@@ -24,6 +24,8 @@ that there is no import cycle and that nothing imports the app)::
     Beside them, for apps and their tests: testing, testing_threaded and
     pytest_plugin (the SMTP test server), dkim, unsubscribe, and metrics
     (a MailObserver, set by the extension when MAIL_METRICS or MAIL_TRACING is on).
+    The suppression list (suppression) sits beside the outbox; the core reaches
+    it through :class:`SuppressionCheck`.
 
 :class:`MailCore` is one app's: the settings, the open ``record_messages()``
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
@@ -32,7 +34,9 @@ background delivery and the outbox) checks and flattens a message with
 takes its sessions from :meth:`MailCore.session` (the reuse rule:
 connected, under ``MAIL_MAX_EMAILS``), decides what a failed
 attempt means with :meth:`MailCore.after_failure` (retry or fail), logs a
-failure for good with :meth:`MailCore.not_sent`, and signals through
+failure for good with :meth:`MailCore.not_sent`, leaves suppressed
+recipients out with :meth:`MailCore.leave_out` and adds bounced ones with
+:meth:`MailCore.bounced`, and signals through
 :meth:`MailCore.dispatched` (awaited, in the sender's own task) or
 :meth:`MailCore.signal` (in a task the core owns, so that a receiver that
 never returns holds up its signal, not a worker or a dispatcher).
@@ -47,13 +51,13 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from quart import Quart
 
-from .errors import MailError, RecipientsRefusedError, Reply, SendError
+from .errors import MailError, RecipientsRefusedError, Reply, SendError, SuppressedError
 from .message import Envelope, Message
 from .observer import MailObserver
 from .settings import MailSettings
@@ -61,7 +65,17 @@ from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
 from .throttle import Throttle, grown, refused_by_throttling, throttling
 
-__all__ = ["MailCore", "backoff", "counted", "next_attempt", "partly_refused", "timed_out"]
+__all__ = [
+    "MailCore",
+    "SuppressionCheck",
+    "backoff",
+    "counted",
+    "left_out",
+    "next_attempt",
+    "partly_refused",
+    "stops",
+    "timed_out",
+]
 
 log = logging.getLogger("quartmail")
 
@@ -71,12 +85,32 @@ _MAX_RETRY_DELAY = 3600.0
 _SIGNAL_GRACE = 1.0
 
 
+class SuppressionCheck(Protocol):
+    """What the core asks of the suppression list (:mod:`quartmail.suppression`)."""
+
+    async def check(
+        self, recipients: Sequence[str], *, transactional: bool = False
+    ) -> dict[str, str]: ...
+
+    async def record_refusals(self, message_id: str, refused: Mapping[str, Reply]) -> list[str]: ...
+
+
+def stops(reason: str, transactional: bool) -> bool:
+    """Whether a suppression for *reason* keeps a message from a recipient:
+    always, except an unsubscribe for a transactional message (a password
+    reset must still arrive; a bounced address never gets anything)."""
+    return not (transactional and reason == "unsubscribe")
+
+
 class MailCore:
     """One app's settings and rules, below every way of sending."""
 
     def __init__(self, app: Quart, settings: MailSettings) -> None:
         self.app = app
         self.settings = settings  # replaced when Flask-Mail code changes a setting
+        # Set by Mail.init_suppression (or init_outbox): background and outbox
+        # sends leave its addresses out, and every path adds the bounced ones.
+        self.suppression: SuppressionCheck | None = None
         self.recordings: list[list[Message]] = []  # open record_messages() blocks
         self._local_hostname: str | None = None
         self._signalling: set[asyncio.Task[None]] = set()
@@ -233,9 +267,57 @@ class MailCore:
         return error
 
     def not_sent(self, what: str, error: BaseException) -> None:
-        """Log (ERROR) a message that failed for good: *what* names it (its Message-ID)."""
+        """Log (ERROR) a message that failed for good: *what* names it (its
+        Message-ID); its refused recipients that bounced are suppressed."""
         self.observer.failed(error)
         log.error("Not sent: %s (SMTP code %s): %s", what, getattr(error, "code", None), error)
+        if isinstance(error, SendError):
+            self.bounced(what, error.refused)
+
+    # The suppression list
+
+    async def leave_out(
+        self, envelopes: Sequence[Envelope]
+    ) -> list[tuple[Envelope, dict[str, str]]]:
+        """Each envelope without its suppressed recipients, and those left
+        out with their reasons: one query for them all. Without a list,
+        or when it cannot be read (logged), every recipient stays: a mail
+        sent to a suppressed address is better than one lost."""
+        suppression = self.suppression
+        if suppression is None or not envelopes:
+            return [(envelope, {}) for envelope in envelopes]
+        try:
+            reasons = await suppression.check(
+                [address for envelope in envelopes for address in envelope.recipients]
+            )
+        except Exception:
+            log.exception("Could not read the suppression list; sending to every recipient")
+            return [(envelope, {}) for envelope in envelopes]
+        checked: list[tuple[Envelope, dict[str, str]]] = []
+        for envelope in envelopes:
+            suppressed = {
+                address: reasons[address]
+                for address in envelope.recipients
+                if address in reasons and stops(reasons[address], envelope.transactional)
+            }
+            checked.append((envelope.without(suppressed) if suppressed else envelope, suppressed))
+        return checked
+
+    def bounced(self, message_id: str, refused: Mapping[str, Reply]) -> None:
+        """Add the recipients of *refused* whose reply means that the mailbox
+        does not exist to the suppression list, in a task of the core's."""
+        if self.suppression is not None and refused:
+            self.signal(self._record_bounces(self.suppression, message_id, dict(refused)))
+
+    async def _record_bounces(
+        self, suppression: SuppressionCheck, message_id: str, refused: dict[str, Reply]
+    ) -> None:
+        try:
+            await suppression.record_refusals(message_id, refused)
+        except Exception:
+            log.exception(
+                "Could not add the bounced recipients of %s to the suppression list", message_id
+            )
 
     # Recording and signals
 
@@ -255,12 +337,17 @@ class MailCore:
         it, and signal it (and its refused recipients, if any) in a task of
         the core's."""
         self.record(message)
-        refusal = partly_refused(result.message_id, result.refused) if result.refused else None
-        self.signal(self._delivered(message, refusal))
+        refusals: list[MailError] = []
+        if result.refused:
+            refusals.append(partly_refused(result.message_id, result.refused))
+            self.bounced(result.message_id, result.refused)
+        if result.suppressed:
+            refusals.append(left_out(result.message_id, result.suppressed, sent=True))
+        self.signal(self._delivered(message, refusals))
 
-    async def _delivered(self, message: Message, refusal: MailError | None) -> None:
+    async def _delivered(self, message: Message, refusals: list[MailError]) -> None:
         await notify(email_dispatched, message, app=self.app)
-        if refusal is not None:
+        for refusal in refusals:
             await notify(email_failed, message, app=self.app, error=refusal)
 
     def failed(self, message: Message, error: MailError) -> None:
@@ -355,3 +442,16 @@ def partly_refused(message_id: str, refused: dict[str, Reply]) -> RecipientsRefu
         code=list(refused.values())[-1][0],
         refused=refused,
     )
+
+
+def left_out(message_id: str, suppressed: dict[str, str], *, sent: bool) -> SuppressedError:
+    """Log (WARNING) the recipients of *message_id* left out because they
+    are suppressed, and return the error to signal with ``email_failed``
+    (and, when it was not *sent* to anyone, to fail the message with)."""
+    addresses = ", ".join(f"{address} ({reason})" for address, reason in suppressed.items())
+    if sent:
+        text = f"{message_id} was not sent to these suppressed recipients: {addresses}"
+    else:
+        text = f"{message_id} was not sent: every recipient is suppressed: {addresses}"
+    log.warning("%s", text)
+    return SuppressedError(text, suppressed=suppressed)

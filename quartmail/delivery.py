@@ -28,6 +28,9 @@ Failures:
 - a throttling reply (:mod:`quartmail.throttle`) holds back every worker for
   the back-off, and the message is retried when it ends, without spending
   one of its ``MAIL_RETRIES``.
+- with a suppression list (:mod:`quartmail.suppression`), a worker first
+  leaves the suppressed recipients out (one query); a message with none left
+  fails with :class:`~quartmail.SuppressedError` and is never sent.
 
 Each failure for good is logged (ERROR, with the Message-ID), sent with
 ``email_failed`` and raised from the message's future. The rules (reuse of a
@@ -51,9 +54,9 @@ import contextvars
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .core import MailCore, counted, timed_out
+from .core import MailCore, counted, left_out, timed_out
 from .errors import ConnectError, MailError, MessageError, SendError
 from .message import Envelope, Message
 from .settings import MailSettings
@@ -86,6 +89,7 @@ class _Job:
     last_error: SendError | None = None
     unsigned: bool = False  # to be DKIM-signed by the worker that first takes it
     context: contextvars.Context | None = None  # the submitter's (see _queue_job)
+    suppressed: dict[str, str] | None = None  # None: not checked yet
 
 
 @dataclass(eq=False)
@@ -256,6 +260,13 @@ class Delivery:
             await session.close()
 
     async def _deliver(self, worker: _Worker, job: _Job) -> None:
+        if job.suppressed is None and job.message is not None:
+            # Once per message, before its first attempt (attempt(): the outbox checks).
+            [(job.envelope, job.suppressed)] = await self._core.leave_out([job.envelope])
+            if not job.envelope.recipients:
+                nobody = left_out(job.envelope.message_id, job.suppressed, sent=False)
+                self._fail(job, nobody, log_it=False)
+                return
         if job.unsigned:
             # Signed here, once, and not in submit(), which returns at once
             # and cannot wait for a thread; envelope() checked it there.
@@ -356,6 +367,8 @@ class Delivery:
         if job.finished:
             return
         self._settle(job)
+        if job.suppressed:
+            result = replace(result, suppressed=job.suppressed)
         if job.message is not None:
             self._core.delivered(job.message, result)  # before the caller wakes
         if not job.future.done():

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,7 +47,7 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
-from .core import MailCore, counted, partly_refused
+from .core import MailCore, counted, left_out, partly_refused
 from .delivery import Delivery
 from .errors import MailError, MessageError
 from .message import Envelope, Message
@@ -74,6 +74,7 @@ class _Claimed:
     attempts: int
     envelope: Envelope
     created_at: datetime  # MAIL_DELIVERY_TIMEOUT runs from here
+    suppressed: dict[str, str] = field(default_factory=dict)  # recipients left out
 
 
 @dataclass(eq=False)
@@ -299,6 +300,7 @@ class Dispatcher:
                 cast(OutboxMessage.mail_options, Text).label("mail_options"),
                 cast(OutboxMessage.rcpt_options, Text).label("rcpt_options"),
                 OutboxMessage.created_at,
+                OutboxMessage.transactional,
             )
         )
         try:
@@ -319,31 +321,59 @@ class Dispatcher:
                 claimed.append(_Claimed(row.id, row.attempts, envelope, row.created_at))
         if unreadable:
             await self._fail_unreadable(unreadable)
-        return claimed
+        return await self._leave_out_suppressed(claimed)
 
-    async def _fail_unreadable(self, rows: list[_Unreadable]) -> None:
-        """Mark rows that cannot be sent as stored failed, with the reason."""
-        for row in rows:
-            error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")
-            self._core.not_sent(f"outbox row {row.id} (Message-ID {row.message_id!r:.200})", error)
+    async def _leave_out_suppressed(self, claimed: list[_Claimed]) -> list[_Claimed]:
+        """The claimed rows to send, without their suppressed recipients
+        (one query for the batch); a row with none left fails, unsent."""
+        checked = await self._core.leave_out([item.envelope for item in claimed])
+        sendable: list[_Claimed] = []
+        nobody: list[tuple[_Claimed, MailError]] = []
+        for item, (envelope, suppressed) in zip(claimed, checked, strict=True):
+            if envelope.recipients:
+                item.envelope, item.suppressed = envelope, suppressed
+                sendable.append(item)
+            else:
+                message_id = item.envelope.message_id
+                nobody.append((item, left_out(message_id, suppressed, sent=False)))
+        if nobody and await self._mark_failed(
+            {item.id: str(error) for item, error in nobody}, "suppressed"
+        ):
+            for item, error in nobody:
+                self._core.failed(rebuilt_message(item.envelope), error)
+        return sendable
+
+    async def _mark_failed(self, reasons: dict[int, str], what: str) -> bool:
+        """Mark the rows of *reasons* (still held) failed, each with its
+        reason, in one transaction; False (logged) if the database failed:
+        they stay "sending" until their lease runs out, then are tried again."""
         try:
             async with self.engine.begin() as connection:
-                for row in rows:
+                for id, reason in reasons.items():
                     await connection.execute(
                         update(OutboxMessage)
-                        .where(OutboxMessage.id == row.id, self._held())
+                        .where(OutboxMessage.id == id, self._held())
                         .values(
                             state="failed",
                             attempts=OutboxMessage.attempts + 1,
                             lease_until=None,
                             claimed_by=None,
                             last_error_code=None,
-                            last_error=f"cannot be sent as stored: {row.reason}"[:2000],
+                            last_error=reason[:2000],
                         )
                     )
         except Exception:
-            # They stay "sending" until their lease runs out, then fail again.
-            log.exception("Could not mark %d unreadable outbox rows failed", len(rows))
+            log.exception("Could not mark %d %s outbox rows failed", len(reasons), what)
+            return False
+        return True
+
+    async def _fail_unreadable(self, rows: list[_Unreadable]) -> None:
+        """Mark rows that cannot be sent as stored failed, with the reason."""
+        for row in rows:
+            error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")
+            self._core.not_sent(f"outbox row {row.id} (Message-ID {row.message_id!r:.200})", error)
+        reasons = {row.id: f"cannot be sent as stored: {row.reason}" for row in rows}
+        if not await self._mark_failed(reasons, "unreadable"):
             return
         for row in rows:
             error = MessageError(f"outbox row {row.id} cannot be sent as stored: {row.reason}")
@@ -356,6 +386,7 @@ class Dispatcher:
         now = _now()
         sent: list[_Claimed] = []
         partly: dict[int, MailError] = {}  # sent, but refused for some recipients
+        suppressed: dict[int, MailError] = {}  # sent, without its suppressed recipients
         after_failure: dict[int, dict[str, Any]] = {}  # the row's new values
         failed: dict[int, MailError] = {}  # failed for good
         for future, item in outcomes:
@@ -368,6 +399,10 @@ class Dispatcher:
                 refused = future.result().refused
                 if refused:
                     partly[item.id] = partly_refused(item.envelope.message_id, refused)
+                    self._core.bounced(item.envelope.message_id, refused)
+                if item.suppressed:
+                    message_id = item.envelope.message_id
+                    suppressed[item.id] = left_out(message_id, item.suppressed, sent=True)
             else:
                 after_failure[item.id] = self._after_failure(item, error, now, failed)
         try:
@@ -378,7 +413,8 @@ class Dispatcher:
                         .where(OutboxMessage.id.in_([item.id for item in sent]), self._held())
                         .values(state="sent", sent_at=now, lease_until=None, claimed_by=None)
                     )
-                for id, refusal in partly.items():
+                # What the row's recipients did not get: refused (first) or suppressed.
+                for id, refusal in {**suppressed, **partly}.items():
                     await connection.execute(
                         update(OutboxMessage)
                         .where(OutboxMessage.id == id)
@@ -398,7 +434,7 @@ class Dispatcher:
             # again, a duplicate rather than a loss.
             log.exception("Could not record the outcome of %d outbox messages", len(outcomes))
             return
-        self._core.signal(self._signal(outcomes, partly, failed))
+        self._core.signal(self._signal(outcomes, partly, suppressed, failed))
 
     def _after_failure(
         self, item: _Claimed, error: BaseException, now: datetime, failed: dict[int, MailError]
@@ -429,6 +465,7 @@ class Dispatcher:
         self,
         outcomes: list[tuple[asyncio.Future[SendResult], _Claimed]],
         partly: dict[int, MailError],
+        suppressed: dict[int, MailError],
         failed: dict[int, MailError],
     ) -> None:
         # The Message object stayed with the process that enqueued it; the
@@ -441,10 +478,14 @@ class Dispatcher:
             try:
                 if sent and email_dispatched.receivers:
                     await notify(email_dispatched, rebuilt_message(item.envelope), app=app)
-                refusal = partly.get(item.id) if sent else failed.get(item.id)
-                if refusal is not None and email_failed.receivers:
-                    message = rebuilt_message(item.envelope)
-                    await notify(email_failed, message, app=app, error=refusal)
+                if sent:
+                    refusals = [partly.get(item.id), suppressed.get(item.id)]
+                else:
+                    refusals = [failed.get(item.id)]
+                for refusal in refusals:
+                    if refusal is not None and email_failed.receivers:
+                        message = rebuilt_message(item.envelope)
+                        await notify(email_failed, message, app=app, error=refusal)
             except Exception:  # the outcome is recorded; the others still get theirs
                 log.exception("Could not signal the outcome of %s", item.envelope.message_id)
 

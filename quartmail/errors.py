@@ -8,6 +8,7 @@ subclass the matching builtin, so callers can catch either::
      ├── ConfigError (ValueError)           a MAIL_* setting is wrong; raised by init_app
      ├── MessageError (ValueError)          the message cannot be sent as it is
      │    └── BadHeaderError                CR or LF in a header: header injection
+     ├── SuppressedError                    recipients left out: on the suppression list
      └── SendError                          the server or the network failed
           ├── ConnectError (ConnectionError)   connect, TLS or the connection itself failed
           ├── SendTimeoutError (TimeoutError)  the server did not answer within MAIL_TIMEOUT
@@ -33,6 +34,7 @@ __all__ = [
     "RecipientsRefusedError",
     "SendError",
     "SendTimeoutError",
+    "SuppressedError",
 ]
 
 #: A refused recipient's SMTP reply: ``(code, text)``.
@@ -53,6 +55,20 @@ class MessageError(MailError, ValueError):
 
 class BadHeaderError(MessageError):
     """A header value contains CR or LF (header injection); nothing was sent."""
+
+
+class SuppressedError(MailError):
+    """Recipients were left out because they are on the suppression list
+    (:mod:`quartmail.suppression`); ``suppressed`` maps each to its reason.
+
+    Raised from a background message's future, and recorded for an outbox
+    row, when no recipient was left (nothing was sent); sent with
+    ``email_failed`` beside ``email_dispatched`` when the others got it.
+    """
+
+    def __init__(self, message: str, *, suppressed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.suppressed = dict(suppressed)
 
 
 class SendError(MailError):

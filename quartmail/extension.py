@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .devinbox import DevInbox
     from .dispatcher import Dispatcher
     from .outbox import Outbox
+    from .suppression import SuppressionList
 
 __all__ = ["Connection", "Mail", "MailState", "SendResult"]
 
@@ -53,6 +54,7 @@ class MailState(FlaskMailSettings):
         self.delivery = Delivery(self.core)
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None  # the outbox's
+        self.suppression: SuppressionList | None = None
 
     def __repr__(self) -> str:
         return f"<MailState {self.app.name!r} {self.settings.smtp!r} {self.delivery!r}>"
@@ -76,6 +78,8 @@ class MailState(FlaskMailSettings):
         outbox's dispatcher, which sends over it."""
         if self.delivery.closed:  # a second lifespan of the same app
             self.delivery = Delivery(self.core)
+        if self.suppression is not None:
+            await self.suppression.create_table()
         self.delivery.start()
         if self.dispatcher is not None:
             await self.dispatcher.start(self.delivery)
@@ -206,9 +210,36 @@ class Mail:
         from .outbox import Outbox
 
         state: MailState = app.extensions["mail"]
+        if state.suppression is None:
+            self.init_suppression(app, engine)
         state.outbox = Outbox(engine, state.core)
         state.dispatcher = Dispatcher(state.outbox, state.core)
         return state.outbox
+
+    def init_suppression(self, app: Quart, engine: AsyncEngine) -> SuppressionList:
+        """Keep *app*'s suppression list in *engine*'s database (call after
+        :meth:`init_app`; :meth:`init_outbox` does it with its engine).
+        Background and outbox sends then leave suppressed recipients out,
+        and every path adds the ones a server refuses as unknown; see
+        :mod:`quartmail.suppression`. Its table is created at start-up if
+        missing. Then use :attr:`suppression` to add, remove and list."""
+        from .suppression import SuppressionList  # SQLAlchemy only when it is used
+
+        state: MailState = app.extensions["mail"]
+        state.suppression = SuppressionList(engine)
+        state.core.suppression = state.suppression
+        return state.suppression
+
+    @property
+    def suppression(self) -> SuppressionList:
+        """The current app's suppression list:
+        ``await mail.suppression.add(address, "manual", "admin")``."""
+        suppression = self.state.suppression
+        if suppression is None:
+            raise RuntimeError(
+                "This app has no suppression list: call mail.init_suppression(app, engine)"
+            )
+        return suppression
 
     @property
     def outbox(self) -> Outbox:
@@ -239,6 +270,10 @@ class Mail:
         recipients, a bad address) or :class:`~quartmail.errors.BadHeaderError`
         before connecting, and a :class:`~quartmail.errors.SendError` when the
         server or the network fails, or refuses every recipient.
+
+        It sends to every recipient given, suppressed or not (as Flask-Mail
+        does; the caller sees each refusal), but adds those a server refuses
+        as unknown to the suppression list, if the app has one.
         """
         return await self.state.send(message)
 
@@ -369,7 +404,9 @@ class Connection:
             result = await self._core.transaction(session, envelope, deadline)
         except SendError as error:
             self._core.observer.failed(error)  # raised to the caller: no retry here
+            self._core.bounced(envelope.message_id, error.refused)
             raise
+        self._core.bounced(envelope.message_id, result.refused)
         await self._core.dispatched(message)
         return result
 

@@ -71,6 +71,13 @@ class Envelope:
     message_id: str
     mail_options: list[str] = field(default_factory=list)
     rcpt_options: list[str] = field(default_factory=list)
+    #: Message(transactional=True): sent to recipients who only unsubscribed.
+    transactional: bool = False
+
+    def without(self, recipients: Iterable[str]) -> Envelope:
+        """This envelope without *recipients* (the bytes stay as they are)."""
+        left_out = set(recipients)
+        return replace(self, recipients=[r for r in self.recipients if r not in left_out])
 
     def with_sender(self, value: AddressLike) -> Envelope:
         """This envelope with another envelope sender (Flask-Mail's
@@ -122,6 +129,8 @@ class Message:
     mailto URL, or a list of them (one https at most), written as the
     ``List-Unsubscribe`` header (RFC 2369) and, when an https URL is given,
     ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058).
+    ``transactional=True`` (keyword only) marks mail the recipient needs, such
+    as a password reset: the suppression list's unsubscribes do not stop it.
     Nothing is checked until the message is sent (or :meth:`envelope` is
     called), so a message can be built up step by step.
     """
@@ -145,6 +154,7 @@ class Message:
         rcpt_options: Sequence[str] | None = None,
         *,
         list_unsubscribe: str | Sequence[str] | None = None,
+        transactional: bool = False,
     ) -> None:
         self.subject = subject
         self.recipients: list[AddressLike] = _as_list(recipients)
@@ -169,6 +179,9 @@ class Message:
         self.list_unsubscribe: str | Sequence[str] | None = list_unsubscribe
         if isinstance(list_unsubscribe, list | tuple):
             self.list_unsubscribe = list(list_unsubscribe)  # a copy, as of the address lists
+        #: Mail the recipient needs (a password reset): the suppression list's
+        #: unsubscribes do not stop it (its bounces do). Never a header.
+        self.transactional = transactional
         self._msg_id: str | None = None
         # (flattened, signed): see set_signed.
         self._signed: tuple[bytes, bytes] | None = None
@@ -322,6 +335,7 @@ class Message:
             message_id=self._msg_id,
             mail_options=mail_options,
             rcpt_options=list(self.rcpt_options),
+            transactional=bool(self.transactional),
         )
 
     def as_bytes(self, default_sender: AddressLike | None = None) -> bytes:

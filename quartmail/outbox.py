@@ -29,6 +29,7 @@ try:
     from sqlalchemy import (
         JSON,
         BigInteger,
+        Boolean,
         DateTime,
         Dialect,
         Index,
@@ -41,6 +42,7 @@ try:
         and_,
         delete,
         event,
+        false,
         func,
         select,
         text,
@@ -111,6 +113,8 @@ class OutboxMessage(OutboxBase):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     mail_options: Mapped[list[str]] = mapped_column(JSON)
     rcpt_options: Mapped[list[str]] = mapped_column(JSON)
+    # Message(transactional=True): a flag for the dispatcher, never a header.
+    transactional: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     state: Mapped[str] = mapped_column(String(16))  # queued, sending, sent, failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(_UTCDateTime())
@@ -253,6 +257,7 @@ class Outbox(OutboxTable):
                 data=envelope.data,
                 mail_options=envelope.mail_options,
                 rcpt_options=envelope.rcpt_options,
+                transactional=envelope.transactional,
                 state="queued",
                 attempts=0,
                 next_attempt_at=now,
@@ -311,6 +316,7 @@ def row_envelope(row: Any) -> Envelope:
         message_id=_one_line(row.message_id, "message_id"),
         mail_options=_lines(row.mail_options, "mail_options"),
         rcpt_options=_lines(row.rcpt_options, "rcpt_options"),
+        transactional=bool(row.transactional),
     )
 
 
@@ -336,6 +342,7 @@ class _Row:
     mail_options: Any
     rcpt_options: Any
     created_at: datetime
+    transactional: bool = False
 
 
 def _one_line(value: Any, name: str) -> str:

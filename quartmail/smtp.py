@@ -67,10 +67,14 @@ class SendResult:
     ``refused`` maps each refused recipient to its ``(code, text)``; the
     message went to every other recipient. It is empty when all were taken
     (and when sending is suppressed).
+
+    ``suppressed`` maps each recipient left out because it is on the
+    suppression list to its reason (background delivery and the outbox).
     """
 
     message_id: str
     refused: dict[str, Reply] = field(default_factory=dict)
+    suppressed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

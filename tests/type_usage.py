@@ -27,6 +27,7 @@ from quartmail import (
     RecipientsRefusedError,
     SendError,
     SendResult,
+    SuppressedError,
     email_dispatched,
     email_failed,
 )
@@ -153,3 +154,16 @@ def newsletter(url: str, sign: Any) -> Message:
     data = msg.as_bytes()
     msg.set_signed(data, sign(data))  # a signer of the app's own
     return msg
+
+
+async def suppression(app: Quart) -> None:
+    mail.init_suppression(app, create_async_engine("sqlite+aiosqlite:///mail.db"))
+    assert_type(await mail.suppression.add("a@example.com", "manual", "support"), bool)
+    assert_type(await mail.suppression.check(["a@example.com"]), dict[str, str])
+    reset = Message("Reset", recipients=["a@example.com"], body="...", transactional=True)
+    try:
+        result = await mail.send_background(reset)
+    except SuppressedError as error:
+        assert_type(error.suppressed, dict[str, str])
+        return
+    assert_type(result.suppressed, dict[str, str])

@@ -19,13 +19,17 @@ from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from .._extras import missing_extra
+from ..unsubscribe import UnsubscribeTokens, unsubscribe_blueprint
 
 try:
+    from quart_schema import hide
+
     from .api import JSONErrorsRequest, api
     from .cli import register_commands
     from .config import CONFIGS, config_values, from_environment
     from .csrf import csrf_token
     from .db import Database
+    from .email import unsubscribed
     from .extensions import mail, schema
     from .views import main
     from .workers import keep_draining_on_sigterm
@@ -63,12 +67,20 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
         app.config.setdefault("MAIL_METRICS", True)  # what /metrics serves
     mail.init_app(app)
     database = Database(app)  # after Mail: the engine is disposed after the mail drain
+    # The app always has a database: the suppression list is there, outbox or not.
+    mail.init_suppression(app, database.engine)
     if app.extensions["mail"].settings.outbox:
         mail.init_outbox(app, database.engine)
     schema.init_app(app)
 
     app.register_blueprint(main)
     app.register_blueprint(api)
+    # One-click unsubscribe (RFC 8058) from the administrator's notices.
+    tokens = app.extensions["unsubscribe_tokens"] = UnsubscribeTokens.from_config(app.config)
+    app.register_blueprint(unsubscribe_blueprint(tokens, unsubscribed))
+    for endpoint, view in app.view_functions.items():
+        if endpoint.startswith("unsubscribe."):
+            hide(view)  # pages for people, not the JSON API: out of the OpenAPI document
     if app.config.get("METRICS_TOKEN"):
         from .metrics import metrics  # prometheus-client only when served
 

@@ -17,6 +17,7 @@ from quart import Quart
 
 from quartmail import MailError, Message
 from quartmail.outbox import OutboxTable
+from quartmail.suppression import REASONS, Reason, SuppressionList
 
 from .db import Database
 from .extensions import mail
@@ -66,6 +67,35 @@ def register_commands(app: Quart) -> None:
         """Delete sent messages older than --sent-before DAYS."""
         asyncio.run(_with_outbox(app, lambda outbox: _purge(outbox, days)))
 
+    @outbox.group("suppression")
+    def suppression() -> None:
+        """The addresses no mail is sent to (bounced, unsubscribed, added by hand)."""
+
+    @suppression.command("list")
+    @click.option("--reason", type=click.Choice(REASONS), help="Only those with this reason.")
+    def suppression_list(reason: Reason | None) -> None:
+        """List the suppressed addresses, oldest first."""
+        asyncio.run(_with_suppression(app, lambda table: _list_suppressed(table, reason)))
+
+    @suppression.command("add")
+    @click.argument("addresses", nargs=-1, required=True)
+    @click.option(
+        "--reason",
+        type=click.Choice(REASONS),
+        default="manual",
+        show_default=True,
+        help="Why (manual and bounce also stop transactional mail).",
+    )
+    def suppression_add(addresses: tuple[str, ...], reason: Reason) -> None:
+        """Stop sending to ADDRESSES."""
+        asyncio.run(_with_suppression(app, lambda table: _add(table, addresses, reason)))
+
+    @suppression.command("remove")
+    @click.argument("addresses", nargs=-1, required=True)
+    def suppression_remove(addresses: tuple[str, ...]) -> None:
+        """Send to ADDRESSES again."""
+        asyncio.run(_with_suppression(app, lambda table: _remove(table, addresses)))
+
 
 async def _serving(app: Quart, command: Callable[[], Awaitable[None]]) -> None:
     await app.startup()
@@ -106,6 +136,44 @@ async def _with_outbox(app: Quart, command: Callable[[OutboxTable], Awaitable[No
         await command(table)
     finally:
         await database.engine.dispose()
+
+
+async def _with_suppression(
+    app: Quart, command: Callable[[SuppressionList], Awaitable[None]]
+) -> None:
+    database = Database.of(app)  # no lifespan, as for the outbox's commands
+    table = SuppressionList(database.engine)
+    try:
+        await table.create_table()
+        await command(table)
+    except MailError as error:  # an address that is not one
+        raise click.ClickException(str(error)) from None
+    finally:
+        await database.engine.dispose()
+
+
+async def _list_suppressed(table: SuppressionList, reason: Reason | None) -> None:
+    entries = await table.entries(reason)
+    for entry in entries:
+        when = entry.created_at.isoformat(timespec="seconds")
+        click.echo(f"{entry.address}\t{entry.reason}\t{when}\t{entry.source}")
+    click.echo(f"{len(entries)} suppressed address(es)", err=True)
+
+
+async def _add(table: SuppressionList, addresses: tuple[str, ...], reason: Reason) -> None:
+    for address in addresses:
+        added = await table.add(address, reason, "cli")
+        click.echo(f"{address}: {'added' if added else 'already suppressed'}")
+
+
+async def _remove(table: SuppressionList, addresses: tuple[str, ...]) -> None:
+    missing = 0
+    for address in addresses:
+        removed = await table.remove(address)
+        missing += not removed
+        click.echo(f"{address}: {'removed' if removed else 'not suppressed'}")
+    if missing:
+        raise click.ClickException(f"{missing} address(es) were not on the list")
 
 
 async def _status(outbox: OutboxTable) -> None:

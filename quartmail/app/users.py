@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from quartmail import Message
 
 from .db import Database
-from .email import render_email
+from .email import NEW_USERS, render_email
 from .extensions import mail
 from .models import USER_ID_MAX, USERNAME_MAX, User
 
@@ -44,6 +44,8 @@ def clean_name(value: str) -> str:
 async def sign_up(name: str) -> tuple[User, bool]:
     """Store a new user named *name* and tell the administrator; return the
     user and whether it is new. A known name changes nothing and sends nothing.
+    The notice carries a one-click unsubscribe; once the administrator has
+    used it, the suppression list keeps the notices from being sent.
 
     The admin mail is rendered before the commit (a template error rolls the
     sign-up back). With the outbox (``MAIL_OUTBOX``) it is committed with the
@@ -61,7 +63,9 @@ async def sign_up(name: str) -> tuple[User, bool]:
         try:
             await session.flush()
             if admin:
-                message = await render_email(admin, "New User", "mail/new_user", user=user)
+                message = await render_email(
+                    admin, "New User", "mail/new_user", unsubscribe_list=NEW_USERS, user=user
+                )
                 if mail.state.outbox is not None:
                     await mail.outbox.enqueue(session, message)
                     message = None  # the outbox sends it
