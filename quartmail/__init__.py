@@ -22,6 +22,7 @@ from .errors import (
     MailError,
     MessageError,
     RecipientsRefusedError,
+    SchemaError,
     SendError,
     SendTimeoutError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Message",
     "MessageError",
     "RecipientsRefusedError",
+    "SchemaError",
     "SendError",
     "SendResult",
     "SendTimeoutError",

@@ -8,6 +8,7 @@ subclass the matching builtin, so callers can catch either::
      ├── ConfigError (ValueError)           a MAIL_* setting is wrong; raised by init_app
      ├── MessageError (ValueError)          the message cannot be sent as it is
      │    └── BadHeaderError                CR or LF in a header: header injection
+     ├── SchemaError                        the database's tables are behind the code
      └── SendError                          the server or the network failed
           ├── ConnectError (ConnectionError)   connect, TLS or the connection itself failed
           ├── SendTimeoutError (TimeoutError)  the server did not answer within MAIL_TIMEOUT
@@ -31,6 +32,7 @@ __all__ = [
     "MailError",
     "MessageError",
     "RecipientsRefusedError",
+    "SchemaError",
     "SendError",
     "SendTimeoutError",
 ]
@@ -53,6 +55,11 @@ class MessageError(MailError, ValueError):
 
 class BadHeaderError(MessageError):
     """A header value contains CR or LF (header injection); nothing was sent."""
+
+
+class SchemaError(MailError):
+    """The database's tables are not what the code needs (a migration has not
+    run); the message says what to run."""
 
 
 class SendError(MailError):

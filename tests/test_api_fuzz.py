@@ -24,6 +24,7 @@ from quart import Response
 from quart.testing import QuartClient
 from schemathesis import Case
 from schemathesis.generation import GenerationMode
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
@@ -78,6 +79,7 @@ async def database_url(backend: str, tmp_path: Path) -> str:
         async with engine.begin() as connection:
             await connection.run_sync(OutboxBase.metadata.drop_all)
             await connection.run_sync(AppBase.metadata.drop_all)
+            await connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
     finally:
         await engine.dispose()
     return url

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from quart import Quart
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from quartmail import Mail, Message, email_dispatched
@@ -39,6 +39,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     async with engine.begin() as connection:
         await connection.run_sync(OutboxBase.metadata.drop_all)
         await connection.run_sync(AppBase.metadata.drop_all)
+        await connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
     yield engine
     await engine.dispose()
 

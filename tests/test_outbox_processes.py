@@ -33,7 +33,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from quart import Quart
-from sqlalchemy import func, make_url, select
+from sqlalchemy import func, make_url, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -111,6 +111,7 @@ async def drop_tables(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(OutboxBase.metadata.drop_all)
         await connection.run_sync(AppBase.metadata.drop_all)
+        await connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
 
 
 async def outbox_rows(engine: AsyncEngine) -> list[Row]:

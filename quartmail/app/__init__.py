@@ -59,6 +59,8 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     if app.config["DEV_SMTP_SERVER"] and not app.config.get("MAIL_SERVER"):
         # No SMTP server named: quartmail's development inbox catches the mail (/dev/inbox/).
         app.config.setdefault("MAIL_DEV_INBOX", True)
+    # The schema first: Mail's start-up starts the outbox's dispatcher on it.
+    app.before_serving(_prepare_database)
     mail.init_app(app)
     database = Database(app)  # after Mail: the engine is disposed after the mail drain
     if app.extensions["mail"].settings.outbox:
@@ -73,6 +75,10 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     if app.config["GC_FREEZE"]:
         app.before_serving(_freeze_startup_objects)
     return app
+
+
+async def _prepare_database() -> None:
+    await Database.of().prepare()
 
 
 async def _freeze_startup_objects() -> None:
