@@ -345,3 +345,88 @@ async def test_two_processes_upgrading_an_empty_database_take_turns(
     assert await migrations.current(engine) == HEADS
     async with engine.connect() as connection:
         assert await connection.run_sync(differences) == []
+
+
+USER_ENV = """
+import asyncio
+
+from alembic import context
+from sqlalchemy import pool
+from sqlalchemy.ext.asyncio import async_engine_from_config
+
+from quartmail.outbox import OutboxBase  # added for quartmail
+
+target_metadata = [OutboxBase.metadata]  # the app's own metadata first, in a real app
+
+
+def do_run_migrations(connection):
+    context.configure(connection=connection, target_metadata=target_metadata)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations():
+    config = context.config
+    engine = async_engine_from_config(
+        config.get_section(config.config_ini_section, {}), poolclass=pool.NullPool
+    )
+    async with engine.connect() as connection:
+        await connection.run_sync(do_run_migrations)
+    await engine.dispose()
+
+
+asyncio.run(run_async_migrations())
+"""
+
+USER_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "u0001"
+down_revision = None
+branch_labels = ("myapp",)
+depends_on = None
+
+
+def upgrade():
+    op.create_table("things", sa.Column("id", sa.Integer(), primary_key=True))
+
+
+def downgrade():
+    op.drop_table("things")
+"""
+
+
+async def test_an_apps_own_alembic_environment_includes_quartmails_branch(
+    tmp_path: Path, smtp_server: SMTPTestServer
+) -> None:
+    # The Alembic async recipe's env.py, with the lines docs/migrations.md tells an app to add.
+    (tmp_path / "alembic" / "versions").mkdir(parents=True)
+    (tmp_path / "alembic" / "env.py").write_text(USER_ENV)
+    (tmp_path / "alembic" / "versions" / "u0001_things.py").write_text(USER_REVISION)
+    (tmp_path / "alembic.ini").write_text(
+        "[alembic]\n"
+        "script_location = %(here)s/alembic\n"
+        "path_separator = space\n"
+        "version_locations = %(here)s/alembic/versions quartmail:migrations/versions\n"
+        "sqlalchemy.url = sqlite+aiosqlite:///%(here)s/app.db\n"
+    )
+    alembic = (sys.executable, "-m", "alembic", "-c", "alembic.ini")
+    code, out = await run(*alembic, "upgrade", "heads", env={**os.environ}, cwd=tmp_path)
+    assert code == 0, out
+    code, out = await run(*alembic, "current", env={**os.environ}, cwd=tmp_path)
+    assert code == 0, out
+    assert "u0001 (head)" in out and f"{library.CLAIMED_BY} (head)" in out
+
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/app.db")
+    try:
+        async with engine.connect() as connection:
+            assert {"things", "mail_outbox"} <= await connection.run_sync(tables)
+        app = outbox_app(engine, smtp_server)
+        async with app.test_app(), app.app_context():
+            await app.extensions["mail"].send_message(
+                subject="hi", recipients=["admin@example.com"], body="after alembic"
+            )
+    finally:
+        await engine.dispose()
+    assert len(smtp_server.messages) == 1
