@@ -112,7 +112,9 @@ async def empty_database(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(OutboxBase.metadata.drop_all)
         await connection.run_sync(AppBase.metadata.drop_all)
-        await connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        # What the migrations make beyond the models, and their history.
+        for table in ("mail_suppression", "alembic_version"):
+            await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
 class EmbeddedPostgres:
