@@ -11,7 +11,7 @@ beside its own revisions, in one ``alembic_version`` table: add
 
 from __future__ import annotations
 
-__all__ = ["BASELINE", "BRANCH", "CLAIMED_BY", "VERSIONS"]
+__all__ = ["BASELINE", "BRANCH", "CLAIMED_BY", "SUPPRESSION", "VERSIONS"]
 
 #: The branch label of quartmail's revisions: ``alembic upgrade quartmail@head``.
 BRANCH = "quartmail"
@@ -21,3 +21,5 @@ VERSIONS = "quartmail:migrations/versions"
 BASELINE = "qm0001"
 #: The revision that adds ``mail_outbox.claimed_by``.
 CLAIMED_BY = "qm0002"
+#: The revision that adds ``mail_suppression`` and ``mail_outbox.transactional``.
+SUPPRESSION = "qm0003"

@@ -171,7 +171,10 @@ def _adopt(connection: Connection) -> None:
         stamps.append("app0001")
     if "mail_outbox" in tables:
         columns = {column["name"] for column in database.get_columns("mail_outbox")}
-        stamps.append(library.CLAIMED_BY if "claimed_by" in columns else library.BASELINE)
+        if "transactional" in columns and "mail_suppression" in tables:
+            stamps.append(library.SUPPRESSION)
+        else:
+            stamps.append(library.CLAIMED_BY if "claimed_by" in columns else library.BASELINE)
     if stamps:
         command.stamp(_config(connection), stamps)
 
