@@ -445,3 +445,16 @@ async def test_an_apps_own_alembic_environment_includes_quartmails_branch(
     finally:
         await engine.dispose()
     assert len(smtp_server.messages) == 1
+
+
+async def test_outbox_commands_refuse_a_table_behind_the_code(
+    tmp_path: Path, database_url: str, engine: AsyncEngine
+) -> None:
+    await make_old_schema(engine, "<old@example.com>")
+    code, out = await quart(tmp_path, database_url, "outbox", "status")
+    assert code == 1, out
+    assert "mail_outbox.claimed_by is missing" in out and "Traceback" not in out
+    await migrations.upgrade(engine)
+    code, out = await quart(tmp_path, database_url, "outbox", "status")
+    assert code == 0, out
+    assert re.search(r"^queued +1$", out, re.MULTILINE)

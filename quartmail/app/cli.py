@@ -126,8 +126,11 @@ async def _with_outbox(app: Quart, command: Callable[[OutboxTable], Awaitable[No
     database = Database.of(app)
     table = OutboxTable(database.engine)
     try:
+        # A table behind the code is refused (SchemaError), as at start-up.
         await table.create_table()
         await command(table)
+    except SchemaError as error:
+        raise click.ClickException(str(error)) from error
     finally:
         await database.engine.dispose()
 
