@@ -19,6 +19,7 @@ __all__ = ["OPTIONAL_PACKAGES", "missing_extra"]
 OPTIONAL_PACKAGES = frozenset(
     {
         "sqlalchemy",
+        "alembic",
         "asyncpg",
         "aiosqlite",
         "aiosmtpd",

@@ -8,12 +8,13 @@ subclass the matching builtin, so callers can catch either::
      ├── ConfigError (ValueError)           a MAIL_* setting is wrong; raised by init_app
      ├── MessageError (ValueError)          the message cannot be sent as it is
      │    └── BadHeaderError                CR or LF in a header: header injection
+     ├── SchemaError                        the database's tables are behind the code
      ├── SuppressedError                    recipients left out: on the suppression list
      └── SendError                          the server or the network failed
           ├── ConnectError (ConnectionError)   connect, TLS or the connection itself failed
           ├── SendTimeoutError (TimeoutError)  the server did not answer within MAIL_TIMEOUT
           ├── AuthenticationError              the login failed (password or MAIL_OAUTH2_TOKEN)
-          └── RecipientsRefusedError                every recipient was refused
+          └── RecipientsRefusedError           every recipient was refused
 
 A :class:`SendError` keeps the SMTP reply code (``None`` when there was no
 reply, or a reply that was not SMTP) and the refused recipients, and wraps the
@@ -32,6 +33,7 @@ __all__ = [
     "MailError",
     "MessageError",
     "RecipientsRefusedError",
+    "SchemaError",
     "SendError",
     "SendTimeoutError",
     "SuppressedError",
@@ -69,6 +71,11 @@ class SuppressedError(MailError):
     def __init__(self, message: str, *, suppressed: dict[str, str]) -> None:
         super().__init__(message)
         self.suppressed = dict(suppressed)
+
+
+class SchemaError(MailError):
+    """The database's tables are not what the code needs (a migration has not
+    run); the message says what to run."""
 
 
 class SendError(MailError):

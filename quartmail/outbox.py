@@ -30,6 +30,7 @@ try:
         JSON,
         BigInteger,
         Boolean,
+        Connection,
         DateTime,
         Dialect,
         Index,
@@ -44,6 +45,7 @@ try:
         event,
         false,
         func,
+        inspect,
         select,
         text,
         update,
@@ -55,7 +57,7 @@ except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
 from .core import MailCore
-from .errors import MessageError
+from .errors import MessageError, SchemaError
 from .message import Envelope, Message
 
 __all__ = [
@@ -385,7 +387,15 @@ def rebuilt_message(envelope: Envelope) -> Message:
 
 async def create_missing_tables(engine: AsyncEngine, metadata: MetaData) -> None:
     """Create the tables of *metadata* that do not exist yet, also when other processes
-    (Hypercorn's workers, starting side by side) do the same at the same moment."""
+    (Hypercorn's workers, starting side by side) do the same at the same moment.
+
+    Raises :class:`~quartmail.SchemaError` when a table lacks a column of the code
+    (made by an older release: a migration has not run), and when Alembic manages
+    the database (it has an ``alembic_version`` table) and a table is missing:
+    there, Alembic makes the tables, so that its history stays true.
+    """
+    async with engine.connect() as connection:
+        await connection.run_sync(_check_columns, metadata)
     try:
         await _create_all(engine, metadata)
     except DatabaseError:
@@ -398,3 +408,26 @@ async def create_missing_tables(engine: AsyncEngine, metadata: MetaData) -> None
 async def _create_all(engine: AsyncEngine, metadata: MetaData) -> None:
     async with engine.begin() as connection:
         await connection.run_sync(metadata.create_all)
+
+
+def _check_columns(connection: Connection, metadata: MetaData) -> None:
+    database = inspect(connection)
+    tables = set(database.get_table_names())
+    behind = []
+    for table in metadata.sorted_tables:
+        if table.name not in tables:
+            if "alembic_version" in tables:
+                behind.append(f"table {table.name} is missing")
+            continue
+        have = {column["name"] for column in database.get_columns(table.name)}
+        behind.extend(
+            f"{table.name}.{column.name} is missing"
+            for column in table.columns
+            if column.name not in have
+        )
+    if behind:
+        raise SchemaError(
+            f"The database is behind quartmail ({'; '.join(behind)}): run your Alembic"
+            " migrations with quartmail's included (`alembic upgrade heads`; see"
+            " quartmail's docs, Migrations)"
+        )

@@ -29,7 +29,7 @@ import pytest
 from quart import Quart
 from sqlalchemy import URL, make_url, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from quartmail import Mail
 from quartmail.testing import SMTPTestServer
@@ -102,6 +102,19 @@ async def create_database(url: URL, name: str) -> None:
             raise
     finally:
         await engine.dispose()
+
+
+async def empty_database(engine: AsyncEngine) -> None:
+    """Drop quartmail's, the sign-up app's and Alembic's tables (a database the tests share)."""
+    from quartmail.app.models import Base as AppBase
+    from quartmail.outbox import OutboxBase
+
+    async with engine.begin() as connection:
+        await connection.run_sync(OutboxBase.metadata.drop_all)
+        await connection.run_sync(AppBase.metadata.drop_all)
+        # What the migrations make beyond the models, and their history.
+        for table in ("mail_suppression", "alembic_version"):
+            await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
 class EmbeddedPostgres:

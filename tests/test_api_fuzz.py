@@ -28,11 +28,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
-from quartmail.app.models import Base as AppBase
-from quartmail.outbox import OutboxBase
 from quartmail.testing import SMTPTestServer
 
-from conftest import postgres_url
+from conftest import empty_database, postgres_url
 
 ADMIN = "admin@example.com"
 SEED = 20261129
@@ -75,9 +73,7 @@ async def database_url(backend: str, tmp_path: Path) -> str:
     url = await postgres_url()
     engine = create_async_engine(url)
     try:
-        async with engine.begin() as connection:
-            await connection.run_sync(OutboxBase.metadata.drop_all)
-            await connection.run_sync(AppBase.metadata.drop_all)
+        await empty_database(engine)
     finally:
         await engine.dispose()
     return url

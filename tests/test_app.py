@@ -749,11 +749,11 @@ def mail_environment(server: SMTPTestServer) -> dict[str, str]:
     return env
 
 
-async def test_cli_create_db_creates_the_tables(tmp_path: Path, database_url: str) -> None:
+async def test_cli_create_db_migrates_the_schema(tmp_path: Path, database_url: str) -> None:
     database = tmp_path / "app.db"
     code, out, err = await run_quart(tmp_path, "create-db", DATABASE_URL=database_url)
     assert code == 0, err
-    assert "Tables ready" in out and str(database) in out
+    assert "app0001 (head)" in out and str(database) in out
     assert "users" in sqlite_tables(database)
 
 

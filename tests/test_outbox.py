@@ -19,11 +19,10 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from quartmail import Mail, Message, email_dispatched
-from quartmail.app.models import Base as AppBase
 from quartmail.outbox import OutboxBase, OutboxMessage, OutboxTable
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, postgres_url
+from conftest import SENDER, empty_database, postgres_url
 
 FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05}
 
@@ -36,9 +35,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     else:
         url = await postgres_url()
     engine = create_async_engine(url)
-    async with engine.begin() as connection:
-        await connection.run_sync(OutboxBase.metadata.drop_all)
-        await connection.run_sync(AppBase.metadata.drop_all)
+    await empty_database(engine)
     yield engine
     await engine.dispose()
 

@@ -38,7 +38,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from quartmail import Mail, Message, email_dispatched
-from quartmail.app.models import Base as AppBase
 from quartmail.app.models import User
 from quartmail.outbox import Outbox, OutboxBase, OutboxMessage
 from quartmail.testing import ReceivedMessage, SMTPTestServer
@@ -48,6 +47,7 @@ from conftest import (
     ServedApp,
     clean_environment,
     create_database,
+    empty_database,
     postgres_url,
     serve_app,
 )
@@ -108,9 +108,7 @@ async def own_postgres_url() -> str:
 
 
 async def drop_tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as connection:
-        await connection.run_sync(OutboxBase.metadata.drop_all)
-        await connection.run_sync(AppBase.metadata.drop_all)
+    await empty_database(engine)
 
 
 async def outbox_rows(engine: AsyncEngine) -> list[Row]:

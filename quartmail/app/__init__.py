@@ -65,6 +65,8 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
         app.config.setdefault("MAIL_DEV_INBOX", True)
     if app.config.get("METRICS_TOKEN"):
         app.config.setdefault("MAIL_METRICS", True)  # what /metrics serves
+    # The schema first: Mail's start-up starts the outbox's dispatcher on it.
+    app.before_serving(_prepare_database)
     mail.init_app(app)
     database = Database(app)  # after Mail: the engine is disposed after the mail drain
     # The app always has a database: the suppression list is there, outbox or not.
@@ -91,6 +93,10 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     if app.config["GC_FREEZE"]:
         app.before_serving(_freeze_startup_objects)
     return app
+
+
+async def _prepare_database() -> None:
+    await Database.of().prepare()
 
 
 async def _freeze_startup_objects() -> None:

@@ -13,12 +13,15 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import click
+from alembic.util import CommandError as AlembicError
 from quart import Quart
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from quartmail import MailError, Message
+from quartmail import MailError, Message, SchemaError
 from quartmail.outbox import OutboxTable
 from quartmail.suppression import REASONS, Reason, SuppressionList
 
+from . import migrations
 from .db import Database
 from .extensions import mail
 
@@ -32,10 +35,31 @@ def register_commands(app: Quart) -> None:
         """Send a test mail to ADDRESS through the configured SMTP server."""
         asyncio.run(_serving(app, lambda: _send_test_mail(app, address)))
 
+    @app.cli.group("db")
+    def db() -> None:
+        """Migrate the database schema (Alembic: the app's and quartmail's revisions)."""
+
+    @db.command("upgrade")
+    @click.argument("revision", default="heads")
+    def db_upgrade(revision: str) -> None:
+        """Upgrade the schema to REVISION (default: heads, what this code needs)."""
+        asyncio.run(_with_engine(app, lambda engine: _upgrade(engine, revision)))
+
+    @db.command("downgrade")
+    @click.argument("revision")
+    def db_downgrade(revision: str) -> None:
+        """Downgrade the schema to REVISION: quartmail@-1, signup@base, base (all)."""
+        asyncio.run(_with_engine(app, lambda engine: _downgrade(engine, revision)))
+
+    @db.command("current")
+    def db_current() -> None:
+        """Show the revisions the database is at, and whether it is up to date."""
+        asyncio.run(_with_engine(app, _current))
+
     @app.cli.command("create-db")
     def create_db() -> None:
-        """Create the database tables that do not exist yet."""
-        asyncio.run(_serving(app, lambda: _create_db(app)))
+        """Make or upgrade the database schema (the same as `db upgrade`)."""
+        asyncio.run(_with_engine(app, lambda engine: _upgrade(engine, "heads")))
 
     @app.cli.group("outbox")
     def outbox() -> None:
@@ -132,8 +156,11 @@ async def _with_outbox(app: Quart, command: Callable[[OutboxTable], Awaitable[No
     database = Database.of(app)
     table = OutboxTable(database.engine)
     try:
+        # A table behind the code is refused (SchemaError), as at start-up.
         await table.create_table()
         await command(table)
+    except SchemaError as error:
+        raise click.ClickException(str(error)) from error
     finally:
         await database.engine.dispose()
 
@@ -194,7 +221,36 @@ async def _purge(outbox: OutboxTable, days: float) -> None:
     click.echo(f"{count} sent message(s) deleted")
 
 
-async def _create_db(app: Quart) -> None:
+async def _with_engine(app: Quart, command: Callable[[AsyncEngine], Awaitable[None]]) -> None:
+    # No lifespan: start-up would refuse a database that is behind.
     database = Database.of(app)
-    await database.create_tables()
-    click.echo(f"Tables ready in {database!r}")
+    click.echo(repr(database))
+    try:
+        await command(database.engine)
+    except (SchemaError, AlembicError) as error:
+        raise click.ClickException(str(error)) from error
+    finally:
+        await database.engine.dispose()
+
+
+async def _upgrade(engine: AsyncEngine, revision: str) -> None:
+    _echo_revisions(await migrations.upgrade(engine, revision))
+
+
+async def _downgrade(engine: AsyncEngine, revision: str) -> None:
+    _echo_revisions(await migrations.downgrade(engine, revision))
+
+
+async def _current(engine: AsyncEngine) -> None:
+    at = await migrations.current(engine)
+    _echo_revisions(at)
+    if at != migrations.heads():
+        click.echo(f"behind the code: run `{migrations.UPGRADE_COMMAND}`")
+
+
+def _echo_revisions(at: set[str]) -> None:
+    heads = migrations.heads()
+    for revision in sorted(at):
+        click.echo(f"{revision} (head)" if revision in heads else revision)
+    if not at:
+        click.echo("no revision (an empty database)")

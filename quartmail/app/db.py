@@ -1,8 +1,9 @@
 """The database: one async SQLAlchemy engine per app, sessions on demand.
 
 SQLite (through aiosqlite) by default, in the instance folder; PostgreSQL
-(through asyncpg) with ``DATABASE_URL=postgresql+asyncpg://...``. Tables are
-created at start-up when missing, and the engine is disposed at shutdown.
+(through asyncpg) with ``DATABASE_URL=postgresql+asyncpg://...``. The schema
+is Alembic's (:mod:`quartmail.app.migrations`): start-up makes it in an empty
+database and stops on one behind the code. The engine is disposed at shutdown.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from ..outbox import create_missing_tables
-from .models import Base
+from . import migrations
 
 __all__ = ["Database", "database_url"]
 
@@ -63,16 +63,17 @@ class Database:
         self.engine: AsyncEngine = _create_engine(self.url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         app.extensions["db"] = self
-        app.before_serving(self.create_tables)
         app.after_serving(self.engine.dispose)
 
     def __repr__(self) -> str:
         # The URL may hold a password: show it masked.
         return f"<Database {self.engine.url.render_as_string(hide_password=True)}>"
 
-    async def create_tables(self) -> None:
-        """Create the tables that do not exist yet (Hypercorn's workers may do it at once)."""
-        await create_missing_tables(self.engine, Base.metadata)
+    async def prepare(self) -> None:
+        """Make the schema in an empty database; raise :class:`~quartmail.SchemaError`,
+        naming the command to run, when the database is behind the code (Hypercorn's
+        workers may start at once: they take turns)."""
+        await migrations.prepare(self.engine)
 
     @staticmethod
     def of(app: Quart | None = None) -> Database:
