@@ -396,13 +396,17 @@ async def create_missing_tables(engine: AsyncEngine, metadata: MetaData) -> None
     """
     async with engine.connect() as connection:
         await connection.run_sync(_check_columns, metadata)
-    try:
-        await _create_all(engine, metadata)
-    except DatabaseError:
-        # Another process created a table between create_all's check and its CREATE
-        # TABLE ("already exists" on SQLite, a duplicate type or key on PostgreSQL).
-        # Checked again, the tables exist; any other error happens again and is raised.
-        await _create_all(engine, metadata)
+    # Another process may create a table between create_all's check and its CREATE
+    # TABLE ("already exists" on SQLite, a duplicate type or key on PostgreSQL).
+    # Checked again, that table exists: each race costs one table, so one more try
+    # per table settles it; any other error happens every time and is raised.
+    for tries_left in reversed(range(len(metadata.tables) + 1)):
+        try:
+            await _create_all(engine, metadata)
+            return
+        except DatabaseError:
+            if not tries_left:
+                raise
 
 
 async def _create_all(engine: AsyncEngine, metadata: MetaData) -> None:

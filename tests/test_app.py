@@ -26,13 +26,14 @@ from urllib.parse import urlsplit
 import pytest
 from quart import Quart, Response
 from quart.typing import TestClientProtocol as Client
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail import ConfigError
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.testing import ReceivedMessage, SMTPServerFactory, SMTPTestServer
 
-from conftest import postgres_url
+from conftest import empty_database, postgres_url
 
 ADMIN = "admin@example.com"
 SENDER = "Flasky Admin <flasky@example.com>"
@@ -418,7 +419,12 @@ async def test_api_user_ids_past_the_column_range_are_a_json_404(
     user_id: int, backend: str, smtp_server: SMTPTestServer, database_url: str
 ) -> None:
     # User.id is 32 bits on PostgreSQL and 64 on SQLite: the drivers raised on larger ids.
-    url = database_url if backend == "sqlite" else await postgres_url()
+    url = database_url
+    if backend == "postgresql":
+        url = await postgres_url()
+        engine = create_async_engine(url)
+        await empty_database(engine)  # the app migrates an empty database at start-up
+        await engine.dispose()
     app = make_app(smtp_server, url)
     async with app.test_app() as test_app:
         response = await test_app.test_client().get(f"/api/users/{user_id}")

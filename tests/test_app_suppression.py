@@ -25,11 +25,10 @@ from quartmail import MailError, Message, SuppressedError, email_failed
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.extensions import mail
-from quartmail.app.models import Base as AppBase
-from quartmail.outbox import OutboxBase, OutboxMessage
+from quartmail.outbox import OutboxMessage
 from quartmail.testing import SMTPTestServer
 
-from conftest import postgres_url
+from conftest import empty_database, postgres_url
 
 ADMIN = "admin@example.com"
 
@@ -50,9 +49,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     url = await postgres_url()
     engine = create_async_engine(url)
-    async with engine.begin() as connection:
-        await connection.run_sync(OutboxBase.metadata.drop_all)
-        await connection.run_sync(AppBase.metadata.drop_all)
+    await empty_database(engine)
     await engine.dispose()
     yield url
 

@@ -33,7 +33,7 @@ def test_the_contract_names_are_exported() -> None:
 
 def test_every_error_is_a_mail_error() -> None:
     errors = [getattr(quartmail, name) for name in quartmail.__all__ if name.endswith("Error")]
-    assert len(errors) == 10
+    assert len(errors) == 11
     for error in errors:
         assert issubclass(error, quartmail.MailError)
     assert issubclass(quartmail.BadHeaderError, ValueError)

@@ -25,11 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from quartmail import ConfigError, Mail, Message, RecipientsRefusedError, SendError
 from quartmail.metrics import MailMetrics, error_labels
-from quartmail.outbox import OutboxBase, OutboxMessage, OutboxTable
+from quartmail.outbox import OutboxMessage, OutboxTable
 from quartmail.settings import MailSettings
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, MakeMail, postgres_url
+from conftest import SENDER, MakeMail, empty_database, postgres_url
 
 FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05, "MAIL_METRICS_INTERVAL": 0.05}
 ADDRESS = re.compile(r"[^\s@]+@[^\s@]+")
@@ -244,8 +244,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     else:
         url = await postgres_url()
     engine = create_async_engine(url)
-    async with engine.begin() as connection:
-        await connection.run_sync(OutboxBase.metadata.drop_all)
+    await empty_database(engine)
     yield engine
     await engine.dispose()
 

@@ -29,12 +29,11 @@ from quartmail import (
     SuppressedError,
     email_failed,
 )
-from quartmail.app.models import Base as AppBase
-from quartmail.outbox import OutboxBase, OutboxMessage
+from quartmail.outbox import OutboxMessage
 from quartmail.suppression import SuppressionList, is_bounce, normalized
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, postgres_url
+from conftest import SENDER, empty_database, postgres_url
 
 FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05}
 DEAD = "dead@example.com"
@@ -51,9 +50,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     else:
         url = await postgres_url()
     engine = create_async_engine(url)
-    async with engine.begin() as connection:
-        await connection.run_sync(OutboxBase.metadata.drop_all)
-        await connection.run_sync(AppBase.metadata.drop_all)
+    await empty_database(engine)
     yield engine
     await engine.dispose()
 
