@@ -12,6 +12,7 @@ that there is no import cycle and that nothing imports the app)::
          ├─ outbox              the outbox table and its admin API (enqueue, status, retry, purge)
          └─ core                MailCore: this module
              ├─ settings        the checked MAIL_* settings
+             ├─ ratelimit       MAIL_RATE_LIMIT: the slots every transaction takes
              ├─ smtp            one SMTP session (aiosmtplib)
              ├─ message         Message -> Envelope (checked, flattened), with
              │   └─ attachments, mime    the two body writers
@@ -25,7 +26,8 @@ that there is no import cycle and that nothing imports the app)::
 lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
 background delivery and the outbox) checks and flattens a message with
 :meth:`MailCore.envelope`, takes its sessions from :meth:`MailCore.session`
-(the reuse rule: connected, under ``MAIL_MAX_EMAILS``), decides what a failed
+(the reuse rule: connected, under ``MAIL_MAX_EMAILS``), starts every SMTP
+transaction through :meth:`MailCore.transaction` (``MAIL_RATE_LIMIT``), decides what a failed
 attempt means with :meth:`MailCore.after_failure` (retry or fail), logs a
 failure for good with :meth:`MailCore.not_sent`, and signals through
 :meth:`MailCore.dispatched` (awaited, in the sender's own task) or
@@ -36,11 +38,12 @@ never returns holds up its signal, not a worker or a dispatcher).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -48,6 +51,7 @@ from quart import Quart
 
 from .errors import MailError, RecipientsRefusedError, Reply, SendError
 from .message import Envelope, Message
+from .ratelimit import RateLimiter
 from .settings import MailSettings
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
@@ -71,6 +75,9 @@ class MailCore:
         self.recordings: list[list[Message]] = []  # open record_messages() blocks
         self._local_hostname: str | None = None
         self._signalling: set[asyncio.Task[None]] = set()
+        #: MAIL_RATE_LIMIT's, in this process; the outbox on PostgreSQL replaces
+        #: it with one whose slots are in the database (quartmail.sharedlimit).
+        self.limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
 
     def __repr__(self) -> str:
         return f"<MailCore {self.app.name!r} {self.settings.smtp!r}>"
@@ -106,7 +113,29 @@ class MailCore:
                 # aiosmtplib would look the name up (in a thread) on every connect.
                 self._local_hostname = await asyncio.to_thread(socket.getfqdn)
             smtp = replace(smtp, local_hostname=self._local_hostname)
-        return await SMTPSession.open(smtp)
+        session = await SMTPSession.open(smtp)
+        session.gate = self.transaction
+        return session
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, deadline: float) -> AsyncIterator[None]:
+        """The gate every SMTP transaction of every path passes, just before
+        its MAIL FROM (:attr:`SMTPSession.gate`): it waits for
+        ``MAIL_RATE_LIMIT`` (a wait that counts toward the message's
+        *deadline*, a loop time, not toward ``MAIL_TIMEOUT``) and holds the
+        slot until the transaction ends. Raises :func:`timed_out`'s error,
+        with nothing sent, when the deadline comes first."""
+        limiter = self.limiter
+        if limiter is None:
+            yield
+            return
+        permit = await limiter.acquire(deadline)
+        if permit is None:
+            raise timed_out(self.settings.delivery_timeout, None)
+        try:
+            yield
+        finally:
+            permit.release()
 
     def reusable(self, session: SMTPSession) -> bool:
         """Whether *session* may take another message: still connected (a
@@ -205,6 +234,8 @@ class MailCore:
     async def close(self, deadline: float) -> None:
         """Wait for the signal tasks until *deadline* (a loop time; at least
         a moment, even past it), then cancel what still runs."""
+        if self.limiter is not None:
+            await self.limiter.close()
         if not self._signalling:
             return
         wait = max(deadline - asyncio.get_running_loop().time(), _SIGNAL_GRACE)

@@ -256,7 +256,7 @@ class Delivery:
         reused = session.sent > 0
         # The send runs in a task of its own so that the caller can cancel
         # this one message (future.cancel()) without cancelling the worker.
-        job.sending = asyncio.create_task(session.send(job.envelope))
+        job.sending = asyncio.create_task(session.send(job.envelope, job.deadline))
         try:
             await asyncio.wait([job.sending])
         except asyncio.CancelledError:

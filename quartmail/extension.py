@@ -342,9 +342,11 @@ class Connection:
             await self._core.dispatched(message)
             return SendResult(message_id=envelope.message_id)
 
+        # MAIL_DELIVERY_TIMEOUT bounds a wait for MAIL_RATE_LIMIT here too.
+        deadline = asyncio.get_running_loop().time() + self._core.settings.delivery_timeout
         current, self._session = self._session, None
         session = self._session = await self._core.session(current)
-        result = await session.send(envelope)  # a spent session closes itself
+        result = await session.send(envelope, deadline)  # a spent session closes itself
         await self._core.dispatched(message)
         return result
 

@@ -691,6 +691,21 @@ class SMTPTestServer:
             groups.setdefault((command.session, command.read), []).append(command.verb)
         return list(groups.values())
 
+    def most_in_window(self, period: float, verb: str = "MAIL") -> int:
+        """The most *verb* commands the server began handling in any window of *period*
+        seconds, both ends included, over every session: what a provider's rate limit
+        counts. By default MAIL FROM, with which each transaction starts::
+
+            assert server.most_in_window(1.0) <= 20  # MAIL_RATE_LIMIT = "20/s" held
+        """
+        times = sorted(command.time for command in self.commands if command.verb == verb)
+        most = first = 0
+        for last, time in enumerate(times):
+            while time - times[first] > period:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
+
     def configure(self, app: Quart) -> None:
         """Point *app* at this server: :meth:`mail_config` into its config, which also turns
         ``MAIL_SUPPRESS_SEND`` off (Quart's ``TESTING`` would otherwise suppress sending).
