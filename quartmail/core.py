@@ -9,6 +9,7 @@ that there is no import cycle and that nothing imports the app)::
      └─ extension               Mail, MailState, Connection: the Flask-Mail front (+ compat)
          ├─ dispatcher          the outbox's dispatcher: claims rows, sends them over delivery
          │   └─ delivery        background delivery: queue, pool of sessions, drain
+         ├─ sharedlimit         MAIL_RATE_LIMIT's slots in the outbox's database
          ├─ outbox              the outbox table and its admin API (enqueue, status, retry, purge)
          └─ core                MailCore: this module
              ├─ settings        the checked MAIL_* settings
@@ -75,8 +76,8 @@ class MailCore:
         self.recordings: list[list[Message]] = []  # open record_messages() blocks
         self._local_hostname: str | None = None
         self._signalling: set[asyncio.Task[None]] = set()
-        #: MAIL_RATE_LIMIT's, in this process; the outbox on PostgreSQL replaces
-        #: it with one whose slots are in the database (quartmail.sharedlimit).
+        #: MAIL_RATE_LIMIT's, in this process; Mail.init_outbox replaces it with
+        #: one whose slots are in the outbox's database (quartmail.sharedlimit).
         self.limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
 
     def __repr__(self) -> str:

@@ -195,7 +195,10 @@ class Mail:
         """Keep *app*'s mail in a durable outbox in *engine*'s database (call
         after :meth:`init_app`). Its table is created at start-up if missing,
         and a dispatcher runs from start-up to shutdown; see
-        :mod:`quartmail.outbox`. Then use :attr:`outbox` to enqueue."""
+        :mod:`quartmail.outbox`. Then use :attr:`outbox` to enqueue.
+
+        With ``MAIL_RATE_LIMIT``, the limit is kept in that database from
+        then on, shared by every process that uses it (:mod:`quartmail.sharedlimit`)."""
         # SQLAlchemy only when the outbox is used.
         from .dispatcher import Dispatcher
         from .outbox import Outbox
@@ -203,6 +206,16 @@ class Mail:
         state: MailState = app.extensions["mail"]
         state.outbox = Outbox(engine, state.core)
         state.dispatcher = Dispatcher(state.outbox, state.core)
+        limit = state.settings.rate_limit
+        if limit is not None:
+            # Every process of this database shares the account's limit, whatever path sends.
+            from .ratelimit import RateLimiter
+            from .sharedlimit import DatabaseSlots, account_of
+
+            smtp = state.settings.smtp
+            account = account_of(smtp.username, smtp.hostname, smtp.port)
+            slots = DatabaseSlots(engine, limit, account, hold=2 * smtp.timeout)
+            state.core.limiter = RateLimiter(limit, slots)
         return state.outbox
 
     @property

@@ -337,10 +337,10 @@ class _Reader:
                 letter = letter or "s"
         elif isinstance(value, int | float) and not isinstance(value, bool):
             count = int(value) if math.isfinite(value) and value == int(value) else None
-        if count is None or not 1 <= count <= 1_000_000 or letter not in PERIODS:
+        if count is None or not 1 <= count <= 100_000 or letter not in PERIODS:
             raise ConfigError(
                 f'{key} must be "N/s", "N/m" or "N/h", or a number N (per second), with N a '
-                f"whole number from 1 to 1000000, got {value!r}"
+                f"whole number from 1 to 100000, got {value!r}"
             )
         return RateLimit(count, PERIODS[letter])
 

@@ -83,7 +83,7 @@ def test_good_values_are_read(value: object, expected: RateLimit | None) -> None
         "١٠/s",
         "10/S",
         "10/sec",
-        "2000000/s",
+        "100001/s",
         [10, "s"],
     ],
 )
