@@ -35,7 +35,7 @@ import re
 import ssl
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, AnyStr, Literal, Protocol, TypeVar, cast
@@ -65,6 +65,7 @@ __all__ = [
     "SMTPServerFactory",
     "SMTPTestServer",
     "TLSCertificates",
+    "most_in_window",
 ]
 
 TLSMode = Literal["none", "starttls", "implicit"]
@@ -231,6 +232,17 @@ class ReceivedMessage:
         if part is None or part.get_content_subtype() != subtype:
             return None
         return cast(str, part.get_content())
+
+
+def most_in_window(times: Iterable[float], period: float) -> int:
+    """The most of *times* (seconds) in any window of *period* seconds, both ends included."""
+    ordered = sorted(times)
+    most = first = 0
+    for last, time in enumerate(ordered):
+        while time - ordered[first] > period:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 @dataclass(frozen=True)
@@ -698,13 +710,7 @@ class SMTPTestServer:
 
             assert server.most_in_window(1.0) <= 20  # MAIL_RATE_LIMIT = "20/s" held
         """
-        times = sorted(command.time for command in self.commands if command.verb == verb)
-        most = first = 0
-        for last, time in enumerate(times):
-            while time - times[first] > period:
-                first += 1
-            most = max(most, last - first + 1)
-        return most
+        return most_in_window([c.time for c in self.commands if c.verb == verb], period)
 
     def configure(self, app: Quart) -> None:
         """Point *app* at this server: :meth:`mail_config` into its config, which also turns
