@@ -20,8 +20,9 @@ spacing puts N + 1 arrivals in one of the server's windows.
 
 Waiting never blocks the loop and is first come, first served: the callers
 of :meth:`RateLimiter.acquire` queue on an :class:`asyncio.Lock` (FIFO), and
-only the first looks for a slot. A wait ends at the caller's deadline
-(``MAIL_DELIVERY_TIMEOUT``), with nothing taken.
+only the first looks for slots, taking one for each caller waiting (one
+round trip to the database for several). A wait ends at the caller's
+deadline (``MAIL_DELIVERY_TIMEOUT``), with nothing taken.
 
 Where the slots live is a :class:`Slots`: :class:`LocalSlots` in this
 process, or a database table shared by every process of the outbox
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -58,9 +58,11 @@ class RateLimit:
 class Slots(Protocol):
     """Where the N slots of a :class:`RateLimiter` are kept."""
 
-    async def take(self) -> tuple[int | None, float]:
-        """Take a free slot: ``(slot, 0)``, or ``(None, seconds)`` until one
-        may be free (``math.inf``: until :meth:`give_back` is called)."""
+    async def take(self, count: int) -> tuple[list[tuple[int, float]], float]:
+        """Take up to *count* slots: ``([(slot, seconds), ...], 0)``, each
+        to be used no sooner than *seconds* from now (0: at once), or
+        ``([], seconds)`` until one may be free (``math.inf``: until
+        :meth:`give_back` is called)."""
         ...
 
     def give_back(self, slot: int) -> None:
@@ -82,13 +84,16 @@ class LocalSlots:
             (-math.inf, slot) for slot in range(limit.count)
         )
 
-    async def take(self) -> tuple[int | None, float]:
+    async def take(self, count: int) -> tuple[list[tuple[int, float]], float]:
         if not self._free:
-            return None, math.inf  # all in use: the next give_back wakes the waiter
-        wait = self._free[0][0] - asyncio.get_running_loop().time()
-        if wait > 0:
-            return None, wait
-        return self._free.popleft()[1], 0.0
+            return [], math.inf  # all in use: the next give_back wakes the waiter
+        now = asyncio.get_running_loop().time()
+        if self._free[0][0] > now:
+            return [], self._free[0][0] - now
+        taken: list[tuple[int, float]] = []
+        while self._free and self._free[0][0] <= now and len(taken) < count:
+            taken.append((self._free.popleft()[1], 0.0))
+        return taken, 0.0
 
     def give_back(self, slot: int) -> None:
         self._free.append((asyncio.get_running_loop().time() + self._period, slot))
@@ -120,6 +125,10 @@ class RateLimiter:
         self.slots: Slots = slots if slots is not None else LocalSlots(limit)
         self._turn = asyncio.Lock()  # FIFO: the waiters queue in the order they came
         self._released = asyncio.Event()
+        self._waiting = 0  # callers in acquire(), the one looking for slots included
+        # Slots taken in one go for the waiters queued behind the one that took them
+        # (one round trip to the database for several).
+        self._spare: collections.deque[tuple[float, int]] = collections.deque()  # (start, slot)
 
     def __repr__(self) -> str:
         return f"<RateLimiter {self.limit} {type(self.slots).__name__}>"
@@ -127,21 +136,41 @@ class RateLimiter:
     async def acquire(self, deadline: float = math.inf) -> Permit | None:
         """Wait for a slot; None when *deadline* (a loop time) comes first, with nothing taken."""
         loop = asyncio.get_running_loop()
+        self._waiting += 1
         try:
             async with asyncio.timeout_at(deadline if deadline < math.inf else None):
                 async with self._turn:
-                    while True:
-                        slot, wait = await self.slots.take()
-                        if slot is not None:
-                            return Permit(self, slot)
+                    while not self._spare:
+                        slots, wait = await self.slots.take(self._waiting)
+                        if slots:
+                            now = loop.time()
+                            self._spare.extend(sorted((now + w, slot) for slot, w in slots))
+                            break
+                        if wait < math.inf:
+                            # A slot handed back meanwhile is free only a period later.
+                            await asyncio.sleep(wait)
+                            continue
                         self._released.clear()
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(wait if wait < math.inf else None):
-                                await self._released.wait()
+                        await self._released.wait()  # every slot in use
+                    start, slot = self._spare.popleft()
+                    permit = Permit(self, slot)
+                    try:
+                        # Held by the lock: the next waiter's slot starts no sooner.
+                        await asyncio.sleep(max(0.0, start - loop.time()))
+                    except BaseException:
+                        permit.release()
+                        raise
+                    return permit
         except TimeoutError:
             if loop.time() >= deadline:
                 return None
             raise
+        finally:
+            self._waiting -= 1
+            if not self._waiting:
+                # Taken for waiters that gave up meanwhile: unused, but stamped as if used.
+                while self._spare:
+                    self._give_back(self._spare.popleft()[1])
 
     def _give_back(self, slot: int) -> None:
         self.slots.give_back(slot)

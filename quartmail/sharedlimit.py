@@ -14,7 +14,11 @@ one process, with the database's clock as the only clock:
   ``MAIL_TIMEOUT``: if the process dies mid-transaction, the row comes back
   by itself, after the MAIL FROM that took it must have arrived;
 - the end of the transaction sets ``free_at`` to now + the period (in a task
-  of its own, so that the sender does not wait for it).
+  of its own, so that the sender does not wait for it; the ends that come
+  meanwhile go in its next statement).
+
+Each is one statement committed on its own (one round trip), and a process
+takes at once a slot for each of its waiters.
 
 The clock: PostgreSQL's ``clock_timestamp()``, one clock for every machine;
 on SQLite, whose processes share one machine, that machine's ``time.time()``.
@@ -74,7 +78,10 @@ class DatabaseSlots:
         self._postgres = engine.dialect.name == "postgresql"
         self._poll = min(_MAX_POLL, max(_MIN_POLL, limit.period / limit.count))
         self._ready = False
-        self._giving_back: set[asyncio.Task[None]] = set()
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._ended: list[int] = []  # slots whose transactions ended, to free
+        self._writer: asyncio.Task[None] | None = None  # frees them
+        self._last_end = 0.0  # loop time of the last end
 
     def __repr__(self) -> str:
         return f"<DatabaseSlots {self.account!r} {self._limit}>"
@@ -88,35 +95,49 @@ class DatabaseSlots:
     def _mine(self) -> Any:
         return (RateLimitSlot.account == self.account) & (RateLimitSlot.slot < self._limit.count)
 
-    async def take(self) -> tuple[int | None, float]:
+    async def take(self, count: int) -> tuple[list[tuple[int, float]], float]:
         try:
             if not self._ready:
                 await self._create_slots()
+            # Slots free now or within a poll: each waits here, not in another round trip.
+            # (Not on SQLite, whose RETURNING cannot give the free_at before the update;
+            # its round trips are short.)
+            ahead = self._poll if self._postgres else 0.0
             free = (
-                select(RateLimitSlot.slot)
-                .where(self._mine(), RateLimitSlot.free_at <= self._now())
-                .order_by(RateLimitSlot.free_at)
-                .limit(1)
+                select(RateLimitSlot.slot, RateLimitSlot.free_at)
+                .where(self._mine(), RateLimitSlot.free_at <= self._now() + ahead)
+                .order_by(RateLimitSlot.free_at, RateLimitSlot.slot)
+                .limit(count)
                 .with_for_update(skip_locked=True)
-                .scalar_subquery()
+                # Run once: else PostgreSQL may run it again for each row, and SKIP
+                # LOCKED then skips the rows just updated and finds others.
+                .cte("free")
+                .prefix_with("MATERIALIZED", dialect="postgresql")
             )
-            async with self.engine.begin() as connection:
-                taken = await connection.scalar(
+            # One statement, committed on its own: one round trip.
+            async with self._autocommit.connect() as connection:
+                taken = await connection.execute(
                     update(RateLimitSlot)
-                    .where(RateLimitSlot.account == self.account, RateLimitSlot.slot == free)
+                    .where(RateLimitSlot.account == self.account, RateLimitSlot.slot == free.c.slot)
                     .values(free_at=self._now() + self._hold)
-                    .returning(RateLimitSlot.slot)
+                    # How long each must wait yet, by the clock of this very statement: waited
+                    # from the answer's arrival, it ends at or after the slot's free_at.
+                    .returning(
+                        RateLimitSlot.slot,
+                        free.c.free_at - self._now() if self._postgres else literal(0.0),
+                    )
                 )
-                if taken is not None:
-                    return taken, 0.0
+                slots = [(slot, max(0.0, float(wait))) for slot, wait in taken]
+                if slots:
+                    return slots, 0.0
                 wait = await connection.scalar(
                     select(func.min(RateLimitSlot.free_at) - self._now()).where(self._mine())
                 )
         except Exception:
             # Waiting (within MAIL_DELIVERY_TIMEOUT) rather than break the limit.
             log.exception("Could not take a MAIL_RATE_LIMIT slot; trying again")
-            return None, _MAX_POLL
-        return None, min(self._poll, max(_MIN_POLL, float(wait or 0.0)))
+            return [], _MAX_POLL
+        return [], min(self._poll, max(_MIN_POLL, float(wait or 0.0) - ahead))
 
     async def _create_slots(self) -> None:
         """The account's N rows, made by whichever process comes first."""
@@ -132,22 +153,30 @@ class DatabaseSlots:
         self._ready = True
 
     def give_back(self, slot: int) -> None:
-        task = asyncio.create_task(self._give_back(slot))
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
+        self._ended.append(slot)
+        self._last_end = asyncio.get_running_loop().time()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._give_back())
 
-    async def _give_back(self, slot: int) -> None:
-        try:
-            async with self.engine.begin() as connection:
-                await connection.execute(
-                    update(RateLimitSlot)
-                    .where(RateLimitSlot.account == self.account, RateLimitSlot.slot == slot)
-                    .values(free_at=self._now() + self._limit.period)
-                )
-        except Exception:
-            # The row stays held until its hold runs out: slower, never over the limit.
-            log.exception("Could not free MAIL_RATE_LIMIT slot %d", slot)
+    async def _give_back(self) -> None:
+        """Free the ended slots, those that end meanwhile in the next statement."""
+        while self._ended:
+            slots, self._ended = self._ended, []
+            # Dated back to the last of their ends (by this process's clock, measured now,
+            # before the statement leaves): the time spent reaching the database is not
+            # lost, and no slot is freed less than a period after its own end.
+            ago = asyncio.get_running_loop().time() - self._last_end
+            try:
+                async with self._autocommit.connect() as connection:
+                    await connection.execute(
+                        update(RateLimitSlot)
+                        .where(RateLimitSlot.account == self.account, RateLimitSlot.slot.in_(slots))
+                        .values(free_at=self._now() - ago + self._limit.period)
+                    )
+            except Exception:
+                # The rows stay held until their hold runs out: slower, never over the limit.
+                log.exception("Could not free MAIL_RATE_LIMIT slots %s", slots)
 
     async def close(self) -> None:
-        if self._giving_back:
-            await asyncio.wait(set(self._giving_back))
+        if self._writer is not None:
+            await self._writer

@@ -198,8 +198,8 @@ async def test_slots_are_made_once_for_a_large_limit_and_freed_a_period_after_th
     _, engine = database
     slots = DatabaseSlots(engine, RateLimit(1200, 3600.0), "mailer@relay:587", hold=60.0)
     async with asyncio.timeout(WITHIN):
-        taken, wait = await slots.take()
-        assert (taken, wait) == (0, 0.0)
+        taken, wait = await slots.take(1)
+        assert (taken, wait) == ([(0, 0.0)], 0.0)  # free since forever: at once
         slots.give_back(0)
         await slots.close()  # waits for the write
         async with engine.connect() as connection:
@@ -218,11 +218,31 @@ async def test_a_slot_whose_end_cannot_be_written_stays_held_and_is_logged(
     _, engine = database
     slots = DatabaseSlots(engine, RateLimit(1, 1.0), "mailer@relay:587", hold=60.0)
     async with asyncio.timeout(WITHIN):
-        assert (await slots.take())[0] == 0
-        taken, wait = await slots.take()
-        assert taken is None and 0 < wait <= 1.0  # held: ask again within a poll
+        assert [slot for slot, _ in (await slots.take(2))[0]] == [0]
+        taken, wait = await slots.take(1)
+        assert taken == [] and 0 < wait <= 1.0  # held: ask again within a poll
         await drop_tables(engine)
         with caplog.at_level(logging.ERROR, logger="quartmail.outbox"):
             slots.give_back(0)
             await slots.close()
-    assert "Could not free MAIL_RATE_LIMIT slot 0" in caplog.text
+    assert "Could not free MAIL_RATE_LIMIT slots [0]" in caplog.text
+
+
+async def test_a_slot_free_within_a_poll_is_taken_with_the_wait_left(
+    database: tuple[str, AsyncEngine],
+) -> None:
+    _, engine = database
+    # Polls every 0.25 s (period / count): a slot freed 0.5 s from now is out of reach.
+    slots = DatabaseSlots(engine, RateLimit(2, 0.5), "mailer@relay:587", hold=60.0)
+    async with asyncio.timeout(WITHIN):
+        taken, _ = await slots.take(2)
+        assert sorted(slot for slot, _ in taken) == [0, 1]
+        slots.give_back(0)
+        await slots.close()
+        taken, wait = await slots.take(1)
+        assert taken == [] and 0 < wait <= 0.25
+        while not taken:
+            await asyncio.sleep(wait)
+            taken, wait = await slots.take(1)
+        [(slot, left)] = taken
+        assert slot == 0 and 0 <= left <= 0.25
