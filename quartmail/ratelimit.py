@@ -138,7 +138,7 @@ class RateLimiter:
         loop = asyncio.get_running_loop()
         self._waiting += 1
         try:
-            async with asyncio.timeout_at(deadline if deadline < math.inf else None):
+            async with asyncio.timeout_at(deadline if deadline < math.inf else None) as timer:
                 async with self._turn:
                     while not self._spare:
                         slots, wait = await self.slots.take(self._waiting)
@@ -162,7 +162,7 @@ class RateLimiter:
                         raise
                     return permit
         except TimeoutError:
-            if loop.time() >= deadline:
+            if timer.expired():  # (not a TimeoutError from the slots)
                 return None
             raise
         finally:
