@@ -104,10 +104,10 @@ class RateBench:
 async def benchmark() -> int:
     parser = harness.Arguments(
         {
-            "limit": (50, 20, "MAIL_RATE_LIMIT, per second"),
+            "limit": (20, 20, "MAIL_RATE_LIMIT, per second"),
             "seconds": (10, 3, "seconds measured per run"),
             "rounds": (2, 1, "runs per variant; the worst is reported"),
-            "pool_size": (4, 4, "MAIL_POOL_SIZE of every process"),
+            "pool_size": (8, 8, "MAIL_POOL_SIZE of every process"),
         },
         only=("memory", "outbox1", "outbox4"),
     )
