@@ -8,14 +8,18 @@ start 20 transactions a second together, not 60. The rule is the same as in
 one process, with the database's clock as the only clock:
 
 - a start takes a row whose ``free_at`` has passed, in one ``UPDATE`` (on
-  PostgreSQL, ``SELECT ... FOR UPDATE SKIP LOCKED`` in its subquery, so
+  PostgreSQL, ``SELECT ... FOR UPDATE SKIP LOCKED`` in a materialized CTE, so
   processes take distinct rows without waiting for each other; SQLite has one
   writer at a time), and marks it held until now + the period + twice
   ``MAIL_TIMEOUT``: if the process dies mid-transaction, the row comes back
-  by itself, after the MAIL FROM that took it must have arrived;
-- the end of the transaction sets ``free_at`` to now + the period (in a task
-  of its own, so that the sender does not wait for it; the ends that come
-  meanwhile go in its next statement).
+  by itself, after the MAIL FROM that took it must have arrived. On
+  PostgreSQL it also takes rows that free within the next poll, with the
+  seconds each has yet to wait by the statement's own clock: waited from the
+  answer's arrival, the start comes no sooner than the row's ``free_at``;
+- the end of the transaction sets ``free_at`` to the period after that end
+  (dated back by the time it took to reach the database, measured here), in
+  a task of its own, so that the sender does not wait for it; the ends that
+  come meanwhile go in its next statement.
 
 Each is one statement committed on its own (one round trip), and a process
 takes at once a slot for each of its waiters.
@@ -24,11 +28,12 @@ The clock: PostgreSQL's ``clock_timestamp()``, one clock for every machine;
 on SQLite, whose processes share one machine, that machine's ``time.time()``.
 
 Each process serves its own waiters first come, first served (one of them
-asks the database at a time); between processes, the first to ask after a
-row frees takes it. A waiter polls the database at most every period/N
-seconds (5 ms to 1 s) and is woken at once when its own process frees a
-row. When the database cannot be reached, the transaction waits (within its
-``MAIL_DELIVERY_TIMEOUT``) rather than break the limit.
+asks the database at a time); between processes, the first to ask takes the
+row. A waiter asks again when the earliest row is about to free, at most
+every period/N seconds (5 ms to 1 s). When the database cannot be reached,
+the transaction waits (within its ``MAIL_DELIVERY_TIMEOUT``) rather than
+break the limit; a row whose end cannot be written stays held until its hold
+runs out: slower, never over.
 """
 
 from __future__ import annotations
