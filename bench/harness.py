@@ -20,7 +20,8 @@ Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is t
 - :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client
   and server share no event loop); ``mail_config()``, ``raw_client()`` (the usual baseline),
   ``await stats()`` (it counts messages and forgets them: flat memory), ``set_data_delay()``,
-  and ``await check()``: were all the messages counted in ``expected`` received?
+  ``await mail_times()`` (with ``mail_times=True``: when each MAIL FROM arrived), and
+  ``await check()``: were all the messages counted in ``expected`` received?
 - :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind
   127.0.0.1:0``, as the tests serve it; the port read from Hypercorn's "Running on" line.
 """
@@ -355,6 +356,11 @@ class SMTPServer:
         """The wait before answering each DATA, from the next DATA on."""
         await self.child.ask(f"data_delay {seconds!r}")
 
+    async def mail_times(self) -> list[float]:
+        """When the server began handling each MAIL FROM since the last call (its
+        ``loop.time()``), for a server started with ``mail_times=True``."""
+        return [float(time) for time in (await self.child.ask("mail_times"))["mail_times"]]
+
 
 @contextlib.asynccontextmanager
 async def smtp_server(
@@ -364,13 +370,15 @@ async def smtp_server(
     *,
     pipelining: bool = False,
     chunking: bool = False,
+    mail_times: bool = False,
 ) -> AsyncIterator[SMTPServer]:
     """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block; its
     certificates, for TLS, made with trustme in a temporary directory. *pipelining* and
-    *chunking*: advertise PIPELINING and CHUNKING."""
+    *chunking*: advertise PIPELINING and CHUNKING. *mail_times*: keep the time of each
+    MAIL FROM for :meth:`SMTPServer.mail_times`."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
         options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
-        options.update(pipelining=pipelining, chunking=chunking)
+        options.update(pipelining=pipelining, chunking=chunking, mail_times=mail_times)
         async with children(__file__, [options]) as (child,):
             yield SMTPServer(tls, auth, child, child.ready["mail_config"])
 
@@ -389,10 +397,13 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
     )
     server.data_delay = float(options["delay"])
     received = 0
+    mail_times: list[float] = []
 
-    def forget() -> None:  # keep the count, not the messages
+    def forget() -> None:  # keep the count (and the MAIL FROM times if asked), not the messages
         nonlocal received
         received += len(server.messages)
+        if options.get("mail_times"):
+            mail_times.extend(c.time for c in server.commands if c.verb == "MAIL")
         server.messages.clear()
         server.commands.clear()
 
@@ -408,6 +419,10 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
             if command.startswith("data_delay "):
                 server.data_delay = float(command.split()[1])
             forget()
+            if command == "mail_times":
+                commands.reply({"mail_times": mail_times[:]})
+                mail_times.clear()
+                continue
             attempts, connections = server.data_attempts, server.connections
             commands.reply(
                 {"received": received, "data_attempts": attempts, "connections": connections}

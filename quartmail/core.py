@@ -9,9 +9,11 @@ that there is no import cycle and that nothing imports the app)::
      └─ extension               Mail, MailState, Connection: the Flask-Mail front (+ compat)
          ├─ dispatcher          the outbox's dispatcher: claims rows, sends them over delivery
          │   └─ delivery        background delivery: queue, pool of sessions, drain
+         ├─ sharedlimit         MAIL_RATE_LIMIT's slots in the outbox's database
          ├─ outbox              the outbox table and its admin API (enqueue, status, retry, purge)
          └─ core                MailCore: this module
              ├─ settings        the checked MAIL_* settings
+             ├─ ratelimit       MAIL_RATE_LIMIT: the slots every transaction takes
              ├─ smtp            one SMTP session (aiosmtplib)
              ├─ throttle        throttling replies, and the back-off gate before each transaction
              ├─ message         Message -> Envelope (checked, flattened), with
@@ -32,7 +34,9 @@ lists, the signal tasks it owns. Every path (``mail.send``, ``connect()``,
 background delivery and the outbox) checks and flattens a message with
 :meth:`MailCore.envelope`, DKIM-signs it once with :meth:`MailCore.sign`,
 takes its sessions from :meth:`MailCore.session` (the reuse rule:
-connected, under ``MAIL_MAX_EMAILS``), decides what a failed
+connected, under ``MAIL_MAX_EMAILS``), sends through
+:meth:`MailCore.transaction` (the throttling back-off; each MAIL FROM passes
+:meth:`MailCore.rate_limited`, ``MAIL_RATE_LIMIT``), decides what a failed
 attempt means with :meth:`MailCore.after_failure` (retry or fail), logs a
 failure for good with :meth:`MailCore.not_sent`, leaves suppressed
 recipients out with :meth:`MailCore.leave_out` and adds bounced ones with
@@ -48,10 +52,11 @@ throttling replies start (:mod:`quartmail.throttle`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -60,6 +65,7 @@ from quart import Quart
 from .errors import MailError, RecipientsRefusedError, Reply, SendError, SuppressedError
 from .message import Envelope, Message
 from .observer import MailObserver
+from .ratelimit import RateLimiter
 from .settings import MailSettings
 from .signals import email_dispatched, email_failed, notify
 from .smtp import SendResult, SMTPSession
@@ -118,6 +124,9 @@ class MailCore:
         self.throttle = Throttle(f"SMTP server {settings.smtp.address}")
         # Told about every send, retry and failure; quartmail.metrics sets one that records.
         self.observer = MailObserver()
+        #: MAIL_RATE_LIMIT's, in this process; Mail.init_outbox replaces it with
+        #: one whose slots are in the outbox's database (quartmail.sharedlimit).
+        self.limiter = RateLimiter(settings.rate_limit) if settings.rate_limit else None
 
     def __repr__(self) -> str:
         return f"<MailCore {self.app.name!r} {self.settings.smtp!r}>"
@@ -168,8 +177,29 @@ class MailCore:
                 self._local_hostname = await asyncio.to_thread(socket.getfqdn)
             smtp = replace(smtp, local_hostname=self._local_hostname)
         session = await SMTPSession.open(smtp)
+        session.gate = self.rate_limited
         self.observer.session_opened()
         return session
+
+    @contextlib.asynccontextmanager
+    async def rate_limited(self, deadline: float) -> AsyncIterator[None]:
+        """The gate every SMTP transaction of every path passes, just before
+        its MAIL FROM (:attr:`SMTPSession.gate`): it waits for
+        ``MAIL_RATE_LIMIT`` (a wait that counts toward the message's
+        *deadline*, a loop time, not toward ``MAIL_TIMEOUT``) and holds the
+        slot until the transaction ends. Raises :func:`timed_out`'s error,
+        with nothing sent, when the deadline comes first."""
+        limiter = self.limiter
+        if limiter is None:
+            yield
+            return
+        permit = await limiter.acquire(deadline)
+        if permit is None:
+            raise timed_out(self.settings.delivery_timeout, None)
+        try:
+            yield
+        finally:
+            permit.release()
 
     def reusable(self, session: SMTPSession) -> bool:
         """Whether *session* may take another message: still connected (a
@@ -188,20 +218,29 @@ class MailCore:
         return await self.open_session()
 
     async def transaction(
-        self, session: SMTPSession, envelope: Envelope, deadline: float
+        self,
+        session: SMTPSession,
+        envelope: Envelope,
+        deadline: float,
+        *,
+        back_off_deadline: float | None = None,
     ) -> SendResult:
         """Send *envelope* on *session* (every path sends through here):
         first wait for the throttling back-off, if one runs, then send, seen
         by the :attr:`observer`, and tell the back-off how it went.
 
-        *deadline* (a loop time) bounds the wait: when the back-off would
-        end later, :class:`~quartmail.SendError` (transient, with the
-        server's throttling reply) is raised at once.
+        *deadline* (a loop time: the message's ``MAIL_DELIVERY_TIMEOUT``)
+        bounds every wait, *back_off_deadline* the wait for the back-off
+        sooner: when the back-off would end later,
+        :class:`~quartmail.SendError` (transient, with the server's
+        throttling reply) is raised at once. Each MAIL FROM then waits for
+        ``MAIL_RATE_LIMIT`` (:meth:`rate_limited`) until *deadline*.
         """
-        ticket = await self.throttle.wait(deadline)  # the gate before MAIL FROM
+        patience = deadline if back_off_deadline is None else min(deadline, back_off_deadline)
+        ticket = await self.throttle.wait(patience)  # the gate before MAIL FROM
         try:
             with self.observer.sending(envelope, session.settings):
-                result = await session.send(envelope)
+                result = await session.send(envelope, deadline)
         except SendError as error:
             reply = throttling(error)
             if reply is not None:
@@ -369,6 +408,8 @@ class MailCore:
     async def close(self, deadline: float) -> None:
         """Wait for the signal tasks until *deadline* (a loop time; at least
         a moment, even past it), then cancel what still runs."""
+        if self.limiter is not None:
+            await self.limiter.close()
         if not self._signalling:
             return
         wait = max(deadline - asyncio.get_running_loop().time(), _SIGNAL_GRACE)

@@ -204,7 +204,10 @@ class Mail:
         """Keep *app*'s mail in a durable outbox in *engine*'s database (call
         after :meth:`init_app`). Its table is created at start-up if missing,
         and a dispatcher runs from start-up to shutdown; see
-        :mod:`quartmail.outbox`. Then use :attr:`outbox` to enqueue."""
+        :mod:`quartmail.outbox`. Then use :attr:`outbox` to enqueue.
+
+        With ``MAIL_RATE_LIMIT``, the limit is kept in that database from
+        then on, shared by every process that uses it (:mod:`quartmail.sharedlimit`)."""
         # SQLAlchemy only when the outbox is used.
         from .dispatcher import Dispatcher
         from .outbox import Outbox
@@ -214,6 +217,16 @@ class Mail:
             self.init_suppression(app, engine)
         state.outbox = Outbox(engine, state.core)
         state.dispatcher = Dispatcher(state.outbox, state.core)
+        limit = state.settings.rate_limit
+        if limit is not None:
+            # Every process of this database shares the account's limit, whatever path sends.
+            from .ratelimit import RateLimiter
+            from .sharedlimit import DatabaseSlots, account_of
+
+            smtp = state.settings.smtp
+            account = account_of(smtp.username, smtp.hostname, smtp.port)
+            slots = DatabaseSlots(engine, limit, account, hold=2 * smtp.timeout)
+            state.core.limiter = RateLimiter(limit, slots)
         return state.outbox
 
     def init_suppression(self, app: Quart, engine: AsyncEngine) -> SuppressionList:
@@ -395,13 +408,19 @@ class Connection:
 
         envelope = await self._core.sign(message, envelope)
         current, self._session = self._session, None
+        loop_time = asyncio.get_running_loop().time()
         try:
             session = self._session = await self._core.session(current)
-            # Through the throttling back-off, waiting at most MAIL_TIMEOUT for it:
-            # a caller (a request, most often) waits no longer than for a command.
+            # MAIL_DELIVERY_TIMEOUT bounds a wait for MAIL_RATE_LIMIT here too; the
+            # throttling back-off is waited for at most MAIL_TIMEOUT: a caller (a
+            # request, most often) waits no longer than for a command.
             # A session spent by the send closes itself.
-            deadline = asyncio.get_running_loop().time() + self._core.settings.smtp.timeout
-            result = await self._core.transaction(session, envelope, deadline)
+            result = await self._core.transaction(
+                session,
+                envelope,
+                loop_time + self._core.settings.delivery_timeout,
+                back_off_deadline=loop_time + self._core.settings.smtp.timeout,
+            )
         except SendError as error:
             self._core.observer.failed(error)  # raised to the caller: no retry here
             self._core.bounced(envelope.message_id, error.refused)

@@ -33,6 +33,7 @@ try:
         Connection,
         DateTime,
         Dialect,
+        Double,
         Index,
         Integer,
         LargeBinary,
@@ -67,6 +68,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxStatus",
     "OutboxTable",
+    "RateLimitSlot",
     "create_missing_tables",
     "decoded_row",
     "one_line_or_none",
@@ -131,6 +133,19 @@ class OutboxMessage(OutboxBase):
     def envelope(self) -> Envelope:
         """The stored message, ready to send again."""
         return row_envelope(self)
+
+
+class RateLimitSlot(OutboxBase):
+    """One of the N slots of ``MAIL_RATE_LIMIT`` = "N/period", shared by every
+    process of the outbox's database (:mod:`quartmail.sharedlimit`)."""
+
+    __tablename__ = "mail_rate_limit"
+
+    # Whose limit: MAIL_USERNAME@MAIL_SERVER:MAIL_PORT, the account a provider counts.
+    account: Mapped[str] = mapped_column(String(255), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    # When it may start a transaction again: seconds since the epoch, by the database's clock.
+    free_at: Mapped[float] = mapped_column(Double)
 
 
 @dataclass(frozen=True)

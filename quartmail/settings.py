@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .addresses import AddressLike, parse_address
 from .errors import ConfigError, MailError
+from .ratelimit import PERIODS, RateLimit
 from .smtp import SMTPSettings, TokenProvider, make_tls_context, token_problem
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class MailSettings:
     metrics: object | None = None
     tracing: object | None = None
     metrics_interval: float = METRICS_INTERVAL  # MAIL_METRICS_INTERVAL: outbox gauges
+    # MAIL_RATE_LIMIT: at most count MAIL FROMs in any window of period seconds; None: no limit
+    rate_limit: RateLimit | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, testing: bool, debug: bool) -> MailSettings:
@@ -167,6 +171,7 @@ class MailSettings:
             metrics=reader.switch("MAIL_METRICS"),
             tracing=reader.switch("MAIL_TRACING"),
             metrics_interval=reader.seconds("MAIL_METRICS_INTERVAL", METRICS_INTERVAL),
+            rate_limit=reader.rate_limit("MAIL_RATE_LIMIT"),
             smtp=SMTPSettings(
                 hostname=server,
                 port=port,
@@ -337,6 +342,27 @@ class _Reader:
         if number is None or not number > low or number != number or number == float("inf"):
             raise ConfigError(f"{key} must be a number of seconds above {low:g}, got {value!r}")
         return number
+
+    def rate_limit(self, key: str) -> RateLimit | None:
+        """``"N/s"``, ``"N/m"``, ``"N/h"`` or a whole number N (per second), N >= 1."""
+        value = self._config.get(key)
+        if value is None or value == "":
+            return None
+        count, letter = None, "s"
+        if isinstance(value, str):
+            number, _, letter = value.partition("/")
+            # Digits only: no sign, no spaces, no "1e3", no "½".
+            if number.isascii() and number.isdigit() and (letter in PERIODS or value == number):
+                count = int(number)
+                letter = letter or "s"
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            count = int(value) if math.isfinite(value) and value == int(value) else None
+        if count is None or not 1 <= count <= 100_000 or letter not in PERIODS:
+            raise ConfigError(
+                f'{key} must be "N/s", "N/m" or "N/h", or a number N (per second), with N a '
+                f"whole number from 1 to 100000, got {value!r}"
+            )
+        return RateLimit(count, PERIODS[letter])
 
     def address(self, key: str) -> AddressLike | None:
         value = self._config.get(key)

@@ -22,9 +22,11 @@ import contextlib
 import copy
 import inspect
 import logging
+import math
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
@@ -49,6 +51,7 @@ __all__ = [
     "SMTPSettings",
     "SendResult",
     "TokenProvider",
+    "TransactionGate",
     "make_tls_context",
     "token_problem",
 ]
@@ -58,6 +61,11 @@ log = logging.getLogger("quartmail.smtp")
 #: ``MAIL_OAUTH2_TOKEN`` as a callable: given MAIL_USERNAME, it returns a
 #: current access token, or an awaitable of one.
 TokenProvider: TypeAlias = Callable[[str], "str | Awaitable[str]"]
+
+#: What every SMTP transaction passes through (MailCore.transaction): given the
+#: message's deadline (a loop time), a context entered just before MAIL FROM
+#: and left when the transaction ends. It raises a SendError to start none.
+TransactionGate: TypeAlias = Callable[[float], AbstractAsyncContextManager[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,8 @@ class SMTPSession:
     ) -> None:
         self.settings = settings
         self.sent = 0
+        #: Entered around each transaction; set by the core (MAIL_RATE_LIMIT).
+        self.gate: TransactionGate = _no_gate
         self._client = client
         # Every form of the password and of the tokens this session used.
         self._secrets = secrets if secrets is not None else settings.secrets()
@@ -241,9 +251,11 @@ class SMTPSession:
     def is_connected(self) -> bool:
         return self._client.is_connected
 
-    async def send(self, envelope: Envelope) -> SendResult:
+    async def send(self, envelope: Envelope, deadline: float = math.inf) -> SendResult:
         """Send one message; the result lists the recipients the server
         refused, each with its ``(code, text)``, when it took the others.
+        Each transaction passes :attr:`gate` first, which may wait until
+        *deadline* (a loop time: the message's ``MAIL_DELIVERY_TIMEOUT``).
 
         Recipients refused with "too many recipients" (452, or the enhanced
         code X.5.3) get the same message, same Message-ID, in further
@@ -260,7 +272,7 @@ class SMTPSession:
         first = True
         while recipients:
             try:
-                rejected = await self._transaction(envelope, recipients)
+                rejected = await self._transaction(envelope, recipients, deadline)
             except SendError as error:
                 if first:
                     raise
@@ -286,23 +298,27 @@ class SMTPSession:
         self.sent += 1
         return SendResult(message_id=envelope.message_id, refused=refused)
 
-    async def _transaction(self, envelope: Envelope, recipients: list[str]) -> dict[str, Reply]:
+    async def _transaction(
+        self, envelope: Envelope, recipients: list[str], deadline: float
+    ) -> dict[str, Reply]:
         """One MAIL, RCPT..., DATA transaction; returns the refused recipients."""
-        try:
-            refused = await self._send(envelope, recipients)
-        except asyncio.CancelledError:
-            # Cancelled mid-command: aiosmtplib's protocol is out of step
-            # with the server and would pair the next reply with the wrong
-            # command, so the session must never be used again.
-            self.abort()
-            raise
-        except Exception as err:
-            error = _wrap(err, self.settings, self._secrets)
-        else:
-            return {address: (reply.code, reply.message) for address, reply in refused.items()}
-        if _spends_session(error):
-            self.abort()
-        raise error  # outside the except block: no __context__ (see open)
+        # The one place every transaction of every path starts (the 452 split included).
+        async with self.gate(deadline):
+            try:
+                refused = await self._send(envelope, recipients)
+            except asyncio.CancelledError:
+                # Cancelled mid-command: aiosmtplib's protocol is out of step
+                # with the server and would pair the next reply with the wrong
+                # command, so the session must never be used again.
+                self.abort()
+                raise
+            except Exception as err:
+                error = _wrap(err, self.settings, self._secrets)
+            else:
+                return {address: (reply.code, reply.message) for address, reply in refused.items()}
+            if _spends_session(error):
+                self.abort()
+            raise error  # outside the except block: no __context__ (see open)
 
     async def _send(
         self, envelope: Envelope, recipients: list[str]
@@ -357,6 +373,11 @@ class SMTPSession:
         """Close at once, without QUIT: for a session whose state is unknown
         (a cancelled or timed-out send)."""
         self._client.close()
+
+
+@contextlib.asynccontextmanager
+async def _no_gate(deadline: float) -> AsyncIterator[None]:
+    yield
 
 
 def _spends_session(error: SendError) -> bool:

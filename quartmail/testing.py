@@ -35,7 +35,7 @@ import re
 import ssl
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, AnyStr, Literal, Protocol, TypeVar, cast
@@ -65,6 +65,7 @@ __all__ = [
     "SMTPServerFactory",
     "SMTPTestServer",
     "TLSCertificates",
+    "most_in_window",
 ]
 
 TLSMode = Literal["none", "starttls", "implicit"]
@@ -231,6 +232,17 @@ class ReceivedMessage:
         if part is None or part.get_content_subtype() != subtype:
             return None
         return cast(str, part.get_content())
+
+
+def most_in_window(times: Iterable[float], period: float) -> int:
+    """The most of *times* (seconds) in any window of *period* seconds, both ends included."""
+    ordered = sorted(times)
+    most = first = 0
+    for last, time in enumerate(ordered):
+        while time - ordered[first] > period:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
 
 
 @dataclass(frozen=True)
@@ -698,6 +710,15 @@ class SMTPTestServer:
         for command in self.commands:
             groups.setdefault((command.session, command.read), []).append(command.verb)
         return list(groups.values())
+
+    def most_in_window(self, period: float, verb: str = "MAIL") -> int:
+        """The most *verb* commands the server began handling in any window of *period*
+        seconds, both ends included, over every session: what a provider's rate limit
+        counts. By default MAIL FROM, with which each transaction starts::
+
+            assert server.most_in_window(1.0) <= 20  # MAIL_RATE_LIMIT = "20/s" held
+        """
+        return most_in_window([c.time for c in self.commands if c.verb == verb], period)
 
     def configure(self, app: Quart) -> None:
         """Point *app* at this server: :meth:`mail_config` into its config, which also turns

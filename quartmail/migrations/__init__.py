@@ -11,7 +11,7 @@ beside its own revisions, in one ``alembic_version`` table: add
 
 from __future__ import annotations
 
-__all__ = ["BASELINE", "BRANCH", "CLAIMED_BY", "SUPPRESSION", "VERSIONS"]
+__all__ = ["BASELINE", "BRANCH", "CLAIMED_BY", "RATE_LIMIT", "SUPPRESSION", "VERSIONS"]
 
 #: The branch label of quartmail's revisions: ``alembic upgrade quartmail@head``.
 BRANCH = "quartmail"
@@ -23,3 +23,5 @@ BASELINE = "qm0001"
 CLAIMED_BY = "qm0002"
 #: The revision that adds ``mail_suppression`` and ``mail_outbox.transactional``.
 SUPPRESSION = "qm0003"
+#: The revision that adds ``mail_rate_limit`` (``MAIL_RATE_LIMIT`` across processes).
+RATE_LIMIT = "qm0004"

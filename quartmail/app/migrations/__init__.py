@@ -171,7 +171,9 @@ def _adopt(connection: Connection) -> None:
         stamps.append("app0001")
     if "mail_outbox" in tables:
         columns = {column["name"] for column in database.get_columns("mail_outbox")}
-        if "transactional" in columns and "mail_suppression" in tables:
+        if "mail_rate_limit" in tables:
+            stamps.append(library.RATE_LIMIT)
+        elif "transactional" in columns and "mail_suppression" in tables:
             stamps.append(library.SUPPRESSION)
         else:
             stamps.append(library.CLAIMED_BY if "claimed_by" in columns else library.BASELINE)
