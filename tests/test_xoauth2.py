@@ -393,3 +393,23 @@ def test_reset_gives_back_the_tokens_given() -> None:
     server.oauth2_tokens = {USER: NEW_TOKEN}
     server.reset()
     assert server.oauth2_tokens == {USER: TOKEN}
+
+
+async def test_the_server_answers_malformed_xoauth2_responses(
+    smtp_server_factory: SMTPServerFactory, smtp_certificates: TLSCertificates
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    smtp = await client(server, smtp_certificates)
+    try:
+        undecodable = await smtp.execute_command(b"AUTH", b"XOAUTH2", b"not*base64")
+        assert (undecodable.code, undecodable.message) == (501, "5.5.2 Can't decode base64")
+        malformed = base64.b64encode(f"user={USER}\x01token {TOKEN}".encode())
+        reply = await smtp.execute_command(b"AUTH", b"XOAUTH2", malformed)
+        assert (reply.code, reply.message) == (501, "5.5.2 Malformed XOAUTH2 response")
+        # Without an initial response: an empty 334, then the response on its own line.
+        assert (await smtp.execute_command(b"AUTH", b"XOAUTH2")).code == 334
+        good = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        assert (await smtp.execute_command(good)).code == 235
+    finally:
+        await smtp.quit()
+    assert server.auth_attempts == [USER]
