@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 from pathlib import Path
@@ -413,3 +414,26 @@ async def test_the_server_answers_malformed_xoauth2_responses(
     finally:
         await smtp.quit()
     assert server.auth_attempts == [USER]
+
+
+async def test_a_plain_callable_that_returns_a_coroutine_is_awaited(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    provider = AsyncProvider(TOKEN)
+    app, mail = make_mail(server, MAIL_OAUTH2_TOKEN=functools.partial(provider.get))
+    async with app.app_context():
+        await mail.send(message())
+    assert provider.calls == [USER]
+    assert len(server.messages) == 1
+
+
+async def test_an_empty_token_from_the_provider_is_refused_before_connecting(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    app, mail = make_mail(server, MAIL_OAUTH2_TOKEN=Provider(""))
+    async with app.app_context():
+        with pytest.raises(AuthenticationError, match="returned an empty token"):
+            await mail.send(message())
+    assert server.connections == 0
