@@ -125,3 +125,31 @@ def test_a_mailbox_prints_as_flask_mail_shows_it() -> None:
 
     assert str(parse_address(("Ann Example", "ann@example.com"))) == "Ann Example <ann@example.com>"
     assert str(parse_address("ann@example.com")) == "ann@example.com"
+
+
+@pytest.mark.parametrize("value", ["soon", [30]])
+def test_seconds_that_are_not_a_number_name_the_setting(value: object) -> None:
+    with pytest.raises(ConfigError, match="MAIL_TIMEOUT must be a number of seconds"):
+        read(MAIL_TIMEOUT=value)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "error"),
+    [
+        ("multipart/mixed", b"x", "cannot be multipart"),
+        ("image/png", "text", r"str data needs a text/\* content type"),
+    ],
+)
+def test_an_attachment_the_message_cannot_carry_is_refused(
+    content_type: str, data: Any, error: str
+) -> None:
+    message = Message("hi", sender=SENDER, recipients=["to@example.com"], body="x")
+    message.attach("a.bin", content_type, data)
+    with pytest.raises(MessageError, match=error):
+        message.as_bytes()
+
+
+def test_a_body_that_is_not_text_is_refused() -> None:
+    message = Message("hi", sender=SENDER, recipients=["to@example.com"], body=42)  # type: ignore[arg-type]
+    with pytest.raises(MessageError, match="body must be a string, got int"):
+        message.as_bytes()
