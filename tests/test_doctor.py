@@ -806,3 +806,14 @@ async def test_cli_nameserver_forms(
     else:
         assert result.exit_code == 2
         assert "is not IP or IP:PORT" in result.output
+
+
+async def test_a_server_that_refuses_at_the_greeting(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(greeting="554 5.3.2 No service here")
+    app, _ = make_mail(server)
+    finding = only(await doctor(app), "connection")
+    assert finding.level == "error"
+    assert "refused the connection: 554 5.3.2 No service here" in finding.what
+    assert "MAIL_SERVER and MAIL_PORT" in finding.do
