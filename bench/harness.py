@@ -1,29 +1,21 @@
 """The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
 
-Scripts run as ``python bench/<name>.py`` from the project root (``bench/`` is then on
-``sys.path``: ``import harness``). What they use (bench/README.md shows a whole script):
+Scripts run as ``python bench/<name>.py`` from the project root (``import harness``):
 
-- :class:`Arguments`: ``-n`` and the script's other sizes, each with a default and a
-  ``--quick`` value; ``--only`` (sections or variants), ``--profile`` and ``--top``.
-- :class:`Variant` (a label, ``run(count) -> seconds``, count per round, warm-up count),
-  :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a shared machine
-  hits all alike), :func:`print_table` (best and median rates, ratio to a baseline measured
-  in the same run), :func:`target` and :func:`finish` (targets repeated; the exit status:
-  0 whatever the figures, a shared machine is noisy; 1 if a message went missing).
-- :func:`profile`, :func:`print_profile`: cProfile's top functions.
-- :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON);
-  :func:`main` hands them to ``children[OPTIONS["kind"]](options, commands)``. A child answers
-  with JSON lines on stdout (:meth:`Commands.reply`; its first says it is ready) to the lines
-  the parent sends (:meth:`Child.send`, :meth:`Child.reply`, :meth:`Child.ask`). It stops
-  when its stdin closes: on leaving the block (then it is terminated, then killed, if it
-  lingers) or when the parent dies in any way. Children ignore Ctrl-C; stderr is shared.
-- :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client
-  and server share no event loop); ``mail_config()``, ``raw_client()`` (the usual baseline),
-  ``await stats()`` (it counts messages and forgets them: flat memory), ``set_data_delay()``,
-  ``await mail_times()`` (with ``mail_times=True``: when each MAIL FROM arrived), and
-  ``await check()``: were all the messages counted in ``expected`` received?
-- :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind
-  127.0.0.1:0``, as the tests serve it; the port read from Hypercorn's "Running on" line.
+- :class:`Arguments`: ``-n`` and the script's other sizes (default, ``--quick`` value), ``--only``,
+  ``--profile`` and ``--top``; the script's docstring is its ``--help``.
+- :class:`Variant`, :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a
+  shared machine hits all alike), :func:`print_table` (best, median, ratio to a baseline of the
+  same run), :func:`target`, :func:`finish` (exit status 0 whatever the figures; 1 if a
+  message went missing); :func:`profile` and :func:`print_profile` (cProfile's top).
+- :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON), handed by
+  :func:`main` to ``children[OPTIONS["kind"]]``; they answer JSON lines (the first: ready) to the
+  lines the parent sends, and stop when their stdin closes (the parent left the block or died).
+- :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client and
+  server share no event loop), which counts messages and forgets them (flat memory), and
+  with ``mail_times=True`` keeps when each MAIL FROM arrived (``await mail_times()``).
+- :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind 127.0.0.1:0``,
+  as the tests serve it; the port read from Hypercorn's "Running on" line.
 """
 
 from __future__ import annotations
@@ -62,10 +54,8 @@ STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
 TLSMode = Literal["none", "starttls", "implicit"]
 
 
-# Arguments
 class Arguments(argparse.ArgumentParser):
-    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help). The
-    script's docstring is its ``--help``."""
+    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help)."""
 
     def __init__(
         self,
@@ -83,14 +73,8 @@ class Arguments(argparse.ArgumentParser):
         smoke = ", ".join(f"{name} {value[1]}" for name, value in sizes.items())
         self.add_argument("--quick", action="store_true", help=f"smoke test: {smoke}")
         if profile:
-            self.add_argument(
-                "--profile",
-                action="append",
-                choices=profile,
-                help="instead of the benchmark, run this under cProfile (repeatable)",
-            )
+            self.add_argument("--profile", action="append", choices=profile, help="cProfile it")
             self.add_argument("--top", type=int, default=30, help="functions shown per table")
-        self.add_argument("--child", help=argparse.SUPPRESS)
 
     def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
         """Parse, fill in the sizes not given, check them; ``only`` in declared order."""
@@ -98,15 +82,14 @@ class Arguments(argparse.ArgumentParser):
         for name, (default, quick, _) in self.sizes.items():
             if getattr(args, name) is None:
                 setattr(args, name, quick if args.quick else default)
-            if getattr(args, name) < (0 if name == "warmup" else 1):
-                self.error(f"{name} must be at least {0 if name == 'warmup' else 1}")
+            if getattr(args, name) < (least := 0 if name == "warmup" else 1):
+                self.error(f"{name} must be at least {least}")
         args.only = [name for name in self.only if name in (args.only or self.only)]
         load, python = os.getloadavg()[0], sys.version.split()[0]
         print(f"{os.cpu_count()} CPUs, load average {load:.2f}; Python {python}")
         return args
 
 
-# Warm-up, rounds and medians
 @dataclass
 class Variant:
     """One way of doing the thing measured: ``run(count)`` does it *count* times and returns
@@ -161,8 +144,7 @@ def target(
 
 
 def finish(ok: bool) -> int:
-    """Repeat the targets; the exit status: 0 whatever the figures (a shared machine is
-    noisy), 1 if something went missing or failed."""
+    """Repeat the targets; the exit status: 1 if something went missing or failed, else 0."""
     if _targets:
         print("Targets\n" + "\n".join("  " + line for line in _targets))
     if not ok:
@@ -170,7 +152,6 @@ def finish(ok: bool) -> int:
     return 0 if ok else 1
 
 
-# Profiling
 def print_profile(stats: cProfile.Profile | str, top: int) -> None:
     """The *top* functions by own time, then by cumulative time."""
     for sort in ("tottime", "cumulative"):
@@ -183,21 +164,17 @@ def print_profile(stats: cProfile.Profile | str, top: int) -> None:
 async def profile(variant: Variant, top: int) -> None:
     """Warm *variant* up, then run one round of it under cProfile and print the top."""
     await variant.run(variant.warmup)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    seconds = await variant.run(variant.count)
-    profiler.disable()
+    with cProfile.Profile() as profiler:
+        seconds = await variant.run(variant.count)
     print(f"== {variant.label}: {variant.count / seconds:.0f} msg/s under cProfile")
     print_profile(profiler, top)
 
 
-# Child processes
 class Child:
     """A child process running ``<script> --child OPTIONS``; see the module docstring."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.pid = process.pid
+        self.process, self.pid = process, process.pid
         self.ready: dict[str, Any] = {}  # its first answer
 
     async def send(self, command: str) -> None:
@@ -228,8 +205,8 @@ class Child:
         if self.process.stdin is not None:
             self.process.stdin.close()
         for end in (None, self.process.terminate, self.process.kill):
-            if end is not None:
-                with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+                if end is not None:
                     end()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
@@ -284,9 +261,9 @@ ChildMain = Callable[[dict[str, Any], Commands], Awaitable[None]]
 
 
 async def _run_child(run: ChildMain, options: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, sys.stdin)
     await run(options, Commands(reader))
 
 
@@ -301,8 +278,7 @@ def main(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.basicConfig(format=f"[child {os.getpid()}] %(name)s: %(message)s")
         known = {"smtp": _serve_smtp, **(children or {})}
-        asyncio.run(_run_child(known[options["kind"]], options))
-        sys.exit(0)
+        sys.exit(asyncio.run(_run_child(known[options["kind"]], options)))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         sys.exit(asyncio.run(benchmark()))
@@ -310,7 +286,6 @@ def main(
         sys.exit(130)
 
 
-# The SMTP server
 @dataclass
 class SMTPServer:
     """An SMTP test server in a child process, as given by :func:`smtp_server`."""
@@ -372,10 +347,9 @@ async def smtp_server(
     chunking: bool = False,
     mail_times: bool = False,
 ) -> AsyncIterator[SMTPServer]:
-    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block; its
-    certificates, for TLS, made with trustme in a temporary directory. *pipelining* and
-    *chunking*: advertise PIPELINING and CHUNKING. *mail_times*: keep the time of each
-    MAIL FROM for :meth:`SMTPServer.mail_times`."""
+    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (its TLS
+    certificates made with trustme); *pipelining*, *chunking*: advertise those extensions;
+    *mail_times*: keep the time of each MAIL FROM for :meth:`SMTPServer.mail_times`."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
         options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
         options.update(pipelining=pipelining, chunking=chunking, mail_times=mail_times)
@@ -385,15 +359,13 @@ async def smtp_server(
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
     tls, directory = options["tls"], pathlib.Path(options["dir"])
-    certificates = TLSCertificates.create(directory) if tls != "none" else None
-    auth = options["auth"] and (str(options["auth"][0]), str(options["auth"][1]))
     server = SMTPTestServer(
         tls=tls,
-        certificates=certificates,
-        auth=auth,
+        certificates=TLSCertificates.create(directory) if tls != "none" else None,
+        auth=options["auth"] and (str(options["auth"][0]), str(options["auth"][1])),
         idle_timeout=3600.0,
-        pipelining=bool(options.get("pipelining")),
-        chunking=bool(options.get("chunking")),
+        pipelining=options["pipelining"],
+        chunking=options["chunking"],
     )
     server.data_delay = float(options["delay"])
     received = 0
@@ -430,7 +402,6 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
         forgetting.cancel()
 
 
-# The app under Hypercorn
 @dataclass
 class ServedApp:
     """Hypercorn serving an app, as started by :func:`serve_app`."""

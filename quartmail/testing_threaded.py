@@ -213,20 +213,17 @@ class ThreadedSMTPTestServer:
         return self._call(waiting, timeout)
 
     def _call(self, coroutine: Coroutine[Any, Any, _T], timeout: float = 0.0) -> _T:
-        if self._loop is None:
-            coroutine.close()
-            raise RuntimeError(f"{self!r} is not running")
+        assert self._loop is not None  # (its callers check that it runs)
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         return future.result(timeout + _CALL_MARGIN)
 
     def _end_thread(self) -> None:
         loop, thread = self._loop, self._thread
         self._loop = self._thread = None
-        if loop is None or thread is None:
-            return
+        assert loop is not None and thread is not None  # (its callers check that it runs)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(_CALL_MARGIN)
-        if thread.is_alive():
+        if thread.is_alive():  # pragma: no cover (a loop stuck in a blocking call: a bug)
             raise RuntimeError(f"{self!r}: its thread did not end within {_CALL_MARGIN} s")
 
 

@@ -316,3 +316,20 @@ async def test_background_delivery_logs_nothing_at_error_when_all_is_well(
     async with serving(app):
         await asyncio.gather(*(mail.send_background(message(n)) for n in range(10)))
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_retry_scheduled_before_shutdown_is_sent_in_the_drain(
+    smtp_server: SMTPTestServer, make_mail: MakeMail, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="quartmail")
+    smtp_server.data_replies.append("451 4.3.0 Try again later")
+    app, mail = make_mail(smtp_server, MAIL_RETRY_DELAY=30)  # far beyond the drain
+    msg = message()
+    async with serving(app):
+        future = mail.send_background(msg)
+        # Logged as the retry is scheduled: it waits, not a worker, when shutdown begins.
+        await wait_until(lambda: "Retrying" in caplog.text)
+        assert f"Retrying {msg.msg_id} in " in caplog.text
+    assert future.done() and future.result().refused == {}
+    assert [m.parsed()["Message-ID"] for m in smtp_server.messages] == [msg.msg_id]
+    assert smtp_server.data_attempts == 2

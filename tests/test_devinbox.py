@@ -603,3 +603,30 @@ async def test_the_inbox_is_not_in_the_openapi_spec() -> None:
     async with app.test_app() as test_app:
         spec = await (await test_app.test_client().get("/openapi.json")).get_json()
     assert not [path for path in spec["paths"] if path.startswith("/dev/inbox")]
+
+
+async def test_a_forwarded_message_is_one_attachment() -> None:
+    app, _ = make_app()
+    data = (
+        b"Subject: Fwd: inner\r\nFrom: a@example.com\r\nTo: b@example.com\r\n"
+        + DATE.encode()
+        + b"\r\n"
+        + MESSAGE_ID.encode()
+        + b"\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: inner\r\nFrom: c@example.com\r\n\r\nInner body.\r\n--b--\r\n"
+    )
+    async with app.test_app() as test_app:
+        await send_raw(app, data)
+        client = test_app.test_client()
+        found = await json_of(client, 1)
+        assert found["text"] == "See attached."
+        [attachment] = found["attachments"]
+        assert (attachment["filename"], attachment["content_type"]) == (
+            "message-1.eml",
+            "message/rfc822",
+        )
+        download = await client.get(attachment["url"])
+        assert b"Subject: inner" in await download.get_data()
+        assert b"Inner body." in await download.get_data()

@@ -420,3 +420,23 @@ def test_check_raises_what_sign_would_without_signing(ed_signer: DKIMSigner) -> 
         ed_signer.check(no_from)
     with pytest.raises(MessageError, match="cannot be parsed"):
         ed_signer.check(b"From: a@example.com\r\nnot a header line\r\n\r\nbody\r\n")
+
+
+def test_domains_that_are_not_names_are_refused(ed_key: ed25519.Ed25519PrivateKey) -> None:
+    good = pem(ed_key)
+    for domain, detail in ((42, "got int"), ("x" * 64 + ".example.com", "must be a domain name")):
+        config = {"MAIL_DKIM_KEY": good, "MAIL_DKIM_SELECTOR": "s1", "MAIL_DKIM_DOMAIN": domain}
+        with pytest.raises(ConfigError, match=f"MAIL_DKIM_DOMAIN.*{detail}"):
+            dkim_signer_from_config(config)
+    # 44 characters that are not base64: not a bare Ed25519 seed either.
+    with pytest.raises(ConfigError, match="MAIL_DKIM_KEY"):
+        dkim_signer_from_config({"MAIL_DKIM_KEY": "!" * 44, "MAIL_DKIM_SELECTOR": "s1"})
+
+
+def test_a_from_domain_that_is_not_a_name_cannot_be_signed_for(ed_signer: DKIMSigner) -> None:
+    data = b"From: a@" + b"x" * 64 + b".example.com\r\nSubject: s\r\n\r\nbody\r\n"
+    with pytest.raises(MessageError, match="DKIM: cannot sign for the From domain"):
+        ed_signer.sign(data)
+    with pytest.raises(ValueError, match="no domain"):
+        ed_signer.dns_records()
+    assert ed_signer.dns_records("example.com").keys() == {"ed._domainkey.example.com"}

@@ -740,3 +740,80 @@ async def test_quart_mail_doctor_without_dnspython(
     )
     assert code == 1, output
     assert "-> pip install 'quartmail[doctor]'" in output
+
+
+async def test_two_dmarc_records_are_reported(dns_server: DNSServer) -> None:
+    from quartmail.doctor import check_dns
+
+    name = f"_dmarc.{DOMAIN}"
+    dns_server.records = {name: [txt("v=DMARC1; p=reject"), txt("v=DMARC1; p=none")]}
+    findings = await check_dns(DOMAIN, nameserver=("127.0.0.1", dns_server.port), timeout=5)
+    finding = only(findings, "dmarc")
+    assert finding.level == "error" and "has 2 DMARC records" in finding.what
+    assert "Keep one TXT record" in finding.do
+
+
+async def test_a_domain_that_is_not_a_name_is_reported_without_a_lookup() -> None:
+    from quartmail.doctor import check_dns
+
+    [finding] = await check_dns("a..example.com", nameserver=("127.0.0.1", 9), timeout=1)
+    assert (finding.level, finding.topic) == ("error", "dns")
+    assert "is not a domain name" in finding.what
+
+
+async def test_dkim_lookups_that_get_no_answer_are_reported(dns_server: DNSServer) -> None:
+    from quartmail.dkim import dkim_signer_from_config
+    from quartmail.doctor import check_dns
+
+    dns_server.silent = True
+    nameserver = ("127.0.0.1", dns_server.port)
+    signer = dkim_signer_from_config(
+        {"MAIL_DKIM_KEY": ed25519_pem(), "MAIL_DKIM_SELECTOR": "s1", "MAIL_DKIM_DOMAIN": DOMAIN}
+    )
+    for options in ({"dkim": signer}, {"dkim_selector": "provider"}):
+        async with asyncio.timeout(30):
+            findings = await check_dns(DOMAIN, nameserver=nameserver, timeout=1, **options)
+        finding = only(findings, "dkim")
+        assert finding.level == "error" and "Cannot look up TXT" in finding.what
+        assert "--nameserver" in finding.do
+
+
+@pytest.mark.parametrize(
+    ("nameserver", "accepted"),
+    [
+        ("127.0.0.1:{port}", True),
+        ("127.0.0.1:0", False),
+        ("[::1]:70000", False),
+        ("[::1]:x", False),
+    ],
+)
+async def test_cli_nameserver_forms(
+    smtp_server: SMTPTestServer,
+    make_mail: MakeMail,
+    dns_server: DNSServer,
+    nameserver: str,
+    accepted: bool,
+) -> None:
+    dns_server.records = {
+        DOMAIN: [txt("v=spf1 -all")],
+        f"_dmarc.{DOMAIN}": [txt("v=DMARC1; p=reject")],
+    }
+    app = cli_app(make_mail, smtp_server)
+    result = await invoke(app, "--dns", "--nameserver", nameserver.format(port=dns_server.port))
+    if accepted:
+        assert "spf          SPF record of example.com" in result.output, result.output
+        assert "DMARC policy of example.com: reject" in result.output
+    else:
+        assert result.exit_code == 2
+        assert "is not IP or IP:PORT" in result.output
+
+
+async def test_a_server_that_refuses_at_the_greeting(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(greeting="554 5.3.2 No service here")
+    app, _ = make_mail(server)
+    finding = only(await doctor(app), "connection")
+    assert finding.level == "error"
+    assert "refused the connection: 554 5.3.2 No service here" in finding.what
+    assert "MAIL_SERVER and MAIL_PORT" in finding.do

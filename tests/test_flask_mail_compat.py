@@ -444,3 +444,15 @@ async def test_a_non_utf8_charset_is_for_the_bodies_headers_stay_utf8(
     assert parsed.get_content().replace("\r\n", "\n") == "内容\n"  # base64 holds CRLF
     assert parsed["Subject"] == "表題"
     assert parsed["Date"] == format_datetime(parsedate_to_datetime(parsed["Date"]))
+
+
+async def test_mail_without_its_app_or_outbox_says_what_is_missing(make_mail: MakeMail) -> None:
+    with pytest.raises(RuntimeError, match="No app: use Mail inside an app context"):
+        _ = Mail().outbox
+    async with Quart(__name__).app_context():
+        with pytest.raises(RuntimeError, match=r"Mail.init_app\(app\) was not called"):
+            _ = Mail().outbox
+    app, mail = make_mail()
+    async with app.app_context():
+        with pytest.raises(RuntimeError, match=r"no outbox: call mail.init_outbox"):
+            _ = mail.outbox

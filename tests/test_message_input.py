@@ -392,3 +392,38 @@ async def test_an_8bit_message_rfc822_attachment_is_made_7bit(
     [part] = received.parsed().iter_attachments()
     assert part["Content-Transfer-Encoding"] == "7bit"
     assert part.get_content().get_content() == "Schöne Grüße\n"
+
+
+async def test_a_non_ascii_envelope_from_is_sent_with_smtputf8(
+    smtp_server: SMTPTestServer, make_mail: MakeMail
+) -> None:
+    app, mail = make_mail(smtp_server)
+    msg = Message("s", recipients=["a@example.com"], body="x")
+    async with app.app_context(), mail.connect() as conn:
+        await conn.send(msg, envelope_from="jörg@example.com")
+    [received] = smtp_server.messages
+    assert received.mail_from == "jörg@example.com"
+    assert "SMTPUTF8" in received.mail_options
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"alts": {"x y": "text"}}, "alts: 'x y' is not a MIME subtype"),
+        ({"extra_headers": {"Content-Type": "text/html"}}, "extra_headers cannot set"),
+        ({"charset": "utf 8"}, "unknown charset 'utf 8'"),
+        ({"charset": "rot13"}, "'rot13' is not ASCII-compatible"),
+    ],
+)
+def test_a_body_the_message_cannot_carry_is_refused(fields: dict[str, Any], error: str) -> None:
+    msg = Message("s", sender="a@example.com", recipients=["b@example.com"], body="x", **fields)
+    with pytest.raises(MessageError, match=error):
+        msg.as_bytes()
+
+
+def test_has_bad_headers_and_repr() -> None:
+    msg = Message("hi", sender="a@example.com", recipients=["b@example.com", "c@example.com"])
+    assert repr(msg) == "<Message 'hi' from 'a@example.com' to 2 recipient(s)>"
+    assert not msg.has_bad_headers()
+    msg.subject = "hi\r\nBcc: victim@example.com"
+    assert msg.has_bad_headers()

@@ -320,3 +320,34 @@ async def test_processes_starting_together_create_the_table_once(engine: AsyncEn
         for other in engines:
             await other.dispose()
     assert (await OutboxTable(engine).status()).oldest_queued_age is None  # the table is there
+
+
+async def test_with_mail_suppressed_enqueue_records_and_stores_nothing(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(engine, smtp_server, MAIL_SUPPRESS_SEND=True)
+    async with app.test_app(), app.app_context():
+        assert repr(mail.outbox).startswith("<Outbox ")
+        assert "quartmail:quartmail@" not in repr(mail.outbox)  # no password in a repr
+        with mail.record_messages() as outbox:
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                message_id = await mail.outbox.enqueue(session, message(1))
+                await session.commit()
+    assert [m.msg_id for m in outbox] == [message_id]
+    assert await rows(engine) == []
+    assert smtp_server.connections == 0
+
+
+async def test_a_stored_row_gives_back_its_envelope(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(engine, smtp_server)
+    async with app.app_context():
+        await mail.outbox.create_table()
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            message_id = await mail.outbox.enqueue(session, message(1))
+            await session.commit()
+    [row] = await rows(engine)
+    envelope = row.envelope()
+    assert (envelope.message_id, envelope.recipients) == (message_id, ["admin@example.com"])
+    assert b"Subject: outbox 1" in envelope.data

@@ -250,3 +250,26 @@ async def test_at_shutdown_a_send_on_the_wire_finishes_and_nothing_new_starts(
     assert [rows[m][2] for m in ids] == ["sent", "queued", "queued"]
     assert smtp_server.data_attempts == 1
     assert [m.parsed()["Message-ID"] for m in smtp_server.messages] == ids[:1]
+
+
+async def test_a_database_that_goes_away_is_polled_again_until_it_is_back(
+    engine: AsyncEngine,  # noqa: F811
+    smtp_server: SMTPTestServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, mail = make_app(engine, smtp_server)
+    async with app.test_app(), app.app_context():
+        async with engine.begin() as connection:  # as good as a database that went away
+            await connection.execute(text("ALTER TABLE mail_outbox RENAME TO mail_outbox_away"))
+
+        async def claim_failed() -> bool:
+            return "Could not claim outbox messages" in caplog.text
+
+        await until(claim_failed)
+        async with engine.begin() as connection:
+            await connection.execute(text("ALTER TABLE mail_outbox_away RENAME TO mail_outbox"))
+        [message_id] = await enqueue(mail, engine, message(1))
+        [received] = await smtp_server.wait_for_messages(1)
+        await until(all_settled(engine, 1))
+    assert received.parsed()["Message-ID"] == message_id
+    assert [row[2] for row in (await states(engine)).values()] == ["sent"]

@@ -340,3 +340,59 @@ async def test_background_delivery_pipelines_too(
 def test_mail_pipelining_must_be_a_flag(make_mail: MakeMail) -> None:
     with pytest.raises(ConfigError, match="MAIL_PIPELINING"):
         make_mail(MAIL_PIPELINING="sometimes")
+
+
+async def smtp_exchange(server: SMTPTestServer, *sends: bytes) -> list[str]:
+    """Send each of *sends* on one raw connection (after the greeting) and read one reply to
+    each (a multi-line one whole); the first line of every reply."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+
+    async def reply() -> str:
+        first = line = await reader.readline()
+        while line[3:4] == b"-":
+            line = await reader.readline()
+        return first.decode().rstrip()
+
+    try:
+        async with asyncio.timeout(10):
+            await reply()  # the greeting
+            replies = []
+            for data in sends:
+                writer.write(data)
+                replies.append(await reply())
+            return replies
+    finally:
+        writer.close()
+
+
+async def test_the_test_server_answers_bdat_as_rfc_3030_says(
+    smtp_server_factory: SMTPServerFactory,
+) -> None:
+    server = await smtp_server_factory(pipelining=True, chunking=True)
+    # Before EHLO: 503, the chunk read all the same (RFC 3030 2), so the session goes on.
+    replies = await smtp_exchange(
+        server,
+        b"BDAT 2 LAST\r\nab",
+        b"EHLO client.example.com\r\n",
+        b"BDAT x\r\n",
+        b"MAIL FROM:<a@example.com>\r\n",
+        b"BDAT 2 LAST\r\nab",
+        b"RCPT TO:<b@example.com>\r\n",
+        b"BDAT 14\r\nSubject: 1\r\n\r\n",
+        b"BDAT 3 LAST\r\nx\r\n",
+        b"QUIT\r\n",
+    )
+    assert [reply[:3] for reply in replies] == [
+        "503",
+        "250",
+        "501",
+        "250",
+        "554",
+        "250",
+        "250",
+        "250",
+        "221",
+    ]
+    assert replies[6] == "250 2.0.0 14 octets received"
+    [received] = server.messages
+    assert received.data == b"Subject: 1\r\n\r\nx\r\n"

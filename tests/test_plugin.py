@@ -117,15 +117,19 @@ def test_without_pytest_asyncio_the_async_fixtures_say_what_to_install(
         def test_loop_bound(smtp_server):
             pass
 
+        def test_loop_bound_factory(smtp_server_factory):
+            pass
+
         def test_threaded(threaded_smtp_server):
             assert threaded_smtp_server.is_serving
         """
     )
     result = run(pytester, "-p", "no_pytest_asyncio", "-p", "no:asyncio")
-    result.assert_outcomes(passed=1, errors=1)
-    assert (
-        "smtp_server is an async fixture and needs pytest-asyncio: pip install pytest-asyncio"
-    ) in result.stdout.str()
+    result.assert_outcomes(passed=1, errors=2)
+    for fixture in ("smtp_server", "smtp_server_factory"):
+        assert (
+            f"{fixture} is an async fixture and needs pytest-asyncio: pip install pytest-asyncio"
+        ) in result.stdout.str()
 
 
 def test_without_the_testing_extra_only_the_fixtures_fail(pytester: pytest.Pytester) -> None:

@@ -456,6 +456,8 @@ def test_invalid_options(smtp_certificates: TLSCertificates) -> None:
         SMTPTestServer(tls="ssl", certificates=smtp_certificates)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_connections"):
         SMTPTestServer(max_connections=0)
+    with pytest.raises(ValueError, match="idle_timeout must be positive, not 0"):
+        SMTPTestServer(idle_timeout=0)
 
 
 async def test_context_manager_and_double_start() -> None:

@@ -277,3 +277,35 @@ async def test_close_waits_until_the_tls_connection_is_gone(
     assert sock.fileno() != -1
     await session.close()
     assert sock.fileno() == -1
+
+
+def test_threaded_server_as_a_context_manager() -> None:
+    server = ThreadedSMTPTestServer()
+    server.reset()  # not running yet: resets in this thread
+    server.stop()  # not running: nothing to do
+    with server:
+        with pytest.raises(RuntimeError, match="already running"):
+            server.start()
+        with pytest.raises(AttributeError):
+            _ = server._hidden  # private names are not the server's
+        server.data_delay = 0.0  # set on the server in its thread
+        assert server.server.data_delay == 0.0
+        assert server.mail_config()["MAIL_PORT"] == server.port
+        message = EmailMessage()
+        message["From"], message["To"], message["Bcc"] = SENDER, "a@example.com", "b@example.com"
+        message.set_content("x")
+        with smtplib.SMTP(server.host, server.port, local_hostname="client.example.com") as smtp:
+            smtp.sendmail(SENDER, ["a@example.com"], message.as_bytes())
+        server.wait_for_messages(1)
+        with pytest.raises(AssertionError, match="Bcc"):
+            server.assert_no_bcc()
+    assert not server.is_serving
+
+
+def test_threaded_server_that_cannot_start_ends_its_thread() -> None:
+    with ThreadedSMTPTestServer() as taken:
+        server = ThreadedSMTPTestServer(port=taken.port)  # the port is in use
+        with pytest.raises(OSError):
+            server.start()
+    server.stop()  # the failed start left nothing running
+    assert not server.is_serving

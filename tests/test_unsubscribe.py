@@ -287,3 +287,26 @@ def test_the_headers_go_into_a_message(tokens: UnsubscribeTokens) -> None:
     unfolded = data.replace(b"\r\n ", b" ")
     assert f"List-Unsubscribe: <{url}>, <mailto:leave@example.com>\r\n".encode() in unfolded
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in data
+
+
+def test_tokens_need_a_key_and_a_positive_max_age() -> None:
+    no_keys: list[str | bytes | list[str | bytes]] = ["", [], [SECRET, b""]]
+    for keys in no_keys:
+        with pytest.raises(ConfigError, match="SECRET_KEY is not set"):
+            UnsubscribeTokens(keys)
+    with pytest.raises(ConfigError, match="max_age of unsubscribe tokens must be positive"):
+        UnsubscribeTokens(SECRET, max_age=0)
+
+
+def test_a_signed_payload_that_is_not_an_address_and_list_is_refused(
+    tokens: UnsubscribeTokens,
+) -> None:
+    # Signed with our key and salt, so only its shape gives it away.
+    forged = URLSafeTimedSerializer(SECRET, salt=SALT).dumps({"address": "a@example.com"})
+    with pytest.raises(UnsubscribeTokenError, match="not valid"):
+        tokens.check(forged)
+
+
+def test_a_url_that_is_not_text_is_refused() -> None:
+    with pytest.raises(MessageError, match="expected a URL string, got int"):
+        list_unsubscribe_headers([42])  # type: ignore[list-item]

@@ -95,3 +95,61 @@ def test_a_password_that_would_cross_the_network_unencrypted_is_warned_of(
         read(MAIL_SERVER=server, MAIL_USERNAME="user", MAIL_PASSWORD="Secret-Pa55")
     assert ("unencrypted" in caplog.text) is warned
     assert "Secret-Pa55" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("a@[", "invalid address 'a@\\['"),  # the email package's parser fails on its own
+        ('"', "invalid address"),
+        ('"ab"@example.com', "write it as local@domain"),
+        (42, "expected an address string, got int"),
+    ],
+)
+def test_an_address_the_parser_cannot_read_is_a_message_error(value: Any, error: str) -> None:
+    message = Message("hi", sender=value, recipients=["to@example.com"], body="x")
+    with pytest.raises(MessageError, match=error) as caught:
+        message.as_bytes()
+    assert "sender" in str(caught.value)
+
+
+def test_a_header_value_that_is_not_text_is_a_message_error() -> None:
+    message = Message("hi", sender=SENDER, recipients=["to@example.com"], body="x")
+    message.extra_headers = {"X-Count": 3}  # type: ignore[dict-item]
+    with pytest.raises(MessageError, match=r"extra_headers\['X-Count'\] must be a string, got int"):
+        message.as_bytes()
+
+
+def test_a_mailbox_prints_as_flask_mail_shows_it() -> None:
+    from quartmail.addresses import parse_address
+
+    assert str(parse_address(("Ann Example", "ann@example.com"))) == "Ann Example <ann@example.com>"
+    assert str(parse_address("ann@example.com")) == "ann@example.com"
+
+
+@pytest.mark.parametrize("value", ["soon", [30]])
+def test_seconds_that_are_not_a_number_name_the_setting(value: object) -> None:
+    with pytest.raises(ConfigError, match="MAIL_TIMEOUT must be a number of seconds"):
+        read(MAIL_TIMEOUT=value)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "error"),
+    [
+        ("multipart/mixed", b"x", "cannot be multipart"),
+        ("image/png", "text", r"str data needs a text/\* content type"),
+    ],
+)
+def test_an_attachment_the_message_cannot_carry_is_refused(
+    content_type: str, data: Any, error: str
+) -> None:
+    message = Message("hi", sender=SENDER, recipients=["to@example.com"], body="x")
+    message.attach("a.bin", content_type, data)
+    with pytest.raises(MessageError, match=error):
+        message.as_bytes()
+
+
+def test_a_body_that_is_not_text_is_refused() -> None:
+    message = Message("hi", sender=SENDER, recipients=["to@example.com"], body=42)  # type: ignore[arg-type]
+    with pytest.raises(MessageError, match="body must be a string, got int"):
+        message.as_bytes()

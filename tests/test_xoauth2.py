@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 from pathlib import Path
@@ -393,3 +394,46 @@ def test_reset_gives_back_the_tokens_given() -> None:
     server.oauth2_tokens = {USER: NEW_TOKEN}
     server.reset()
     assert server.oauth2_tokens == {USER: TOKEN}
+
+
+async def test_the_server_answers_malformed_xoauth2_responses(
+    smtp_server_factory: SMTPServerFactory, smtp_certificates: TLSCertificates
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    smtp = await client(server, smtp_certificates)
+    try:
+        undecodable = await smtp.execute_command(b"AUTH", b"XOAUTH2", b"not*base64")
+        assert (undecodable.code, undecodable.message) == (501, "5.5.2 Can't decode base64")
+        malformed = base64.b64encode(f"user={USER}\x01token {TOKEN}".encode())
+        reply = await smtp.execute_command(b"AUTH", b"XOAUTH2", malformed)
+        assert (reply.code, reply.message) == (501, "5.5.2 Malformed XOAUTH2 response")
+        # Without an initial response: an empty 334, then the response on its own line.
+        assert (await smtp.execute_command(b"AUTH", b"XOAUTH2")).code == 334
+        good = base64.b64encode(f"user={USER}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+        assert (await smtp.execute_command(good)).code == 235
+    finally:
+        await smtp.quit()
+    assert server.auth_attempts == [USER]
+
+
+async def test_a_plain_callable_that_returns_a_coroutine_is_awaited(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    provider = AsyncProvider(TOKEN)
+    app, mail = make_mail(server, MAIL_OAUTH2_TOKEN=functools.partial(provider.get))
+    async with app.app_context():
+        await mail.send(message())
+    assert provider.calls == [USER]
+    assert len(server.messages) == 1
+
+
+async def test_an_empty_token_from_the_provider_is_refused_before_connecting(
+    smtp_server_factory: SMTPServerFactory, make_mail: MakeMail
+) -> None:
+    server = await smtp_server_factory(tls="starttls", oauth2_tokens={USER: TOKEN})
+    app, mail = make_mail(server, MAIL_OAUTH2_TOKEN=Provider(""))
+    async with app.app_context():
+        with pytest.raises(AuthenticationError, match="returned an empty token"):
+            await mail.send(message())
+    assert server.connections == 0
