@@ -27,12 +27,14 @@ from quartmail.outbox import OutboxBase
 from quartmail.testing import most_in_window
 
 DATABASE = "quartmail_bench_ratelimit"
+# The local server CI starts (.ci/run), when QUARTMAIL_TEST_POSTGRES names none.
+LOCAL_SERVER = "postgresql+asyncpg://quartmail:quartmail@127.0.0.1:5432/postgres"
 
 
 def default_url() -> str:
     """``DATABASE`` on the server of QUARTMAIL_TEST_POSTGRES, else on the local one."""
     tests = os.environ.get("QUARTMAIL_TEST_POSTGRES")
-    url = make_url(tests) if tests else make_url(outbox_bench.DEFAULT_URL)
+    url = make_url(tests) if tests else make_url(LOCAL_SERVER)
     return url.set(database=DATABASE).render_as_string(hide_password=False)
 
 
