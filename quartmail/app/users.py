@@ -12,7 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from quartmail import Message
+from quartmail import MailError, Message
+from quartmail.addresses import parse_address
 
 from .confirm import ConfirmTokenError, ConfirmTokens
 from .db import Database
@@ -67,13 +68,20 @@ def clean_email(value: str) -> str:
     if len(typed) > _EMAIL_INPUT_MAX:
         raise ValueError(f"E-mail addresses are at most {EMAIL_MAX} characters long.")
     try:
-        checked = validate_email(typed, check_deliverability=False)
+        # strict: the local part's length limit too (64, RFC 5321 section 4.5.3.1.1).
+        checked = validate_email(typed, check_deliverability=False, strict=True)
     except EmailNotValidError as error:
         raise ValueError(f"That is not a valid e-mail address: {error}") from None
     except ValueError:
         # Input the IDNA codec cannot take at all (a lone surrogate, say).
         raise ValueError("That is not a valid e-mail address.") from None
     address: str = checked.normalized
+    try:
+        # What the mail library will send to: its limits count octets (a
+        # non-ASCII local part is longer in UTF-8 than in characters).
+        parse_address(address, "email")
+    except MailError as error:
+        raise ValueError(f"That is not an e-mail address we can send to: {error}") from None
     if len(address) > EMAIL_MAX:
         raise ValueError(f"E-mail addresses are at most {EMAIL_MAX} characters long.")
     return address
@@ -184,7 +192,13 @@ async def confirmation_email(user: User, email: str) -> Message:
     url = url_for("main.confirm_page", token=token, _external=True)
     max_hours = current_app.config["FLASKY_CONFIRM_MAX_AGE"] // 3600
     return await render_email(
-        email, "Confirm Your Address", "mail/confirm", user=user, url=url, hours=max_hours
+        email,
+        "Confirm Your Address",
+        "mail/confirm",
+        user=user,
+        email=email,
+        url=url,
+        hours=max_hours,
     )
 
 
