@@ -260,6 +260,7 @@ async def test_a_known_name_with_an_address_changes_and_sends_nothing(
         # 40 characters, 80 octets: what the mail library would refuse to send to.
         ("é" * 40 + "@example.com", "the local part is 80 octets (at most 64)"),
         ("ann\ud800@example.com", "not a valid e-mail address"),
+        ("ann\ufffd@example.com", "not sent as UTF-8"),
     ],
 )
 async def test_bad_addresses_are_a_clear_error_and_nothing_is_stored(
@@ -417,20 +418,33 @@ async def test_limits_count_an_hour_back_and_forget_older_actions(database_url: 
     app = create_app("testing", DATABASE_URL=database_url)
     async with app.test_app():
         engine = app.extensions["db"].engine
+
+        async def take_now(limits: list[Limit], now: float) -> None:
+            async with engine.connect() as connection:
+                await take(connection, limits, now=now)
+                await connection.commit()
+
         limit = Limit("address", "victim@example.com", 2)
         start = float(int(time.time()))
-        await take(engine, [limit], now=start)
-        await take(engine, [limit], now=start + 10)
+        await take_now([limit], start)
+        await take_now([limit], start + 10)
         with pytest.raises(LimitReachedError) as caught:
-            await take(engine, [limit], now=start + 20)
+            await take_now([limit], start + 20)
         assert caught.value.retry_after == WINDOW - 20
         # Both limits are taken, or neither: a full one leaves the other uncounted.
         other = Limit("client", "192.0.2.1", 1)
         with pytest.raises(LimitReachedError):
-            await take(engine, [other, limit], now=start + 30)
-        await take(engine, [other], now=start + 40)
-        # An hour after the first action, one is free again.
-        await take(engine, [limit], now=start + WINDOW + 1)
+            await take_now([other, limit], start + 30)
+        await take_now([other], start + 40)
+        # A rolled-back transaction counts nothing.
+        async with engine.connect() as connection:
+            await take(connection, [limit], now=start + WINDOW + 1)
+            await connection.rollback()
+        # An hour after the first action, one is free again; and only one.
+        await take_now([limit], start + WINDOW + 1)
+        with pytest.raises(LimitReachedError):
+            await take_now([limit], start + WINDOW + 2)
+        await take_now([], start)  # no limits: nothing to do
 
 
 def test_address_and_client_keys() -> None:

@@ -3,10 +3,12 @@ restarts: at most N actions per key (an address, a client) in any hour.
 
 :func:`take` counts one action against several limits at once, or none: it
 locks the keys, counts what the last hour holds and adds a row per limit,
-all in one transaction. Counting and adding must not be split, or two
-requests at the same moment would both see "2 of 3" and both go ahead; so
-SQLite takes its write lock first (``BEGIN IMMEDIATE``, which other
-processes wait for) and PostgreSQL a transaction-level advisory lock per key.
+all in the caller's transaction (the sign-up's own, so that a request costs
+one write transaction and a sign-up that fails counts nothing). Counting
+and adding must not be split, or two requests at the same moment would
+both see "2 of 3" and both go ahead; so SQLite takes its write lock first
+(``BEGIN IMMEDIATE``, which other processes wait for) and PostgreSQL a
+transaction-level advisory lock per key.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .models import LimitEvent
 
@@ -46,32 +48,34 @@ class LimitReachedError(Exception):
         self.retry_after = retry_after
 
 
-async def take(engine: AsyncEngine, limits: Sequence[Limit], *, now: float | None = None) -> None:
-    """Count one action against every limit in *limits*, or raise
-    :class:`LimitReachedError` (for the first one that is full) and count nothing."""
+async def take(
+    connection: AsyncConnection, limits: Sequence[Limit], *, now: float | None = None
+) -> None:
+    """Count one action against every limit in *limits* in *connection*'s
+    transaction, or raise :class:`LimitReachedError` (for the first one that is
+    full). Must be the transaction's first statement (SQLite's lock is taken by
+    how the transaction begins); what it counts stands once the transaction
+    commits, and a rollback (the caller's, or ours on the error) counts nothing."""
     if not limits:
         return
     now = time.time() if now is None else now
-    async with engine.connect() as connection:
-        await _lock(connection, limits)
-        # Rows older than the window count for nothing any more.
-        await connection.execute(delete(LimitEvent).where(LimitEvent.at <= now - WINDOW))
-        for limit in limits:
-            count, oldest = (
-                await connection.execute(
-                    select(func.count(), func.min(LimitEvent.at)).where(
-                        LimitEvent.kind == limit.kind, LimitEvent.key == limit.key
-                    )
+    await _lock(connection, limits)
+    # Rows older than the window count for nothing any more.
+    await connection.execute(delete(LimitEvent).where(LimitEvent.at <= now - WINDOW))
+    for limit in limits:
+        count, oldest = (
+            await connection.execute(
+                select(func.count(), func.min(LimitEvent.at)).where(
+                    LimitEvent.kind == limit.kind, LimitEvent.key == limit.key
                 )
-            ).one()
-            if count >= limit.per_hour:
-                await connection.commit()  # the clean-up stands
-                raise LimitReachedError(limit, max(1, math.ceil(oldest + WINDOW - now)))
-        await connection.execute(
-            insert(LimitEvent),
-            [{"kind": limit.kind, "key": limit.key, "at": now} for limit in limits],
-        )
-        await connection.commit()
+            )
+        ).one()
+        if count >= limit.per_hour:
+            raise LimitReachedError(limit, max(1, math.ceil(oldest + WINDOW - now)))
+    await connection.execute(
+        insert(LimitEvent),
+        [{"kind": limit.kind, "key": limit.key, "at": now} for limit in limits],
+    )
 
 
 async def _lock(connection: AsyncConnection, limits: Sequence[Limit]) -> None:

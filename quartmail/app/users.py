@@ -67,6 +67,11 @@ def clean_email(value: str) -> str:
         raise ValueError("Please enter your e-mail address.")
     if len(typed) > _EMAIL_INPUT_MAX:
         raise ValueError(f"E-mail addresses are at most {EMAIL_MAX} characters long.")
+    if "\ufffd" in typed:
+        # As for names: a form field that was not UTF-8; the address typed is lost.
+        raise ValueError(
+            "The address was not sent as UTF-8 (it holds U+FFFD, the replacement character)."
+        )
     try:
         # strict: the local part's length limit too (64, RFC 5321 section 4.5.3.1.1).
         checked = validate_email(typed, check_deliverability=False, strict=True)
@@ -91,10 +96,11 @@ async def sign_up(name: str, email: str | None = None) -> tuple[User, bool]:
     """Store a new user named *name* and tell the administrator; return the
     user and whether it is new. A known name changes nothing and sends nothing.
 
-    With an *email* (from :func:`clean_email`) the request is first counted
-    against the abuse limits (:class:`~quartmail.app.limits.LimitReachedError` when
-    one is full: nothing is stored or sent), and a new user is stored with the
-    address unconfirmed and sent a confirmation mail. The response is the same
+    With an *email* (from :func:`clean_email`) the request is counted against
+    the abuse limits in the same transaction
+    (:class:`~quartmail.app.limits.LimitReachedError` when one is full: nothing
+    is stored or sent), and a new user is stored with the address unconfirmed
+    and sent a confirmation mail. The response is the same
     whoever else gave that address: nothing tells a stranger it is known.
 
     The mails are rendered before the commit (a template error rolls the
@@ -102,10 +108,10 @@ async def sign_up(name: str, email: str | None = None) -> tuple[User, bool]:
     the user, in one transaction; without, they are queued after the commit
     (no mail about a user that was not stored).
     """
-    if email is not None:
-        await take_limits(email)
     admin = current_app.config.get("FLASKY_ADMIN")
     async with Database.session() as session:
+        if email is not None:
+            await take_limits(session, email)  # first: it locks
         user = await session.scalar(select(User).where(User.username == name))
         if user is not None:
             return user, False
@@ -137,18 +143,17 @@ async def resend_confirmation(email: str) -> None:
     address *email* (from :func:`clean_email`), if there is one. Counted
     against the abuse limits either way, so that neither the answer nor the
     limits tell a stranger whether the address is known."""
-    await take_limits(email)
     async with Database.session() as session:
+        await take_limits(session, email)
         user = await session.scalar(
             select(User)
             .where(User.email == email, User.confirmed_at.is_(None))
             .order_by(User.id.desc())
             .limit(1)
         )
-        if user is None:
-            return
-        messages = await _enqueue(session, [await confirmation_email(user, email)])
-        await session.commit()
+        messages = [] if user is None else [await confirmation_email(user, email)]
+        messages = await _enqueue(session, messages)
+        await session.commit()  # the count, and the mail in the outbox
     for message in messages:
         mail.send_background(message)
 
@@ -168,9 +173,10 @@ async def confirm(token: str) -> User:
     return user
 
 
-async def take_limits(email: str) -> None:
+async def take_limits(session: AsyncSession, email: str) -> None:
     """Count a mail to *email*, asked for by this request's client, against
-    ``FLASKY_CONFIRM_MAILS_PER_HOUR`` and ``FLASKY_SIGNUPS_PER_HOUR``."""
+    ``FLASKY_CONFIRM_MAILS_PER_HOUR`` and ``FLASKY_SIGNUPS_PER_HOUR``, in
+    *session*'s transaction (before anything else in it)."""
     config = current_app.config
     client = client_key(
         request.remote_addr,
@@ -178,7 +184,7 @@ async def take_limits(email: str) -> None:
         config["FLASKY_TRUSTED_PROXIES"],
     )
     await take(
-        Database.of().engine,
+        await session.connection(),
         [
             Limit("client", client, config["FLASKY_SIGNUPS_PER_HOUR"]),
             Limit("address", address_key(email), config["FLASKY_CONFIRM_MAILS_PER_HOUR"]),
