@@ -565,3 +565,17 @@ def test_limit_settings_come_from_the_environment(
     assert app.config["FLASKY_TRUSTED_PROXIES"] == 2
     assert app.config["FLASKY_CONFIRM_MAILS_PER_HOUR"] == 3
     assert app.config["FLASKY_CONFIRM_MAX_AGE"] == 86400
+
+
+async def test_openapi_describes_the_address_and_the_confirm_endpoints(client: Client) -> None:
+    spec = await (await client.get("/openapi.json")).get_json()
+    paths = spec["paths"]
+    sign_up = paths["/api/users"]["post"]
+    schema = sign_up["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["name"]  # the address is optional
+    assert set(schema["properties"]) == {"name", "email"}
+    assert {"201", "200", "422", "429"} <= set(sign_up["responses"])
+    assert {"200", "400", "410", "422"} <= set(paths["/api/confirm"]["post"]["responses"])
+    assert {"202", "422", "429"} <= set(paths["/api/confirm/resend"]["post"]["responses"])
+    # The HTML pages are not part of the API.
+    assert not any(path.startswith("/confirm") for path in paths)
