@@ -244,6 +244,23 @@ async def test_a_known_name_with_an_address_changes_and_sends_nothing(
     assert confirmations(smtp_server) == []
 
 
+async def test_the_longest_addresses_sign_up(smtp_server: SMTPTestServer, client: Client) -> None:
+    longest = "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 57 + ".com"
+    assert len(longest) == 254  # RFC 5321 section 4.5.3.1.3, less the angle brackets
+    # German sharp s: case-folded ("ss") it grows, which the limits' keys must not mind.
+    sharp = "ß" * 32 + "@" + "ß" * 40 + ".example"
+    # IDNA 2008 keeps it (RFC 5892): the mail goes to that domain, not to "ssss...".
+    a_label = "xn--zca" + "a" * 39 + ".example"
+    for n, address in enumerate([longest, sharp]):
+        response = await sign_up_api(client, f"user {n}", address)
+        assert response.status_code == 201, await response.get_json()
+    await smtp_server.wait_for_messages(4, timeout=WITHIN)
+    assert sorted(m.rcpt_tos[0].partition("@")[2] for m in confirmations(smtp_server)) == [
+        longest.partition("@")[2],
+        a_label,
+    ]
+
+
 # --- 2. bad addresses -------------------------------------------------------------------
 
 
@@ -309,6 +326,7 @@ async def test_expired_and_tampered_tokens_get_a_clear_page_and_confirm_nothing(
         (unsubscribe, 400, "Link not valid"),
         (unknown_user, 400, "Link not valid"),
         ("x" * 5000, 400, "Link not valid"),
+        ("ä.b.c", 400, "Link not valid"),
     ]:
         for send in (client.get, client.post):
             response = await send(f"/confirm/{token}")
@@ -319,6 +337,9 @@ async def test_expired_and_tampered_tokens_get_a_clear_page_and_confirm_nothing(
         response = await client.post("/api/confirm", json={"token": token})
         assert response.status_code == status
         assert (await response.get_json())["error"].startswith("This confirmation link")
+    # A lone surrogate, which JSON can carry ("\ud800") and UTF-8 cannot.
+    response = await client.post("/api/confirm", json={"token": "\ud800"})
+    assert response.status_code == 400
     assert await confirmed_at(database_url, "Ada") is None
 
 

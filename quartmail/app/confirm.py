@@ -53,6 +53,10 @@ class ConfirmTokens:
     def check(self, token: str) -> Confirmation:
         """What *token* says; raises :class:`ConfirmTokenError` if it is not
         one of ours, was changed, or is older than ``max_age``."""
+        if not token.isascii():
+            # Ours are URL-safe base64; itsdangerous would fail to encode a
+            # lone surrogate (a UnicodeEncodeError, not BadSignature).
+            raise ConfirmTokenError("This confirmation link is not valid.")
         try:
             payload = self._serializer.loads(token, max_age=self.max_age)
         except SignatureExpired:

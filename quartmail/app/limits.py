@@ -13,6 +13,7 @@ transaction-level advisory lock per key.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import time
@@ -59,14 +60,16 @@ async def take(
     if not limits:
         return
     now = time.time() if now is None else now
-    await _lock(connection, limits)
+    # Stored as digests: the table holds no addresses, and every key fits its column.
+    keys = [_digest(limit) for limit in limits]
+    await _lock(connection, keys)
     # Rows older than the window count for nothing any more.
     await connection.execute(delete(LimitEvent).where(LimitEvent.at <= now - WINDOW))
-    for limit in limits:
+    for limit, key in zip(limits, keys, strict=True):
         count, oldest = (
             await connection.execute(
                 select(func.count(), func.min(LimitEvent.at)).where(
-                    LimitEvent.kind == limit.kind, LimitEvent.key == limit.key
+                    LimitEvent.kind == limit.kind, LimitEvent.key == key
                 )
             )
         ).one()
@@ -74,11 +77,18 @@ async def take(
             raise LimitReachedError(limit, max(1, math.ceil(oldest + WINDOW - now)))
     await connection.execute(
         insert(LimitEvent),
-        [{"kind": limit.kind, "key": limit.key, "at": now} for limit in limits],
+        [
+            {"kind": limit.kind, "key": key, "at": now}
+            for limit, key in zip(limits, keys, strict=True)
+        ],
     )
 
 
-async def _lock(connection: AsyncConnection, limits: Sequence[Limit]) -> None:
+def _digest(limit: Limit) -> str:
+    return hashlib.sha256(limit.key.encode("utf-8")).hexdigest()
+
+
+async def _lock(connection: AsyncConnection, keys: Sequence[str]) -> None:
     if connection.dialect.name == "sqlite":
         # The database's one write lock, taken before reading (a plain BEGIN
         # would let two processes count at once); busy_timeout waits for it.
@@ -86,7 +96,7 @@ async def _lock(connection: AsyncConnection, limits: Sequence[Limit]) -> None:
         return
     # One lock per key, in a fixed order so that two requests never wait on
     # each other; released by the commit or rollback.
-    for name in sorted({f"quartmail.app.limit:{limit.kind}:{limit.key}" for limit in limits}):
+    for name in sorted({f"quartmail.app.limit:{key}" for key in keys}):
         await connection.execute(
             text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name}
         )

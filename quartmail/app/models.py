@@ -47,7 +47,8 @@ class LimitEvent(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
-    key: Mapped[str] = mapped_column(String(EMAIL_MAX))
+    # The SHA-256 of the address or client, in hex: no address is kept here.
+    key: Mapped[str] = mapped_column(String(64))
     # Seconds since the epoch: the same on every database, with no time zone.
     at: Mapped[float] = mapped_column(Float, index=True)
 
