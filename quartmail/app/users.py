@@ -29,6 +29,7 @@ __all__ = [
     "get_user",
     "resend_confirmation",
     "sign_up",
+    "to_confirm",
 ]
 
 # Far more than any address (EMAIL_MAX): longer input is refused before it is parsed.
@@ -171,14 +172,26 @@ async def confirm(token: str) -> User:
     """Mark the address in *token* confirmed (again: no change) and return its
     user; :class:`~quartmail.app.confirm.ConfirmTokenError` for a token that
     is not valid, has expired, or names a user or address no longer stored."""
-    confirmation = ConfirmTokens(current_app.config).check(token)
     async with Database.session() as session:
-        user = await get_user(confirmation.user_id, session)
-        if user is None or user.email != confirmation.email:
-            raise ConfirmTokenError("This confirmation link is not valid.")
+        user = await _user_of(session, token)
         if user.confirmed_at is None:
             user.confirmed_at = datetime.now(UTC)
             await session.commit()
+    return user
+
+
+async def to_confirm(token: str) -> User:
+    """The user whose address *token* would confirm, changing nothing; raises as :func:`confirm`."""
+    async with Database.session() as session:
+        return await _user_of(session, token)
+
+
+async def _user_of(session: AsyncSession, token: str) -> User:
+    confirmation = ConfirmTokens(current_app.config).check(token)
+    user = await get_user(confirmation.user_id, session)
+    # The address may have changed since the mail was sent (or the user gone).
+    if user is None or user.email != confirmation.email:
+        raise ConfirmTokenError("This confirmation link is not valid.")
     return user
 
 

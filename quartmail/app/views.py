@@ -3,13 +3,13 @@ address) and greets the visitor; the pages that confirm an address."""
 
 from __future__ import annotations
 
-from quart import Blueprint, current_app, redirect, render_template, request, session, url_for
+from quart import Blueprint, redirect, render_template, request, session, url_for
 from quart.typing import ResponseReturnValue
 from quart_schema import hide
 
-from .confirm import ConfirmTokenError, ConfirmTokens
+from .confirm import ConfirmTokenError
 from .csrf import check_csrf
-from .users import clean_email, clean_name, confirm, get_user, resend_confirmation, sign_up
+from .users import clean_email, clean_name, confirm, resend_confirmation, sign_up, to_confirm
 
 __all__ = ["main"]
 
@@ -53,13 +53,10 @@ async def sign_up_form() -> ResponseReturnValue:
 async def confirm_page(token: str) -> ResponseReturnValue:
     # Mail scanners open every link in a mail: this page only asks.
     try:
-        confirmation = ConfirmTokens(current_app.config).check(token)
+        user = await to_confirm(token)
     except ConfirmTokenError as error:
         return await _token_error(error)
-    user = await get_user(confirmation.user_id)
-    if user is None or user.email != confirmation.email:
-        return await _token_error(ConfirmTokenError("This confirmation link is not valid."))
-    page = await render_template("confirm.html", user=user, email=confirmation.email, done=False)
+    page = await render_template("confirm.html", user=user, email=user.email, done=False)
     return page, 200, _TOKEN_PAGE_HEADERS
 
 
