@@ -759,7 +759,7 @@ async def test_cli_create_db_migrates_the_schema(tmp_path: Path, database_url: s
     database = tmp_path / "app.db"
     code, out, err = await run_quart(tmp_path, "create-db", DATABASE_URL=database_url)
     assert code == 0, err
-    assert "app0001 (head)" in out and str(database) in out
+    assert "app0002 (head)" in out and str(database) in out
     assert "users" in sqlite_tables(database)
 
 

@@ -1,6 +1,7 @@
 """The sign-up page in a real headless Chromium, driven by Playwright, against the development
 app served by the real Hypercorn: sign up, be greeted, find the administrator's mail in the
-development inbox and read it.
+development inbox and read it; sign up with an address, find its confirmation mail, follow
+the link and confirm.
 
 Chromium is Debian's (/usr/bin/chromium; .ci/run installs it); Playwright's own browser download
 is never used. Without Chromium the test is skipped.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from conftest import serve_app
 CHROMIUM = Path("/usr/bin/chromium")
 APP_SPEC = "quartmail.app:create_app('development')"
 SUBJECT = "[Flasky] New User"
+CONFIRM_SUBJECT = "[Flasky] Confirm Your Address"
 NAME = "Ada Lovelace"
 
 # Playwright adds its own automation flags; these are the ones a root user on a closed network
@@ -46,10 +49,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-async def open_inbox_when_mail_arrives(page: Page, url: str) -> None:
-    """Open the development inbox, reloading until the admin's mail is listed: it is sent
-    in the background, so it may arrive just after the greeting."""
-    link = page.get_by_role("link", name=SUBJECT)
+async def open_inbox_when_mail_arrives(page: Page, url: str, subject: str = SUBJECT) -> None:
+    """Open the development inbox, reloading until the mail with *subject* is listed: it is
+    sent in the background, so it may arrive just after the greeting."""
+    link = page.get_by_role("link", name=subject)
     async with asyncio.timeout(TIMEOUT_MS / 1000):
         while True:
             await page.goto(url)
@@ -112,3 +115,51 @@ async def test_sign_up_and_read_the_admin_mail_in_chromium(tmp_path: Path) -> No
     png = screenshot.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(png) > 1000
+
+
+async def test_sign_up_with_an_address_and_confirm_it_in_chromium(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"}
+    address = "ada@example.com"
+
+    async with serve_app(APP_SPEC, env, tmp_path) as served, async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            expect.set_options(timeout=TIMEOUT_MS)
+
+            await page.goto(f"{served.url}/")
+            await page.get_by_label("What is your name?").fill(NAME)
+            await page.get_by_label("Your e-mail address (optional)").fill(address)
+            await page.get_by_role("button", name="Submit").click()
+            await expect(page.get_by_role("heading", level=1)).to_have_text(f"Hello, {NAME}!")
+            await expect(page.get_by_role("status")).to_contain_text(
+                f"We have sent a confirmation link to {address}"
+            )
+
+            await open_inbox_when_mail_arrives(page, f"{served.url}/dev/inbox/", CONFIRM_SUBJECT)
+            row = page.get_by_role("row").filter(has=page.get_by_role("link", name=CONFIRM_SUBJECT))
+            await expect(row).to_contain_text(address)
+            await row.get_by_role("link", name=CONFIRM_SUBJECT).click()
+            await expect(page.get_by_role("heading", level=1)).to_have_text(CONFIRM_SUBJECT)
+            plain = await page.locator("pre").inner_text()
+            [link] = re.findall(r"http://\S+/confirm/\S+", plain)
+            assert link.startswith(f"{served.url}/confirm/")
+
+            # Following the link shows a button; only pressing it confirms.
+            await page.goto(link)
+            await expect(page.get_by_role("heading", level=1)).to_have_text("Confirm your address")
+            await expect(page.get_by_text(f"Is {address} the address of {NAME}?")).to_be_visible()
+            await page.get_by_role("button", name="Confirm").click()
+            await expect(page.get_by_role("heading", level=1)).to_have_text("Address confirmed")
+            await expect(page.get_by_text(f"{address} is confirmed")).to_be_visible()
+        finally:
+            await browser.close()
+
+        served.terminate()
+        assert await served.wait(STOP_TIMEOUT) == 0, served.stderr
+
+    assert "Traceback" not in served.stderr, served.stderr
+    assert f"to {address}: '{CONFIRM_SUBJECT}'" in served.stderr

@@ -50,7 +50,8 @@ from conftest import REPO_ROOT, SENDER, clean_environment, empty_database, postg
 
 # quartmail's newest revision: the head of its branch, beside the app's.
 LIBRARY_HEAD = library.RATE_LIMIT
-HEADS = {"app0001", LIBRARY_HEAD}
+APP_HEAD = "app0002"
+HEADS = {APP_HEAD, LIBRARY_HEAD}
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgresql"])
@@ -193,17 +194,17 @@ async def test_upgrade_from_the_schema_before_claimed_by_keeps_and_sends_a_queue
 async def test_downgrade_and_upgrade_again(engine: AsyncEngine) -> None:
     await migrations.upgrade(engine)
     assert await migrations.downgrade(engine, f"{library.BRANCH}@-1") == {
-        "app0001",
+        APP_HEAD,
         library.SUPPRESSION,
     }
     async with engine.connect() as connection:
         assert "mail_rate_limit" not in await connection.run_sync(tables)
-    assert await migrations.downgrade(engine, f"{library.BRANCH}@-1") == {"app0001", "qm0002"}
+    assert await migrations.downgrade(engine, f"{library.BRANCH}@-1") == {APP_HEAD, "qm0002"}
     async with engine.connect() as connection:
         assert "transactional" not in await connection.run_sync(columns, "mail_outbox")
         assert "mail_suppression" not in await connection.run_sync(tables)
     assert await migrations.downgrade(engine, f"{library.BRANCH}@{library.BASELINE}") == {
-        "app0001",
+        APP_HEAD,
         library.BASELINE,
     }
     async with engine.connect() as connection:
@@ -233,7 +234,7 @@ async def test_start_up_refuses_a_database_behind_and_names_the_command(
     app = create_app("testing", DATABASE_URL=database_url)
     said = await refusal(app)
     assert migrations.UPGRADE_COMMAND in said and "older than the code" in said
-    assert await migrations.current(engine) == {"app0001", library.BASELINE}  # untouched
+    assert await migrations.current(engine) == {APP_HEAD, library.BASELINE}  # untouched
 
 
 async def test_start_up_refuses_an_unversioned_database(
@@ -299,7 +300,7 @@ async def test_db_commands(tmp_path: Path, database_url: str, engine: AsyncEngin
 
     code, out = await quart(tmp_path, database_url, "db", "upgrade")
     assert code == 0, out
-    assert "app0001 (head)" in out and f"{LIBRARY_HEAD} (head)" in out
+    assert f"{APP_HEAD} (head)" in out and f"{LIBRARY_HEAD} (head)" in out
     assert await migrations.current(engine) == HEADS
 
     code, out = await quart(tmp_path, database_url, "db", "downgrade", "quartmail@qm0001")

@@ -16,7 +16,7 @@ from jinja2 import StrictUndefined
 from quart import Quart, render_template, request
 from quart.logging import default_handler
 from quart.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, TooManyRequests
 
 from .._extras import missing_extra
 from ..unsubscribe import UnsubscribeTokens, unsubscribe_blueprint
@@ -26,11 +26,12 @@ try:
 
     from .api import JSONErrorsRequest, api
     from .cli import register_commands
-    from .config import CONFIGS, config_values, from_environment
+    from .config import CONFIGS, check_settings, config_values, from_environment
     from .csrf import csrf_token
     from .db import Database
     from .email import unsubscribed
     from .extensions import mail, schema
+    from .limits import LimitReachedError
     from .views import main
     from .workers import keep_draining_on_sigterm
 except ModuleNotFoundError as error:
@@ -55,6 +56,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     app.config.from_mapping(from_environment())
     app.config.from_mapping(overrides)
     config_class.init_app(app)
+    check_settings(app)
     _configure_logging(app)
     # A misspelt variable in a template is an error, not an empty string.
     app.jinja_options = {**app.jinja_options, "undefined": StrictUndefined}
@@ -88,6 +90,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
 
         app.register_blueprint(metrics)
     app.register_error_handler(HTTPException, _error_page)
+    app.register_error_handler(LimitReachedError, _limit_reached)
     register_commands(app)
     keep_draining_on_sigterm(app)
     if app.config["GC_FREEZE"]:
@@ -124,6 +127,18 @@ def _templates_folder() -> str:
     package = Path(__file__).resolve().parent.parent
     packaged = package / "templates"
     return str(packaged if packaged.is_dir() else package.parent / "templates")
+
+
+async def _limit_reached(error: LimitReachedError) -> ResponseReturnValue:
+    # The form's page and the API's JSON alike: 429, and when to try again.
+    if error.limit.kind == "address":
+        text = "Too many confirmation mails have gone to this address in the last hour."
+    else:
+        text = "Too many sign-ups with an address have come from your network in the last hour."
+    minutes = -(-error.retry_after // 60)
+    unit = "minute" if minutes == 1 else "minutes"
+    description = f"{text} Nothing was sent. Please try again in {minutes} {unit}."
+    return await _error_page(TooManyRequests(description, retry_after=error.retry_after))
 
 
 async def _error_page(error: HTTPException) -> ResponseReturnValue:

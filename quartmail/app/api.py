@@ -1,4 +1,5 @@
-"""The JSON API: sign up and look up users (quart-schema, OpenAPI at /openapi.json)."""
+"""The JSON API: sign up, confirm an address and look up users (quart-schema,
+OpenAPI at /openapi.json)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from quart import Blueprint, Request, request
 from quart_schema import RequestSchemaValidationError, tag, validate_request, validate_response
-from werkzeug.exceptions import BadRequest, HTTPException, NotFound, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, Gone, HTTPException, NotFound, UnsupportedMediaType
 
-from .users import clean_name, get_user, sign_up
+from .confirm import ConfirmTokenError
+from .users import clean_email, clean_name, confirm, get_user, resend_confirmation, sign_up
 
 __all__ = ["JSONErrorsRequest", "api"]
 
 api = Blueprint("api", __name__, url_prefix="/api")
+
+RESENT = (
+    "If a sign-up with this address is waiting to be confirmed, "
+    "a new confirmation mail is on its way."
+)
 
 
 class JSONErrorsRequest(Request):
@@ -62,11 +69,35 @@ async def require_json() -> tuple[dict[str, Any], int] | None:
 
 
 class NewUser(BaseModel):
-    """A sign-up: the visitor's name, 1 to 64 characters once trimmed."""
+    """A sign-up: the visitor's name, 1 to 64 characters once trimmed, and
+    optionally an e-mail address to confirm (at most 254 characters)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Annotated[str, AfterValidator(clean_name)]
+    email: Annotated[str, AfterValidator(clean_email)] | None = None
+
+
+class Resend(BaseModel):
+    """The address a confirmation mail should be sent to again."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    email: Annotated[str, AfterValidator(clean_email)]
+
+
+class Token(BaseModel):
+    """A confirmation token, from the link in the confirmation mail."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    token: str
+
+
+class Accepted(BaseModel):
+    """What happens next."""
+
+    message: str
 
 
 class UserOut(BaseModel):
@@ -89,10 +120,50 @@ class Error(BaseModel):
 @validate_response(UserOut, 201)
 @validate_response(UserOut, 200)
 @validate_response(Error, 422)
+@validate_response(Error, 429)
 async def create_user(data: NewUser) -> tuple[UserOut, int]:
-    """Sign up: 201 and a mail to the administrator for a new name, 200 for a known one."""
-    user, created = await sign_up(data.name)
+    """Sign up: 201 and a mail to the administrator for a new name, 200 for a known one.
+
+    With an ``email``, a new user is also sent a confirmation mail; the answer
+    does not say whether anyone else gave that address. 429 when the address
+    had 3 confirmation mails, or the client 20 sign-ups with an address, in
+    the last hour (the settings' defaults): nothing is stored or sent.
+    """
+    user, created = await sign_up(data.name, data.email)
     return UserOut(id=user.id, name=user.username), 201 if created else 200
+
+
+@api.post("/confirm")
+@tag(["users"])
+@validate_request(Token)
+@validate_response(UserOut, 200)
+@validate_response(Error, 400)
+@validate_response(Error, 410)
+@validate_response(Error, 422)
+async def confirm_address(data: Token) -> UserOut:
+    """Confirm the address a confirmation token was mailed to: 200 and the
+    user (again for a confirmed one), 400 for a token that is not valid, 410
+    for an expired one."""
+    try:
+        user = await confirm(data.token)
+    except ConfirmTokenError as error:
+        if error.expired:
+            raise Gone(str(error)) from None
+        raise BadRequest(str(error)) from None
+    return UserOut(id=user.id, name=user.username)
+
+
+@api.post("/confirm/resend")
+@tag(["users"])
+@validate_request(Resend)
+@validate_response(Accepted, 202)
+@validate_response(Error, 422)
+@validate_response(Error, 429)
+async def resend(data: Resend) -> tuple[Accepted, int]:
+    """Send a new confirmation mail: 202 whether or not a sign-up waits on the
+    address (the answer tells a stranger nothing), 429 past the limits."""
+    await resend_confirmation(data.email)
+    return Accepted(message=RESENT), 202
 
 
 @api.get("/users/<int:user_id>")

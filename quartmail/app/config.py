@@ -13,7 +13,9 @@ from typing import Any
 
 from quart import Quart
 
-__all__ = ["CONFIGS", "ENVIRONMENT_KEYS", "Config", "from_environment"]
+from quartmail import ConfigError
+
+__all__ = ["CONFIGS", "ENVIRONMENT_KEYS", "Config", "check_settings", "from_environment"]
 
 # The settings the app takes from the environment, by their own names (as in
 # Flasky: MAIL_USERNAME=... MAIL_PASSWORD=... quart run).
@@ -23,6 +25,10 @@ ENVIRONMENT_KEYS = (
     "FLASKY_ADMIN",
     "FLASKY_MAIL_SUBJECT_PREFIX",
     "FLASKY_MAIL_SENDER",
+    "FLASKY_CONFIRM_MAX_AGE",
+    "FLASKY_CONFIRM_MAILS_PER_HOUR",
+    "FLASKY_SIGNUPS_PER_HOUR",
+    "FLASKY_TRUSTED_PROXIES",
     "MAIL_SERVER",
     "MAIL_PORT",
     "MAIL_USE_TLS",
@@ -74,6 +80,15 @@ class Config:
     FLASKY_MAIL_SUBJECT_PREFIX = "[Flasky] "
     FLASKY_MAIL_SENDER = "Flasky Admin <flasky@example.com>"
     DATABASE_URL: str | None = None  # default: an SQLite file in the instance folder
+    # How long a mailed confirmation link works, in seconds (a day).
+    FLASKY_CONFIRM_MAX_AGE = 86400
+    # The abuse limits (quartmail/app/limits.py): confirmation mails to one
+    # address, and sign-ups with an address (or resends) from one client, per hour.
+    FLASKY_CONFIRM_MAILS_PER_HOUR = 3
+    FLASKY_SIGNUPS_PER_HOUR = 20
+    # How many proxies in front of the app append to X-Forwarded-For; 0: the
+    # client is the peer of the connection (request.remote_addr).
+    FLASKY_TRUSTED_PROXIES = 0
     # quartmail's development inbox (MAIL_DEV_INBOX) catches mail when no MAIL_SERVER is set.
     DEV_SMTP_SERVER = False
     # A sign-up's form and JSON bodies are tiny.
@@ -121,6 +136,31 @@ class ProductionConfig(Config):
                 f"production needs {' and '.join(missing)}: set "
                 f"{'them' if len(missing) > 1 else 'it'} in the environment"
             )
+
+
+# The app's own numeric settings, and the least each may be.
+_COUNTS = {
+    "FLASKY_CONFIRM_MAX_AGE": 1,
+    "FLASKY_CONFIRM_MAILS_PER_HOUR": 1,
+    "FLASKY_SIGNUPS_PER_HOUR": 1,
+    "FLASKY_TRUSTED_PROXIES": 0,
+}
+
+
+def check_settings(app: Quart) -> None:
+    """Parse the app's numeric settings (the environment gives strings) in
+    place; :class:`~quartmail.ConfigError` names a bad one."""
+    for key, least in _COUNTS.items():
+        value = app.config[key]
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise ValueError
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a whole number, not {value!r}") from None
+        if number < least:
+            raise ConfigError(f"{key} must be at least {least}, not {number}")
+        app.config[key] = number
 
 
 CONFIGS: dict[str, type[Config]] = {

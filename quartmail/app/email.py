@@ -9,7 +9,7 @@ from typing import Any
 from quart import current_app, render_template
 
 from quartmail import Message, SendResult
-from quartmail.unsubscribe import UnsubscribeTokens, list_unsubscribe_headers, unsubscribe_url
+from quartmail.unsubscribe import UnsubscribeTokens, unsubscribe_url
 
 from .extensions import mail
 
@@ -33,17 +33,17 @@ async def render_email(
     (RFC 8058) from that list for *to*: see :func:`unsubscribed`.
     """
     config = current_app.config
-    headers: dict[str, str] = {}
+    unsubscribe = None
     if unsubscribe_list is not None:
         tokens: UnsubscribeTokens = current_app.extensions["unsubscribe_tokens"]
-        headers.update(list_unsubscribe_headers(unsubscribe_url(tokens, to, unsubscribe_list)))
+        unsubscribe = unsubscribe_url(tokens, to, unsubscribe_list)
     return Message(
         config["FLASKY_MAIL_SUBJECT_PREFIX"] + subject,
         sender=config["FLASKY_MAIL_SENDER"],
         recipients=[to],
         body=await render_template(template + ".txt", **kwargs),
         html=await render_template(template + ".html", **kwargs),
-        extra_headers=headers,
+        list_unsubscribe=unsubscribe,
     )
 
 

@@ -168,7 +168,8 @@ def _adopt(connection: Connection) -> None:
     tables = set(database.get_table_names())
     stamps = []
     if "users" in tables:
-        stamps.append("app0001")
+        users = {column["name"] for column in database.get_columns("users")}
+        stamps.append("app0002" if "email" in users and "limit_events" in tables else "app0001")
     if "mail_outbox" in tables:
         columns = {column["name"] for column in database.get_columns("mail_outbox")}
         if "mail_rate_limit" in tables:
