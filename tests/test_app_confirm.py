@@ -27,10 +27,11 @@ from quart.typing import TestClientProtocol as Client
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from quartmail import ConfigError
+from quartmail import ConfigError, SuppressedError, email_failed
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.confirm import SALT, ConfirmTokens
+from quartmail.app.extensions import mail
 from quartmail.app.limits import WINDOW, Limit, LimitReachedError, address_key, client_key, take
 from quartmail.app.models import User
 from quartmail.testing import ReceivedMessage, SMTPTestServer
@@ -596,3 +597,30 @@ async def test_openapi_describes_the_address_and_the_confirm_endpoints(client: C
     assert {"202", "422", "429"} <= set(paths["/api/confirm/resend"]["post"]["responses"])
     # The HTML pages are not part of the API.
     assert not any(path.startswith("/confirm") for path in paths)
+
+
+@pytest.mark.parametrize("outbox", [False, True], ids=["background", "outbox"])
+async def test_an_address_on_the_suppression_list_gets_no_mail(
+    smtp_server: SMTPTestServer, database_url: str, outbox: bool
+) -> None:
+    # The sign-up answers as for any address (no leak); the administrator is told;
+    # the confirmation is left out by the library (email_failed with SuppressedError).
+    app = make_app(smtp_server, database_url, MAIL_OUTBOX=outbox)
+    left_out = asyncio.Event()
+
+    async def on_failed(sender: Quart, message: Any, error: Exception) -> None:
+        if isinstance(error, SuppressedError) and "bounced@example.com" in error.suppressed:
+            left_out.set()
+
+    async with app.test_app() as test_app:
+        async with app.app_context():
+            await mail.suppression.add("bounced@example.com", "bounce", "550 5.1.1 in a test")
+        with email_failed.connected_to(on_failed, sender=app):
+            response = await sign_up_api(test_app.test_client(), "Ann", "bounced@example.com")
+            assert response.status_code == 201
+            await smtp_server.wait_for_messages(1, timeout=WITHIN)
+            async with asyncio.timeout(WITHIN):
+                await left_out.wait()
+    assert len(admin_mails(smtp_server)) == 1
+    assert confirmations(smtp_server) == []
+    assert all("bounced@example.com" not in m.rcpt_tos for m in smtp_server.messages)
