@@ -2,7 +2,8 @@
 
 ``create_app(config_name="development", **overrides)`` builds a fresh app:
 the config class, then the environment, then *overrides*, which win. Serve it
-with ``hypercorn -c hypercorn.toml "quartmail.app:create_app()"``.
+with ``python -m quartmail.app -c hypercorn.toml`` (one worker per core; see
+:mod:`quartmail.app.launcher`) or ``hypercorn -c hypercorn.toml "quartmail.app:create_app()"``.
 """
 
 from __future__ import annotations
