@@ -13,6 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from flask.templating import (
+    _default_template_ctx_processor as flask_default_context_processor,
+)
 from jinja2 import StrictUndefined
 from quart import Quart, render_template, request
 from quart.logging import default_handler
@@ -70,10 +73,20 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     app.register_blueprint(api)
     app.register_error_handler(HTTPException, _error_page)
     register_commands(app)
+    _drop_flasks_context_processor(app)
     keep_draining_on_sigterm(app)
     if app.config["GC_FREEZE"]:
         app.before_serving(_freeze_startup_objects)
     return app
+
+
+def _drop_flasks_context_processor(app: Quart) -> None:
+    # Each blueprint (Flask's sansio Blueprint under Quart's) carries Flask's own default
+    # context processor. It is sync, so Quart runs it in a thread on every render (a
+    # sign-up renders two templates), and finds no Flask context there: it adds nothing.
+    # Quart's own (async) one, for the whole app, still adds g, request and session.
+    for processors in app.template_context_processors.values():
+        processors[:] = [p for p in processors if p is not flask_default_context_processor]
 
 
 async def _freeze_startup_objects() -> None:
