@@ -6,13 +6,29 @@ real SMTP test server; the drain across SIGTERM with two workers is in test_e2e.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+from hypercorn.utils import NoAppError
 
-from quartmail.app.launcher import main
+from quartmail.app.launcher import (
+    APPLICATION_VARIABLE,
+    FAILED_START_VARIABLE,
+    FailedStartRecorder,
+    main,
+    worker_app,
+)
 from quartmail.testing import SMTPServerFactory
 
 from conftest import REPO_ROOT, clean_environment, serve_app
@@ -111,3 +127,43 @@ async def test_several_workers_with_the_development_inbox_is_refused() -> None:
 def test_an_app_that_cannot_be_loaded_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--bind", "127.0.0.1:0", "quartmail.app:no_such_factory()"]) == 1
     assert "quartmail.app:no_such_factory() failed to load" in capsys.readouterr().err
+
+
+def test_a_worker_whose_app_cannot_be_loaded_records_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed = tmp_path / "failed-start"
+    monkeypatch.setenv(APPLICATION_VARIABLE, "quartmail.app:no_such_factory()")
+    monkeypatch.setenv(FAILED_START_VARIABLE, str(failed))
+
+    with pytest.raises(NoAppError):
+        worker_app()
+    assert failed.read_text() == f"{os.getpid()}\n"
+
+
+async def test_an_app_that_raises_in_its_start_up_records_a_failed_start(tmp_path: Path) -> None:
+    """An ASGI app may raise instead of sending ``lifespan.startup.failed``; requests pass
+    through untouched."""
+    failed = tmp_path / "failed-start"
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        seen.append(scope["type"])
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no database")
+
+    recorder = FailedStartRecorder(app, failed)
+
+    async def receive() -> ASGIReceiveEvent:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: ASGISendEvent) -> None:
+        raise AssertionError(f"nothing is sent: {message}")
+
+    http = cast(Scope, {"type": "http"})  # only its type is read
+    await recorder(http, receive, send)
+    assert not failed.exists()
+    with pytest.raises(RuntimeError, match="no database"):
+        await recorder(cast(Scope, {"type": "lifespan"}), receive, send)
+    assert failed.exists()
+    assert seen == ["http", "lifespan"]
