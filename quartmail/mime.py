@@ -127,7 +127,8 @@ def boundary_intact(data: bytes, boundary: str, parts: int) -> bool:
 
 
 def _printable(value: str) -> bool:
-    return all(" " <= char <= "~" for char in value)
+    # " " to "~": for ASCII text, exactly what isprintable() accepts (in C, not a loop here).
+    return value.isascii() and value.isprintable()
 
 
 def _fold_words(prefix: str, words: list[str]) -> bytes | None:

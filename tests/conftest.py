@@ -267,12 +267,14 @@ async def serve_app(
     ready_timeout: float = 20.0,
     workers: int | None = None,
     worker_class: str | None = None,
+    launcher: bool = False,
 ) -> AsyncIterator[ServedApp]:
     """Serve *app_spec* with ``python -m hypercorn -c hypercorn.toml`` from the repository root
     on a free loopback port, its environment the test's minus the app's settings, plus *env*.
 
     *workers* and *worker_class* override hypercorn.toml's (``--workers``,
-    ``--worker-class``). Yields once the app has
+    ``--worker-class``). *launcher* serves it with ``python -m quartmail.app -c hypercorn.toml``
+    instead (give it *workers*: its default is one per core). Yields once the app has
     started in every worker (each logs "Running on" after the app's start-up; they share the
     main process's socket, so all name one port) and the port accepts connections; fails with
     Hypercorn's stderr if it exits first or does not get there within *ready_timeout* seconds.
@@ -287,7 +289,7 @@ async def serve_app(
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "hypercorn",
+            "quartmail.app" if launcher else "hypercorn",
             "-c",
             "hypercorn.toml",
             # Port 0: the kernel picks a free port, which Hypercorn holds from the start

@@ -121,16 +121,27 @@ async def test_api_signup_mail_is_delivered_across_sigterm(
 
 
 @pytest.mark.parametrize(
-    ("whole_group", "worker_class"),
-    [(False, "asyncio"), (True, "asyncio"), (False, "uvloop")],
-    ids=["main-process", "whole-group", "uvloop"],
+    ("whole_group", "worker_class", "launcher"),
+    [
+        (False, "asyncio", False),
+        (True, "asyncio", False),
+        (False, "uvloop", False),
+        (False, "asyncio", True),
+        (True, "uvloop", True),
+    ],
+    ids=["main-process", "whole-group", "uvloop", "launcher", "launcher-whole-group-uvloop"],
 )
 async def test_every_worker_drains_its_mail_across_sigterm(
-    smtp_server_factory: SMTPServerFactory, tmp_path: Path, whole_group: bool, worker_class: str
+    smtp_server_factory: SMTPServerFactory,
+    tmp_path: Path,
+    whole_group: bool,
+    worker_class: str,
+    launcher: bool,
 ) -> None:
     """With two Hypercorn workers, SIGTERM to the main process (Kubernetes, docker stop)
     or to every process at once (systemd) lets each worker deliver the mail it holds
-    (app/workers.py), and Hypercorn exits 0; on asyncio's loop and on uvloop's.
+    (app/workers.py), and Hypercorn exits 0; on asyncio's loop and on uvloop's, served by
+    ``hypercorn`` or by ``python -m quartmail.app``.
 
     Which worker accepts a connection is the kernel's choice (an idle worker may take them
     all), so the test tries to get mail in flight in both, but needs it in one only: without
@@ -154,7 +165,9 @@ async def test_every_worker_drains_its_mail_across_sigterm(
         response = await client.post("/api/users", json={"name": name})
         assert response.status_code == 201, response.text
 
-    async with serve_app(APP_SPEC, env, tmp_path, workers=2, worker_class=worker_class) as served:
+    async with serve_app(
+        APP_SPEC, env, tmp_path, workers=2, worker_class=worker_class, launcher=launcher
+    ) as served:
         # Both workers accept from the one socket; while one is busy with a sign-up the
         # other takes the next connection. Sign up SIGN_UP_BURST at once, each on its own
         # connection, until each worker has a mail on the wire.
@@ -248,8 +261,9 @@ def form_inputs(html: str) -> dict[str, str]:
     return parser.values
 
 
+@pytest.mark.parametrize("command", ["hypercorn", "quartmail.app"])
 async def test_production_without_its_settings_fails_to_start_with_an_error_code(
-    tmp_path: Path,
+    tmp_path: Path, command: str
 ) -> None:
     """A process manager (systemd, Kubernetes) must see the failure: a non-zero exit."""
     env = {
@@ -260,7 +274,7 @@ async def test_production_without_its_settings_fails_to_start_with_an_error_code
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "hypercorn",
+        command,
         "-c",
         "hypercorn.toml",
         "--bind",

@@ -2,7 +2,8 @@
 
 ``create_app(config_name="development", **overrides)`` builds a fresh app:
 the config class, then the environment, then *overrides*, which win. Serve it
-with ``hypercorn -c hypercorn.toml "quartmail.app:create_app()"``.
+with ``python -m quartmail.app -c hypercorn.toml`` (one worker per core; see
+:mod:`quartmail.app.launcher`) or ``hypercorn -c hypercorn.toml "quartmail.app:create_app()"``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from flask.templating import (
+    _default_template_ctx_processor as flask_default_context_processor,
+)
 from jinja2 import StrictUndefined
 from quart import Quart, render_template, request
 from quart.logging import default_handler
@@ -92,6 +96,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
     app.register_error_handler(HTTPException, _error_page)
     app.register_error_handler(LimitReachedError, _limit_reached)
     register_commands(app)
+    _drop_flasks_context_processor(app)
     keep_draining_on_sigterm(app)
     if app.config["GC_FREEZE"]:
         app.before_serving(_freeze_startup_objects)
@@ -100,6 +105,15 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
 
 async def _prepare_database() -> None:
     await Database.of().prepare()
+
+
+def _drop_flasks_context_processor(app: Quart) -> None:
+    # Each blueprint (Flask's sansio Blueprint under Quart's) carries Flask's own default
+    # context processor. It is sync, so Quart runs it in a thread on every render (a
+    # sign-up renders two templates), and finds no Flask context there: it adds nothing.
+    # Quart's own (async) one, for the whole app, still adds g, request and session.
+    for processors in app.template_context_processors.values():
+        processors[:] = [p for p in processors if p is not flask_default_context_processor]
 
 
 async def _freeze_startup_objects() -> None:

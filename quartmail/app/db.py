@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
 from . import migrations
 
@@ -42,7 +43,11 @@ def _create_engine(url: str) -> AsyncEngine:
     # with "database is locked". One connection makes the app's requests take
     # turns in order instead; WAL lets other processes (a CLI command) read
     # meanwhile, and synchronous=NORMAL is what WAL needs to stay safe.
-    engine = create_async_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+    # pool_reset_on_return=None with the "reset" hook below: a rollback only when a
+    # transaction is open, not after every commit (each is a trip to aiosqlite's thread).
+    engine = create_async_engine(
+        url, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _pragmas(connection: Any, _: object) -> None:
@@ -51,6 +56,18 @@ def _create_engine(url: str) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _rollback_if_open(
+        connection: Any, record: ConnectionPoolEntry, state: PoolResetState
+    ) -> None:
+        # SQLAlchemy's Connection ends its transaction before it gives the connection back,
+        # so this rolls back only what was left open some other way. Outside the event
+        # loop's context (a connection collected as garbage) it cannot await: SQLAlchemy
+        # then discards the connection.
+        driver = record.driver_connection
+        if state.asyncio_safe and driver is not None and driver.in_transaction:
+            connection.rollback()
 
     return engine
 
