@@ -31,6 +31,8 @@ from sqlalchemy.pool import NullPool
 from quartmail import migrations as library
 from quartmail.errors import SchemaError
 
+from ..sqlite import use_wal
+
 __all__ = ["UPGRADE_COMMAND", "current", "downgrade", "heads", "prepare", "upgrade"]
 
 UPGRADE_COMMAND = 'quart --app "quartmail.app:create_app()" db upgrade'
@@ -128,6 +130,7 @@ async def _locked(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         connection.isolation_level = None
         cursor = connection.cursor()
         cursor.execute("PRAGMA busy_timeout=60000")  # wait for another process's migration
+        use_wal(cursor)  # before anyone holds the lock: see use_wal
         cursor.close()
 
     @event.listens_for(immediate.sync_engine, "begin")
