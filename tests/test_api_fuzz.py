@@ -24,13 +24,12 @@ from quart import Response
 from quart.testing import QuartClient
 from schemathesis import Case
 from schemathesis.generation import GenerationMode
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.testing import SMTPTestServer
 
-from conftest import empty_database, postgres_url
+from conftest import empty_database_url
 
 ADMIN = "admin@example.com"
 SEED = 20261129
@@ -68,15 +67,7 @@ async def send(client: QuartClient, case: Case[Any]) -> Response:
 
 async def database_url(backend: str, tmp_path: Path) -> str:
     """An empty database: an SQLite file, or the test PostgreSQL without the app's tables."""
-    if backend == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/app.db"
-    url = await postgres_url()
-    engine = create_async_engine(url)
-    try:
-        await empty_database(engine)
-    finally:
-        await engine.dispose()
-    return url
+    return await empty_database_url(backend, tmp_path)
 
 
 # Both databases (their integer ranges differ) and both ways of sending the admin mail.

@@ -37,8 +37,6 @@ from quartmail.app.models import User
 from quartmail.testing import ReceivedMessage, SMTPTestServer
 from quartmail.unsubscribe import UnsubscribeTokens
 
-from conftest import empty_database, postgres_url
-
 ADMIN = "admin@example.com"
 CONFIRM_SUBJECT = "[Flasky] Confirm Your Address"
 SECRET = "testing-only-secret-key"  # the testing config's
@@ -50,20 +48,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No setting from the real environment leaks into an app."""
     for key in ENVIRONMENT_KEYS:
         monkeypatch.delenv(key, raising=False)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database: an SQLite file, or the test PostgreSQL without the app's tables."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/app.db"
-    url = await postgres_url()
-    engine = create_async_engine(url)
-    try:
-        await empty_database(engine)  # the app migrates it at start-up
-    finally:
-        await engine.dispose()
-    return url
 
 
 def make_app(server: SMTPTestServer, database_url: str, **overrides: Any) -> Quart:

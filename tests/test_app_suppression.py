@@ -9,16 +9,13 @@ stop, with the outbox and without, on SQLite and PostgreSQL. The commands run
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import pytest_asyncio
 from quart import Quart
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import create_async_engine
 from test_app import run_quart
 
 from quartmail import MailError, Message, SuppressedError, email_failed
@@ -27,8 +24,6 @@ from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.extensions import mail
 from quartmail.outbox import OutboxMessage
 from quartmail.testing import SMTPTestServer
-
-from conftest import empty_database, postgres_url
 
 ADMIN = "admin@example.com"
 
@@ -39,19 +34,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ENVIRONMENT_KEYS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("QUART_APP", raising=False)
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database: an SQLite file, or the tests' PostgreSQL without our tables."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/app.db"
-        return
-    url = await postgres_url()
-    engine = create_async_engine(url)
-    await empty_database(engine)
-    await engine.dispose()
-    yield url
 
 
 def make_app(server: SMTPTestServer, database_url: str, **overrides: Any) -> Quart:

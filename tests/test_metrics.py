@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -21,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY, CollectorRegistry
 from quart import Quart
 from sqlalchemy import update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from quartmail import ConfigError, Mail, Message, RecipientsRefusedError, SendError
 from quartmail.metrics import MailMetrics, error_labels
@@ -29,7 +28,7 @@ from quartmail.outbox import OutboxMessage, OutboxTable
 from quartmail.settings import MailSettings
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, MakeMail, empty_database, postgres_url
+from conftest import SENDER, MakeMail
 
 FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05, "MAIL_METRICS_INTERVAL": 0.05}
 ADDRESS = re.compile(r"[^\s@]+@[^\s@]+")
@@ -235,18 +234,6 @@ def test_a_partial_throttling_refusal_counts_as_recipients_refused(
 
 
 # --- the outbox ----------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path}/outbox.db"
-    else:
-        url = await postgres_url()
-    engine = create_async_engine(url)
-    await empty_database(engine)
-    yield engine
-    await engine.dispose()
 
 
 def outbox_app(engine: AsyncEngine, server: SMTPTestServer, **config: Any) -> tuple[Quart, Mail]:

@@ -11,13 +11,11 @@ import asyncio
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from quart import Quart
@@ -46,34 +44,12 @@ from quartmail.app.models import Base as AppBase
 from quartmail.outbox import OutboxBase, OutboxMessage
 from quartmail.testing import SMTPTestServer
 
-from conftest import REPO_ROOT, SENDER, clean_environment, empty_database, postgres_url
+from conftest import REPO_ROOT, SENDER, clean_environment
 
 # quartmail's newest revision: the head of its branch, beside the app's.
 LIBRARY_HEAD = library.RATE_LIMIT
 APP_HEAD = "app0002"
 HEADS = {APP_HEAD, LIBRARY_HEAD}
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """An empty database's URL: an SQLite file, or the test PostgreSQL emptied."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/app.db"
-        return
-    url = await postgres_url()
-    engine = create_async_engine(url)
-    try:
-        await empty_database(engine)
-    finally:
-        await engine.dispose()
-    yield url
-
-
-@pytest_asyncio.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_async_engine(database_url)
-    yield engine
-    await engine.dispose()
 
 
 def differences(connection: Connection) -> list[Any]:

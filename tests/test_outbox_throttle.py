@@ -8,7 +8,7 @@ import logging
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from test_outbox import engine, make_app, message, rows, wait_for  # noqa: F401 (a fixture)
+from test_outbox import make_app, message, rows, wait_for
 from test_throttle import IDS, THROTTLING, throttle_records
 
 from quartmail.testing import SMTPTestServer
@@ -16,7 +16,7 @@ from quartmail.testing import SMTPTestServer
 
 @pytest.mark.parametrize(("verb", "reply"), THROTTLING, ids=IDS)
 async def test_throttled_outbox_rows_are_all_sent_without_spending_attempts(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
     caplog: pytest.LogCaptureFixture,
     verb: str,
@@ -45,7 +45,7 @@ async def test_throttled_outbox_rows_are_all_sent_without_spending_attempts(
 
 
 async def test_an_outbox_row_that_stays_throttled_fails_at_the_delivery_timeout(
-    engine: AsyncEngine,  # noqa: F811
+    engine: AsyncEngine,
     smtp_server: SMTPTestServer,
 ) -> None:
     smtp_server.command_replies["MAIL"] = ["454 4.7.0 Throttling failure"] * 1000
@@ -61,7 +61,7 @@ async def test_an_outbox_row_that_stays_throttled_fails_at_the_delivery_timeout(
         async with asyncio.timeout(30):
             await wait_for(failed, within=30)
     [row] = await rows(engine)
-    assert (row.attempts, row.last_error_code) == (0, 454)
+    assert (row.attempts, row.last_error_code) == (0, 454), row.last_error
     assert row.last_error is not None
     assert "MAIL_DELIVERY_TIMEOUT" in row.last_error and "Throttling failure" in row.last_error
     assert len([c for c in smtp_server.commands if c.verb == "MAIL"]) > 2

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 from quart import Quart
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from quartmail import (
     Mail,
@@ -33,26 +32,13 @@ from quartmail.outbox import OutboxMessage
 from quartmail.suppression import SuppressionList, is_bounce, normalized
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, empty_database, postgres_url
+from conftest import SENDER
 
 FAST = {"MAIL_RETRY_DELAY": 0.02, "MAIL_OUTBOX_POLL": 0.05}
 DEAD = "dead@example.com"
 ALIVE = "alive@example.com"
 LEFT = "left@example.com"  # unsubscribed
 USER_UNKNOWN = "550 5.1.1 <dead@example.com>: Recipient address rejected: User unknown"
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    """An empty database on SQLite (a file) or PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path}/suppression.db"
-    else:
-        url = await postgres_url()
-    engine = create_async_engine(url)
-    await empty_database(engine)
-    yield engine
-    await engine.dispose()
 
 
 @pytest_asyncio.fixture
