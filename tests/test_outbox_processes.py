@@ -363,13 +363,20 @@ async def test_two_dispatchers_share_the_outbox_with_no_duplicate(
 
 
 async def run_dispatchers(
-    url: str, config: dict[str, Any], server: SMTPTestServer
+    url: str,
+    config: dict[str, Any],
+    server: SMTPTestServer,
+    *,
+    count: int = DISPATCHERS,
+    mails: int = MAILS,
+    within: float = WITHIN,
 ) -> list[list[str]]:
-    """Start the dispatcher processes, let them go at once, wait until all the mail has
-    arrived and they have ended; return the Message-IDs each one delivered."""
+    """Start *count* dispatcher processes, let them go at once, wait (each wait bounded
+    by *within*) until *mails* messages have arrived and they have ended; return the
+    Message-IDs each one delivered."""
     processes: list[Process] = []
     try:
-        for _ in range(DISPATCHERS):
+        for _ in range(count):
             processes.append(
                 await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -385,7 +392,7 @@ async def run_dispatchers(
             )
         for process in processes:
             assert process.stdout is not None
-            async with asyncio.timeout(WITHIN):
+            async with asyncio.timeout(within):
                 line = await process.stdout.readline()
             if line != b"ready\n":
                 _, err = await process.communicate()
@@ -396,10 +403,10 @@ async def run_dispatchers(
             await process.stdin.drain()
             process.stdin.close()
             await process.stdin.wait_closed()
-        await server.wait_for_messages(MAILS, timeout=WITHIN)
+        await server.wait_for_messages(mails, timeout=within)
         outputs: list[list[str]] = []
         for process in processes:
-            async with asyncio.timeout(WITHIN):
+            async with asyncio.timeout(within):
                 out, err = await process.communicate()
             assert process.returncode == 0, err.decode()
             outputs.append(json.loads(out.decode().splitlines()[-1]))

@@ -9,9 +9,7 @@ Only upper bounds are asserted: a slow machine only sends slower.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest_asyncio
 from quart import Quart
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from test_outbox_processes import REPO, SCRIPT, drop_tables, outbox_rows, own_postgres_url
+from test_outbox_processes import drop_tables, outbox_rows, own_postgres_url, run_dispatchers
 
 from quartmail import Mail, Message, SendError
 from quartmail.outbox import RateLimitSlot
@@ -30,7 +28,7 @@ from quartmail.ratelimit import RateLimit
 from quartmail.sharedlimit import DatabaseSlots
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER, clean_environment
+from conftest import SENDER
 
 ADMIN = "admin@example.com"
 # Every wait on a process or on the mail is bounded by this; generous, for slow CI machines.
@@ -78,7 +76,10 @@ async def test_three_dispatcher_processes_share_one_limit(
             await outbox.enqueue(session, Message(f"limited {n}", recipients=[ADMIN], body="x"))
         await session.commit()
 
-    shares = await run_dispatchers(url, config, smtp_server, processes, mails)
+    delivered = await run_dispatchers(
+        url, config, smtp_server, count=processes, mails=mails, within=WITHIN
+    )
+    shares = [len(message_ids) for message_ids in delivered]
 
     assert len(smtp_server.messages) == mails
     assert {row.state for row in await outbox_rows(engine)} == {"sent"}
@@ -89,55 +90,6 @@ async def test_three_dispatcher_processes_share_one_limit(
         slots = (await connection.execute(select(RateLimitSlot.slot))).scalars().all()
     assert sorted(slots) == list(range(8))
     print(f"\nshares of {mails}: {shares}")
-
-
-async def run_dispatchers(
-    url: str, config: dict[str, Any], server: SMTPTestServer, count: int, mails: int
-) -> list[int]:
-    """Start *count* dispatcher processes, let them go at once, wait until every mail has
-    arrived and they have ended; return how many each one delivered."""
-    started: list[asyncio.subprocess.Process] = []
-    try:
-        for _ in range(count):
-            started.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    str(SCRIPT),
-                    url,
-                    json.dumps(config),
-                    cwd=REPO,
-                    env=clean_environment(),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
-            )
-        for process in started:
-            assert process.stdout is not None
-            async with asyncio.timeout(WITHIN):
-                line = await process.stdout.readline()
-            if line != b"ready\n":
-                _, err = await process.communicate()
-                raise AssertionError(f"dispatcher did not start: {line!r}\n{err.decode()}")
-        for process in started:
-            assert process.stdin is not None
-            process.stdin.write(b"go\n")
-            await process.stdin.drain()
-            process.stdin.close()
-            await process.stdin.wait_closed()
-        await server.wait_for_messages(mails, timeout=WITHIN)
-        shares: list[int] = []
-        for process in started:
-            async with asyncio.timeout(WITHIN):
-                out, err = await process.communicate()
-            assert process.returncode == 0, err.decode()
-            shares.append(len(json.loads(out.decode().splitlines()[-1])))
-        return shares
-    finally:
-        for process in started:
-            if process.returncode is None:
-                process.kill()
-                await process.communicate()
 
 
 async def test_every_path_of_a_process_with_the_outbox_takes_the_shared_slots(
