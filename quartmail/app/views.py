@@ -3,12 +3,15 @@ address) and greets the visitor; the pages that confirm an address."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from quart import Blueprint, redirect, render_template, request, session, url_for
 from quart.typing import ResponseReturnValue
 from quart_schema import hide
 
 from .confirm import ConfirmTokenError
 from .csrf import check_csrf
+from .models import User
 from .users import clean_email, clean_name, confirm, resend_confirmation, sign_up, to_confirm
 
 __all__ = ["main"]
@@ -52,12 +55,7 @@ async def sign_up_form() -> ResponseReturnValue:
 @hide
 async def confirm_page(token: str) -> ResponseReturnValue:
     # Mail scanners open every link in a mail: this page only asks.
-    try:
-        user = await to_confirm(token)
-    except ConfirmTokenError as error:
-        return await _token_error(error)
-    page = await render_template("confirm.html", user=user, email=user.email, done=False)
-    return page, 200, _TOKEN_PAGE_HEADERS
+    return await _confirm_page(token, to_confirm, done=False)
 
 
 @main.post("/confirm/<token>")
@@ -66,11 +64,19 @@ async def confirm_form(token: str) -> ResponseReturnValue:
     # No CSRF token: the signed token in the URL is the proof, and only the
     # mailbox it was sent to has it. Another site can forge this POST only
     # with a token it holds, which confirms its own sign-up and nothing else.
+    return await _confirm_page(token, confirm, done=True)
+
+
+async def _confirm_page(
+    token: str, user_of: Callable[[str], Awaitable[User]], *, done: bool
+) -> ResponseReturnValue:
+    """confirm.html for the user *token* names (found, or confirmed, by *user_of*), or
+    the page that says why the token is no good."""
     try:
-        user = await confirm(token)
+        user = await user_of(token)
     except ConfirmTokenError as error:
         return await _token_error(error)
-    page = await render_template("confirm.html", user=user, email=user.email, done=True)
+    page = await render_template("confirm.html", user=user, email=user.email, done=done)
     return page, 200, _TOKEN_PAGE_HEADERS
 
 
