@@ -244,18 +244,20 @@ class MailCore:
         except SendError as error:
             reply = throttling(error)
             if reply is not None:
-                self.throttle.throttled(ticket, reply, self.settings.retry_delay)
-                self.observer.throttled(error)
+                self._throttled(ticket, reply, error)
             raise
         reply = refused_by_throttling(result.refused)
         if reply is not None:  # taken for the others (see quartmail.throttle)
-            self.throttle.throttled(ticket, reply, self.settings.retry_delay)
-            self.observer.throttled(
-                RecipientsRefusedError(reply[1], code=reply[0], refused=result.refused)
-            )
+            refusal = RecipientsRefusedError(reply[1], code=reply[0], refused=result.refused)
+            self._throttled(ticket, reply, refusal)
         else:
             self.throttle.passed(ticket)
         return result
+
+    def _throttled(self, ticket: int, reply: Reply, error: SendError) -> None:
+        """The transaction of *ticket* got the throttling *reply*: back off, and count it."""
+        self.throttle.throttled(ticket, reply, self.settings.retry_delay)
+        self.observer.throttled(error)
 
     # Outcomes
 
