@@ -87,7 +87,7 @@ async def database(
         url = await own_postgres_url()
     engine = create_async_engine(url)
     try:
-        await drop_tables(engine)
+        await empty_database(engine)
         yield url, engine
     finally:
         await engine.dispose()
@@ -105,10 +105,6 @@ async def own_postgres_url() -> str:
         logger.warning("Sharing the database %s: %s", shared.database, error)
         own = shared
     return own.render_as_string(hide_password=False)
-
-
-async def drop_tables(engine: AsyncEngine) -> None:
-    await empty_database(engine)
 
 
 async def outbox_rows(engine: AsyncEngine) -> list[Row]:
@@ -324,7 +320,7 @@ async def test_two_dispatchers_share_the_outbox_with_no_duplicate(
     }
     engine = create_async_engine(url)
     try:
-        await drop_tables(engine)
+        await empty_database(engine)
         # Enqueued through the extension, with no dispatcher running here (no lifespan).
         app = Quart(__name__)
         app.config.update(config)

@@ -20,7 +20,7 @@ import pytest_asyncio
 from quart import Quart
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from test_outbox_processes import drop_tables, outbox_rows, own_postgres_url, run_dispatchers
+from test_outbox_processes import outbox_rows, own_postgres_url, run_dispatchers
 
 from quartmail import Mail, Message, SendError
 from quartmail.outbox import RateLimitSlot
@@ -28,7 +28,7 @@ from quartmail.ratelimit import RateLimit
 from quartmail.sharedlimit import DatabaseSlots
 from quartmail.testing import SMTPTestServer
 
-from conftest import SENDER
+from conftest import SENDER, empty_database
 
 ADMIN = "admin@example.com"
 # Every wait on a process or on the mail is bounded by this; generous, for slow CI machines.
@@ -46,7 +46,7 @@ async def database(
         url = await own_postgres_url()
     engine = create_async_engine(url)
     try:
-        await drop_tables(engine)
+        await empty_database(engine)
         yield url, engine
     finally:
         await engine.dispose()
@@ -173,7 +173,7 @@ async def test_a_slot_whose_end_cannot_be_written_stays_held_and_is_logged(
         assert [slot for slot, _ in (await slots.take(2))[0]] == [0]
         taken, wait = await slots.take(1)
         assert taken == [] and 0 < wait <= 1.0  # held: ask again within a poll
-        await drop_tables(engine)
+        await empty_database(engine)
         with caplog.at_level(logging.ERROR, logger="quartmail.outbox"):
             slots.give_back(0)
             await slots.close()
