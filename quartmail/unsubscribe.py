@@ -141,6 +141,10 @@ class UnsubscribeTokens:
     def check(self, token: str) -> Unsubscription:
         """What *token* says; raises :class:`UnsubscribeTokenError` if it is
         not one of ours, was changed, or is older than ``max_age``."""
+        if not token.isascii():
+            # Ours are URL-safe base64; itsdangerous would fail to encode a lone
+            # surrogate (UnicodeEncodeError, not BadSignature).
+            raise UnsubscribeTokenError("the unsubscribe link is not valid")
         try:
             payload = self._serializer.loads(token, max_age=self.max_age)
         except SignatureExpired:

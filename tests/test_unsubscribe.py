@@ -97,6 +97,8 @@ def test_bad_tampered_foreign_and_expired_tokens_are_refused(tokens: Unsubscribe
         token[:-2],
         tampered,
         UnsubscribeTokens("other").make("a@b.c", "x"),
+        token + "\ud800",  # a lone surrogate: no UTF-8 for it, so no signature either
+        "é" + token,
     ]:
         with pytest.raises(UnsubscribeTokenError) as caught:
             tokens.check(bad)
