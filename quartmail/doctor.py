@@ -38,7 +38,7 @@ import aiosmtplib
 from ._extras import missing_extra
 from .addresses import parse_address
 from .errors import AuthenticationError, ConfigError, MailError, SendError
-from .settings import MailSettings, _is_loopback
+from .settings import MailSettings, is_loopback
 from .smtp import SMTPSession, SMTPSettings
 
 if TYPE_CHECKING:
@@ -330,7 +330,7 @@ async def _answers(smtp: SMTPSettings, mode: _TLSMode) -> bool:
 
 def _tls_findings(smtp: SMTPSettings, mode: _TLSMode, probe: _Probe) -> list[Finding]:
     where = f"{smtp.hostname}:{smtp.port}"
-    loopback = _is_loopback(smtp.hostname)
+    loopback = is_loopback(smtp.hostname)
     if mode == "implicit":
         return [
             Finding("ok", "tls", f"{where}: implicit TLS ({probe.tls_version})."),

@@ -26,7 +26,7 @@ from .smtp import SMTPSettings, TokenProvider, make_tls_context, token_problem
 if TYPE_CHECKING:
     from .dkim import DKIMSigner
 
-__all__ = ["DevInboxSettings", "MailSettings"]
+__all__ = ["DevInboxSettings", "MailSettings", "is_loopback"]
 
 log = logging.getLogger("quartmail")
 
@@ -137,7 +137,7 @@ class MailSettings:
                 tls_context = make_tls_context(validate_certs=validate_certs, ca_file=ca_file)
             except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
                 raise ConfigError(f"MAIL_CA_FILE: cannot load {ca_file!r}: {err}") from err
-        if username and not (use_tls or use_ssl) and not _is_loopback(server):
+        if username and not (use_tls or use_ssl) and not is_loopback(server):
             log.warning(
                 "MAIL_USERNAME is set but neither MAIL_USE_TLS nor MAIL_USE_SSL is: "
                 "the %s would cross the network to %s unencrypted",
@@ -253,7 +253,9 @@ def _dkim_signer(config: Mapping[str, Any]) -> DKIMSigner | None:
     return dkim_signer_from_config(config)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether *host* names this machine (``localhost`` or a loopback address):
+    credentials may cross it in clear, as no network sees them."""
     if host == "localhost":
         return True
     try:
