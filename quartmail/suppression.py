@@ -36,7 +36,7 @@ from typing import Any, Literal, get_args
 from ._extras import missing_extra
 
 try:
-    from sqlalchemy import String, Text, delete, select
+    from sqlalchemy import String, Text, bindparam, delete, select
     from sqlalchemy.dialects import postgresql, sqlite
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import Mapped, mapped_column
@@ -196,11 +196,8 @@ class SuppressionList:
             keys.setdefault(_key(recipient), []).append(recipient)
         if not keys:
             return {}
-        statement = select(SuppressedAddress.address, SuppressedAddress.reason).where(
-            SuppressedAddress.address.in_(list(keys))
-        )
         async with self.engine.connect() as connection:
-            rows = (await connection.execute(statement)).all()
+            rows = (await connection.execute(_CHECK, {"keys": list(keys)})).all()
         return {
             recipient: row.reason
             for row in rows
@@ -253,6 +250,12 @@ class SuppressionList:
         async with self.engine.begin() as connection:
             result = await connection.execute(insert)
         return bool(result.rowcount)
+
+
+# Built once: building it for each check cost more than running it on SQLite.
+_CHECK = select(SuppressedAddress.address, SuppressedAddress.reason).where(
+    SuppressedAddress.address.in_(bindparam("keys", expanding=True))
+)
 
 
 def _key(recipient: str) -> str:
