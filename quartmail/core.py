@@ -384,7 +384,9 @@ class MailCore:
             self.bounced(result.message_id, result.refused)
         if result.suppressed:
             refusals.append(left_out(result.message_id, result.suppressed, sent=True))
-        self.signal(self._delivered(message, refusals))
+        if email_dispatched.receivers or (refusals and email_failed.receivers):
+            # (No task for no receiver: most apps connect none, and it is per message.)
+            self.signal(self._delivered(message, refusals))
 
     async def _delivered(self, message: Message, refusals: list[MailError]) -> None:
         await notify(email_dispatched, message, app=self.app)

@@ -29,8 +29,10 @@ Failures:
   the back-off, and the message is retried when it ends, without spending
   one of its ``MAIL_RETRIES``.
 - with a suppression list (:mod:`quartmail.suppression`), a worker first
-  leaves the suppressed recipients out (one query); a message with none left
-  fails with :class:`~quartmail.SuppressedError` and is never sent.
+  leaves the suppressed recipients out; a message with none left fails with
+  :class:`~quartmail.SuppressedError` and is never sent. One query checks
+  every message waiting for a check, and one runs at a time: a burst of
+  messages costs a few queries, not one each.
 
 Each failure for good is logged (ERROR, with the Message-ID), sent with
 ``email_failed`` and raised from the message's future. The rules (reuse of a
@@ -55,6 +57,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field, replace
+from itertools import islice
 
 from .core import MailCore, counted, left_out, timed_out
 from .errors import ConnectError, MailError, MessageError, SendError
@@ -70,6 +73,9 @@ log = logging.getLogger("quartmail.delivery")
 _MAX_CONNECT_BACKOFF = 30.0
 # How long close() waits for cancelled workers; see _cancel_all.
 _CANCEL_GRACE = 1.0
+# At most this many messages in one suppression query (its recipients are its
+# parameters: SQLite takes 32766, PostgreSQL 32767).
+_CHECK_BATCH = 200
 
 
 @dataclass(eq=False)
@@ -107,6 +113,10 @@ class Delivery:
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._workers: list[_Worker] = []
         self._pending: set[_Job] = set()  # submitted and not settled yet
+        # Messages whose recipients are not checked against the suppression
+        # list yet, oldest first; and the check that runs, if one does.
+        self._unchecked: dict[_Job, None] = {}
+        self._checking: asyncio.Future[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
@@ -164,6 +174,7 @@ class Delivery:
         deadline = asyncio.get_running_loop().time() + self._settings.delivery_timeout
         unsigned = self._settings.dkim is not None
         job = _Job(envelope, future, message, deadline=deadline, unsigned=unsigned)
+        self._unchecked[job] = None
         return self._queue_job(job)
 
     def attempt(self, envelope: Envelope, deadline: float = math.inf) -> asyncio.Future[SendResult]:
@@ -260,11 +271,11 @@ class Delivery:
             await session.close()
 
     async def _deliver(self, worker: _Worker, job: _Job) -> None:
-        if job.suppressed is None and job.message is not None:
-            # Once per message, before its first attempt (attempt(): the outbox checks).
-            [(job.envelope, job.suppressed)] = await self._core.leave_out([job.envelope])
+        if job.message is not None:  # (attempt(): the outbox checks)
+            # Once per message, before its first attempt.
+            suppressed = await self._leave_out_suppressed(job)
             if not job.envelope.recipients:
-                nobody = left_out(job.envelope.message_id, job.suppressed, sent=False)
+                nobody = left_out(job.envelope.message_id, suppressed, sent=False)
                 self._fail(job, nobody, log_it=False)
                 return
         if job.unsigned:
@@ -322,6 +333,37 @@ class Delivery:
             self._put_back(job)
             return
         self._attempt_failed(job, error)
+
+    async def _leave_out_suppressed(self, job: _Job) -> dict[str, str]:
+        """Leave *job*'s suppressed recipients out of its envelope and
+        return them, with their reasons (``job.suppressed``). Checked with
+        every message not checked yet: the list's query costs about as much
+        for one message as for hundreds."""
+        while job.suppressed is None:
+            if self._checking is not None:
+                # It may hold this job; if not, the next one will. (Not
+                # awaited directly: cancelling this worker must not cancel it.)
+                await asyncio.wait([self._checking])
+                continue
+            batch = [job]
+            if self._core.suppression is not None:  # (without a list, nothing to gather)
+                others = (other for other in self._unchecked if other is not job)
+                batch += islice(others, _CHECK_BATCH - 1)
+            for each in batch:
+                self._unchecked.pop(each, None)
+            checked = self._checking = asyncio.get_running_loop().create_future()
+            try:
+                outcome = await self._core.leave_out([each.envelope for each in batch])
+                for each, (envelope, suppressed) in zip(batch, outcome, strict=True):
+                    each.envelope, each.suppressed = envelope, suppressed
+            finally:
+                self._checking = None
+                # Cancelled (at shutdown): those not checked wait for the next check.
+                for each in batch:
+                    if each.suppressed is None and not each.finished:
+                        self._unchecked[each] = None
+                checked.set_result(None)
+        return job.suppressed
 
     async def _session_for(self, worker: _Worker, job: _Job) -> SMTPSession | None:
         """The worker's session, (re)opened as needed; None when the job
@@ -437,6 +479,7 @@ class Delivery:
 
     def _settle(self, job: _Job) -> None:
         job.finished = True
+        self._unchecked.pop(job, None)
         if job.expiry is not None:
             job.expiry.cancel()
             job.expiry = None

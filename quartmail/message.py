@@ -18,6 +18,7 @@ for the same input.
 from __future__ import annotations
 
 import codecs
+import functools
 import math
 import re
 import secrets
@@ -300,7 +301,7 @@ class Message:
         :class:`~quartmail.MessageError` when there is no sender, no
         recipient or a malformed address; in either case nothing is sent.
         """
-        self._check_headers()
+        lists = self._check_headers()
         sender_value = self._sender_value()
         sender_value = sender_value if sender_value is not None else default_sender
         if sender_value is None:
@@ -320,10 +321,8 @@ class Message:
         everyone = [sender, *to, *cc, *bcc]
         utf8 = any(mailbox.needs_smtputf8 for mailbox in everyone)
         headers = _Headers(
-            sender, to, cc, reply_to, self.subject, date, self._msg_id, self.extra_headers
+            sender, to, cc, reply_to, self.subject, date, self._msg_id, self.extra_headers, lists
         )
-        if self.list_unsubscribe is not None:
-            headers = replace(headers, lists=list_unsubscribe_headers(self.list_unsubscribe))
         data = headers.lines() + self._flatten_body(charset, ascii_attachments)
         mail_options = list(self.mail_options)
         if utf8 and "SMTPUTF8" not in (option.upper() for option in mail_options):
@@ -368,7 +367,8 @@ class Message:
         """:meth:`as_bytes`, decoded; the bytes are ASCII unless an address needs SMTPUTF8."""
         return self.as_bytes(default_sender).decode("utf-8")
 
-    def _check_headers(self) -> None:
+    def _check_headers(self) -> list[tuple[str, str]]:
+        """Check every header value; return the List-Unsubscribe(-Post) headers."""
         if self.subject is not None:
             check_header_value("subject", self.subject)
         if self.body is not None:
@@ -385,7 +385,7 @@ class Message:
                 raise MessageError(
                     f"extra_headers cannot set {name}: the message's structure decides it"
                 )
-        self._check_list_unsubscribe()
+        lists = self._list_unsubscribe()
         for attachment in self.attachments:
             check_attachment(attachment)
         for field_name, address in (("sender", self._sender_value()), ("reply_to", self.reply_to)):
@@ -407,16 +407,19 @@ class Message:
                 check_header_value(field_name, option)
                 if not _ESMTP_PARAM.fullmatch(option):
                     raise MessageError(f"{field_name}: {option!r} is not an ESMTP parameter")
+        return lists
 
-    def _check_list_unsubscribe(self) -> None:
+    def _list_unsubscribe(self) -> list[tuple[str, str]]:
+        """The List-Unsubscribe(-Post) headers; raises for a URL they cannot carry."""
         if self.list_unsubscribe is None:
-            return
-        list_unsubscribe_headers(self.list_unsubscribe)  # raises for a URL it cannot write
+            return []
+        lists = list_unsubscribe_headers(self.list_unsubscribe)
         for name in self.extra_headers:
             if name.lower() in {"list-unsubscribe", "list-unsubscribe-post"}:
                 raise MessageError(
                     f"extra_headers sets {name} and list_unsubscribe is given: use one of them"
                 )
+        return lists
 
     def _texts(self) -> list[tuple[str, str]]:
         """The text alternatives, as (subtype, text): the body, then ``alts``
@@ -430,19 +433,9 @@ class Message:
         4.1.2: CRLF must mean a line break) and able to encode every body."""
         charset = self.charset or "utf-8"
         check_header_value("charset", charset)
-        try:
-            if not TOKEN.fullmatch(charset):
-                raise LookupError(charset)
-            codecs.lookup(charset)
-        except LookupError:
-            raise MessageError(f"charset: unknown charset {charset!r}") from None
-        probe = "".join(map(chr, range(32, 127))) + "\t\r\n"
-        try:
-            ascii_compatible = probe.encode(charset) == probe.encode("ascii")
-        except (UnicodeError, LookupError):
-            ascii_compatible = False
-        if not ascii_compatible:
-            raise MessageError(f"charset: {charset!r} is not ASCII-compatible, as MIME text needs")
+        problem = _charset_problem(charset)
+        if problem is not None:
+            raise MessageError(problem)
         for subtype, text in self._texts():
             try:
                 text.encode(charset)
@@ -545,6 +538,26 @@ def _check_address_value(field: str, value: AddressLike | None) -> None:
     for part in parts:
         if isinstance(part, str):
             check_header_value(field, part)
+
+
+@functools.lru_cache(maxsize=64)
+def _charset_problem(charset: str) -> str | None:
+    """Why *charset* cannot carry MIME text, or None. (A fact about the name:
+    checked once per charset.)"""
+    try:
+        if not TOKEN.fullmatch(charset):
+            raise LookupError(charset)
+        codecs.lookup(charset)
+    except LookupError:
+        return f"charset: unknown charset {charset!r}"
+    probe = "".join(map(chr, range(32, 127))) + "\t\r\n"
+    try:
+        ascii_compatible = probe.encode(charset) == probe.encode("ascii")
+    except (UnicodeError, LookupError):
+        ascii_compatible = False
+    if not ascii_compatible:
+        return f"charset: {charset!r} is not ASCII-compatible, as MIME text needs"
+    return None
 
 
 def _as_datetime(date: object) -> datetime:

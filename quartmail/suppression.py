@@ -36,7 +36,7 @@ from typing import Any, Literal, get_args
 from ._extras import missing_extra
 
 try:
-    from sqlalchemy import String, Text, delete, select
+    from sqlalchemy import String, Text, bindparam, delete, select
     from sqlalchemy.dialects import postgresql, sqlite
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.orm import Mapped, mapped_column
@@ -196,17 +196,26 @@ class SuppressionList:
             keys.setdefault(_key(recipient), []).append(recipient)
         if not keys:
             return {}
-        statement = select(SuppressedAddress.address, SuppressedAddress.reason).where(
-            SuppressedAddress.address.in_(list(keys))
-        )
-        async with self.engine.connect() as connection:
-            rows = (await connection.execute(statement)).all()
         return {
-            recipient: row.reason
-            for row in rows
-            if stops(row.reason, transactional)
-            for recipient in keys[row.address]
+            recipient: reason
+            for address, reason in await self._reasons(list(keys))
+            if stops(reason, transactional)
+            for recipient in keys[address]
         }
+
+    async def _reasons(self, keys: list[str]) -> list[tuple[str, str]]:
+        """(address, reason) of each of *keys* on the list."""
+        async with self.engine.connect() as connection:
+            if self.engine.dialect.driver != "aiosqlite":
+                rows = await connection.execute(_CHECK, {"keys": keys})
+                return [(row.address, row.reason) for row in rows]
+            # Through SQLAlchemy, a query is five trips to aiosqlite's thread (cursor,
+            # execute, fetch, close, rollback), ~0.9 ms of CPU; this is one, ~0.3 ms.
+            # Every background message is checked: it is the sending path's largest cost.
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            sql = _SQLITE_CHECK.format(", ".join("?" * len(keys)))
+            found = await driver.execute_fetchall(sql, keys)
+            return [(address, reason) for address, reason in found]
 
     async def record_refusals(self, message_id: str, refused: Mapping[str, Reply]) -> list[str]:
         """Add the recipients of *message_id* whose refusal :func:`is_bounce`
@@ -253,6 +262,15 @@ class SuppressionList:
         async with self.engine.begin() as connection:
             result = await connection.execute(insert)
         return bool(result.rowcount)
+
+
+# Built once: building it for each check cost more than running it on SQLite.
+_CHECK = select(SuppressedAddress.address, SuppressedAddress.reason).where(
+    SuppressedAddress.address.in_(bindparam("keys", expanding=True))
+)
+_SQLITE_CHECK = (
+    f"SELECT address, reason FROM {SuppressedAddress.__tablename__} WHERE address IN ({{}})"
+)
 
 
 def _key(recipient: str) -> str:

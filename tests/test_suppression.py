@@ -364,3 +364,63 @@ async def test_a_list_that_cannot_be_read_loses_no_mail(
         assert logged("Could not read the suppression list; sending to every recipient")
     [received] = smtp_server.messages
     assert received.rcpt_tos == [LEFT]
+
+
+async def test_a_burst_of_background_mail_is_checked_in_one_query(
+    engine: AsyncEngine, smtp_server: SMTPTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, mail = make_app(engine, smtp_server, outbox=False, MAIL_POOL_SIZE=4)
+    async with app.test_app(), app.app_context():
+        await mail.suppression.add(LEFT, "unsubscribe", "new-users")
+        await mail.suppression.add(DEAD, "bounce", "550 5.1.1")
+        checked: list[list[str]] = []  # each check is one query
+        real_check = mail.suppression.check
+
+        async def check(recipients: list[str], **options: Any) -> dict[str, str]:
+            checked.append(list(recipients))
+            return await real_check(recipients, **options)
+
+        monkeypatch.setattr(mail.suppression, "check", check)
+        messages = [
+            *(
+                Message(f"both {n}", recipients=[LEFT, f"a{n}@example.com"], body="x")
+                for n in range(20)
+            ),
+            Message("reset", recipients=[LEFT, DEAD], body="x", transactional=True),
+            Message("nobody", recipients=[DEAD], body="x"),
+        ]
+        # Submitted before any worker runs: the first worker checks them all at once.
+        futures = [mail.send_background(message) for message in messages]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert len(checked) == 1 and len(checked[0]) == 2 * 20 + 2 + 1
+    *both, reset, nobody = outcomes
+    assert all(result.suppressed == {LEFT: "unsubscribe"} for result in both)  # type: ignore[union-attr]
+    assert reset.suppressed == {DEAD: "bounce"}  # type: ignore[union-attr]
+    assert isinstance(nobody, SuppressedError)
+    received = {message.parsed()["Subject"]: message.rcpt_tos for message in smtp_server.messages}
+    assert received == {
+        **{f"both {n}": [f"a{n}@example.com"] for n in range(20)},
+        "reset": [LEFT],
+    }
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # a lock that waits
+async def test_a_check_cut_short_by_shutdown_fails_its_messages_loudly(
+    engine: AsyncEngine, smtp_server: SMTPTestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, mail = make_app(engine, smtp_server, outbox=False, MAIL_SHUTDOWN_TIMEOUT=0.2)
+    await SuppressionList(engine).create_table()
+    async with engine.connect() as locker:
+        # The list cannot be read until this transaction ends: the check waits.
+        await locker.execute(text("LOCK TABLE mail_suppression IN ACCESS EXCLUSIVE MODE"))
+        with caplog.at_level(logging.ERROR, "quartmail"):
+            async with app.test_app(), app.app_context():
+                futures = [
+                    mail.send_background(Message(f"m{n}", recipients=[ALIVE], body="x"))
+                    for n in range(3)
+                ]
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        await locker.rollback()
+    assert all(isinstance(outcome, MailError) for outcome in outcomes)
+    assert all("shut down before" in str(outcome) for outcome in outcomes)
+    assert smtp_server.messages == []
