@@ -1,26 +1,24 @@
 """The durable outbox on PostgreSQL: delivery rate per dispatcher process, and enqueue cost.
 
-``fast`` / ``slow`` (the SMTP server answers at once / takes 50 ms per DATA): ``-n`` /
-``--slow-n`` mails (``send.py``'s), ``MAIL_POOL_SIZE`` ``--pool-size`` in every process.
-Baseline: ``send_background`` of every message in ONE process, from the app's start-up to the
-last result. ``outbox xK``: the messages enqueued (``mail.outbox.enqueue``, 500 a transaction,
-not timed), then K dispatcher processes (``mail.init_outbox``), spawned and warmed first,
-start at once; the clock stops at the greatest ``sent_at`` (polled every 50 ms). Targets:
-fast, 1 dispatcher >= 0.5x in-memory; slow, 4 dispatchers >= 3x one. ``signup``:
-``--signups`` transactions inserting a ``users`` row of the reference app, with and without
-``mail.outbox.enqueue``. Each run checks every row ``sent`` and every mail received. The
-database: ``--database-url``, else ``quartmail_bench`` on the server QUARTMAIL_TEST_POSTGRES
-names (created if missing; the role needs CREATEDB); never the tests' own.
+``fast`` / ``slow`` (the SMTP server answers at once / takes 50 ms per DATA), ``--pool-size``
+in every process. Baseline: ``send_background`` in ONE process, from the app's start-up to the
+last result. ``outbox xK``: the mails enqueued (not timed), then K dispatcher processes, spawned
+and warmed first, start at once; the clock stops at the greatest ``sent_at``. Targets: fast, 1
+dispatcher >= 0.5x in-memory; slow, 4 dispatchers >= 3x one. ``signup``: transactions inserting
+a user of the reference app, with and without ``outbox.enqueue``. Each run checks every row
+``sent`` and every mail received. The database: ``--database-url``, else ``quartmail_bench`` on
+the server QUARTMAIL_TEST_POSTGRES names (created if missing); never the tests' own.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
 import os
 import tempfile
 import time
+from argparse import ArgumentParser, Namespace
+from functools import partial
 from typing import Any
 
 import harness
@@ -31,7 +29,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from quartmail.outbox import OutboxBase, OutboxMessage
 
-SLOW_DELAY = 0.05  # seconds the slow server takes per DATA
 ENQUEUE_BATCH = 500  # messages per enqueueing transaction
 STALL_TIMEOUT = 30.0  # give up when the table has not changed for this long
 
@@ -39,7 +36,7 @@ STALL_TIMEOUT = 30.0  # give up when the table has not changed for this long
 async def child(options: dict[str, Any], commands: harness.Commands) -> None:
     """``kind`` "outbox" (a dispatcher) or "memory" (the in-memory baseline): ready; on
     ``go`` start the app (for "memory", send every message, then answer the wall time of the
-    last result and the errors); shut it down when stdin closes."""
+    last result); shut it down when stdin closes."""
     app, mail = mail_app(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
     engine = create_async_engine(options["database_url"])
     if options["kind"] == "outbox":
@@ -54,11 +51,10 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
             profiler.enable()
         await app.startup()
         try:
-            futures = [mail.send_background(message) for message in messages]
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            errors = [repr(result) for result in results if isinstance(result, BaseException)]
+            # a mail not sent raises here: the child exits, and the parent with its traceback
+            await asyncio.gather(*(mail.send_background(message) for message in messages))
             if messages:
-                commands.reply({"end": time.time(), "errors": len(errors), "error": errors[:1]})
+                commands.reply({"end": time.time()})
             await commands.until_closed()
         finally:
             await app.shutdown()
@@ -73,11 +69,7 @@ class Runs:
     *settings* added to its own) and one database."""
 
     def __init__(
-        self,
-        server: harness.SMTPServer,
-        engine: AsyncEngine,
-        args: argparse.Namespace,
-        **settings: Any,
+        self, server: harness.SMTPServer, engine: AsyncEngine, args: Namespace, **settings: Any
     ) -> None:
         self.server, self.engine, self.args = server, engine, args
         self.config = {**server.mail_config(), **settings}
@@ -85,7 +77,6 @@ class Runs:
         self.outbox = mail.init_outbox(app, engine)
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self.ok = True
-        self.profile: str | None = None  # a file for the next single dispatcher's cProfile
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
@@ -111,9 +102,8 @@ class Runs:
         while (counts := await self.counts()).get("queued") or counts.get("sending"):
             if counts != last:
                 last, changed = counts, time.monotonic()
-            if time.monotonic() - changed > STALL_TIMEOUT or any(
-                each.process.returncode is not None for each in started
-            ):
+            died = any(each.process.returncode is not None for each in started)
+            if died or time.monotonic() - changed > STALL_TIMEOUT:
                 break
             await asyncio.sleep(0.05)
         self.server.expected += counts.get("sent", 0)
@@ -125,36 +115,29 @@ class Runs:
             return float("inf")
         return float(end.timestamp())
 
-    async def run(self, dispatchers: int, n: int) -> float:
+    async def run(self, dispatchers: int, n: int, profile: str | None = None) -> float:
         """*n* mails through that many dispatcher processes, or (0) the in-memory baseline;
-        the seconds from the start to the last mail sent."""
+        the seconds from the start to the last mail sent. *profile*: a file for the first
+        dispatcher's cProfile."""
         options = {"mail_config": self.config, "pool_size": self.args.pool_size}
         options.update(database_url=self.args.database_url, n=0 if dispatchers else n)
         children = [{"kind": "outbox", **options} for _ in range(dispatchers)]
         if dispatchers:
             await self.enqueue(n)
-            children[0]["profile"] = self.profile if dispatchers == 1 else None
-        async with harness.children(
-            __file__, children or [{"kind": "memory", **options}]
-        ) as started:
+            children[0]["profile"] = profile
+        async with harness.children(__file__, children or [{"kind": "memory", **options}]) as now:
             start = time.time()
-            for each in started:
+            for each in now:
                 await each.send("go")
             if dispatchers:
-                return await self.delivered(n, started) - start
-            done = await started[0].reply()
-        self.server.expected += n - done["errors"]
-        if done["errors"]:
-            print(f"  ERROR: {done['errors']} not sent, e.g. {done['error'][0]}")
-            self.ok = False
-        return float(done["end"]) - start
-
-    def variant(self, dispatchers: int, label: str, n: int, warmup: int) -> harness.Variant:
-        return harness.Variant(label, lambda count: self.run(dispatchers, count), n, warmup)
+                return await self.delivered(n, now) - start
+            end = (await now[0].reply())["end"]
+        self.server.expected += n
+        return float(end) - start
 
 
-async def delivery(name: str, engine: AsyncEngine, args: argparse.Namespace) -> bool:
-    delay = SLOW_DELAY if name == "slow" else 0.0
+async def delivery(name: str, engine: AsyncEngine, args: Namespace) -> bool:
+    delay = 0.05 if name == "slow" else 0.0  # seconds the server takes per DATA
     n: int = args.slow_n if delay else args.n
     async with harness.smtp_server(data_delay=delay) as server:
         runs = Runs(server, engine, args)
@@ -164,15 +147,15 @@ async def delivery(name: str, engine: AsyncEngine, args: argparse.Namespace) -> 
         if args.profile:  # SQLAlchemy's async layer runs on greenlets: read tottime
             await runs.run(1, min(n, 100))  # warm-up
             with tempfile.TemporaryDirectory(prefix="quartmail-outbox-") as directory:
-                runs.profile = os.path.join(directory, "dispatcher.prof")
-                print(f"== 1 dispatcher, {n} mails: {n / await runs.run(1, n):.0f} msg/s, profiled")
-                harness.print_profile(runs.profile, args.top)
+                profile = os.path.join(directory, "dispatcher.prof")
+                print(f"== 1 dispatcher, {n} mails: {n / await runs.run(1, n, profile):.0f} msg/s")
+                harness.print_profile(profile, args.top)
             return await server.check() and runs.ok
-        size, warmup = args.pool_size, args.warmup
-        variants = [runs.variant(0, f"in-memory send_background, 1 process x{size}", n, warmup)]
-        for k in (1, 2, 4):
-            label = f"outbox, {k} dispatcher{'s' if k > 1 else ' '} x{size}"
-            variants.append(runs.variant(k, label, n, warmup if k == 1 else 0))
+        variants = []
+        for k in (0, 1, 2, 4):  # one warm-up for the outbox: the database is then warm for all
+            label = f"outbox, {k} dispatcher(s)" if k else "in-memory send_background"
+            run, warmup = partial(runs.run, k), args.warmup if k < 2 else 0
+            variants.append(harness.Variant(f"{label} x{args.pool_size}", run, n, warmup))
         await harness.take_turns(variants, args.rounds)
         harness.print_table(variants, variants[0], "in-memory")
         if delay:
@@ -184,90 +167,79 @@ async def delivery(name: str, engine: AsyncEngine, args: argparse.Namespace) -> 
         return await server.check() and runs.ok
 
 
-async def signup(engine: AsyncEngine, args: argparse.Namespace) -> bool:
+async def signup(engine: AsyncEngine, args: Namespace) -> bool:
     """The cost of ``outbox.enqueue`` in a sign-up's transaction."""
     from quartmail.app.models import Base, User  # the app's package is slow to import
 
-    await recreate_tables(engine, Base.metadata)
-    await recreate_tables(engine, OutboxBase.metadata)
+    await recreate_tables(engine, Base.metadata, OutboxBase.metadata)
     app, mail = mail_app({})
-    outbox, sessions = (
-        mail.init_outbox(app, engine),
-        async_sessionmaker(engine, expire_on_commit=False),
-    )
+    outbox = mail.init_outbox(app, engine)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
     messages = [build_message(i) for i in range(args.signups)]
-    serial, ok = 0, True
+    ok = True
 
-    def variant(with_outbox: bool, label: str) -> harness.Variant:
-        async def run(count: int) -> float:
-            nonlocal serial, ok
-            async with engine.begin() as connection:
-                await connection.execute(text("TRUNCATE mail_outbox RESTART IDENTITY"))
-                await connection.execute(delete(User))
-            start = time.perf_counter()
-            for i in range(count):
-                serial += 1
-                async with sessions() as session, session.begin():
-                    session.add(User(username=f"user{serial}"))
-                    await session.flush()  # the user's id, for the confirmation link
-                    if with_outbox:
-                        await outbox.enqueue(session, messages[i])
-            elapsed = time.perf_counter() - start
-            async with engine.connect() as connection:
-                users = await connection.scalar(select(func.count()).select_from(User))
-                mails = await connection.scalar(select(func.count()).select_from(OutboxMessage))
-            if users != count or mails != (count if with_outbox else 0):
-                print(f"  ERROR: {users} users and {mails} outbox rows after {count} sign-ups")
-                ok = False
-            return elapsed
+    async def run(with_outbox: bool, count: int) -> float:
+        nonlocal ok
+        async with engine.begin() as connection:
+            await connection.execute(text("TRUNCATE mail_outbox RESTART IDENTITY"))
+            await connection.execute(delete(User))
+        start = time.perf_counter()
+        for i in range(count):
+            async with sessions() as session, session.begin():
+                session.add(User(username=f"user{i}"))
+                await session.flush()  # the user's id, for the confirmation link
+                if with_outbox:
+                    await outbox.enqueue(session, messages[i])
+        elapsed = time.perf_counter() - start
+        async with engine.connect() as connection:
+            users = await connection.scalar(select(func.count()).select_from(User))
+            mails = await connection.scalar(select(func.count()).select_from(OutboxMessage))
+        if users != count or mails != (count if with_outbox else 0):
+            print(f"  ERROR: {users} users and {mails} outbox rows after {count} sign-ups")
+            ok = False
+        return elapsed
 
-        # the warm-up fills the statement caches and prepares the statements
-        return harness.Variant(label, run, args.signups, min(args.signups, 100))
-
-    print(
-        f"\n[signup] {args.signups} sign-ups x {args.rounds} round(s), one after another, ", end=""
-    )
-    print("each a transaction: INSERT a user (flushed), [enqueue a mail], COMMIT")
-    plain = variant(False, "INSERT user, COMMIT")
-    with_mail = variant(True, "INSERT user + outbox.enqueue(), COMMIT")
+    print(f"\n[signup] {args.signups} sign-ups x {args.rounds} round(s), one after another, each")
+    print("  a transaction: INSERT a user (flushed), [enqueue a mail], COMMIT")
+    warmup = min(args.signups, 100)  # the statement caches, prepared statements
+    plain = harness.Variant("INSERT user, COMMIT", partial(run, False), args.signups, warmup)
+    label = "INSERT user + outbox.enqueue(), COMMIT"
+    with_mail = harness.Variant(label, partial(run, True), args.signups, warmup)
     await harness.take_turns([plain, with_mail], args.rounds)
+    harness.print_table([plain, with_mail], plain, "without", unit="sign-ups/s")
     plain_us, mail_us = 1e6 / plain.best, 1e6 / with_mail.best
-    for variant_, us in ((plain, plain_us), (with_mail, mail_us)):
-        print(f"  {variant_.label + ':':<40} {us:7.0f} µs/sign-up")
     ratio = mail_us / plain_us
     print(f"  enqueue cost: +{mail_us - plain_us:.0f} µs per sign-up, {ratio:.2f}x without it")
     return ok
 
 
-def database_url(parser: argparse.ArgumentParser, given: str | None, name: str) -> str:
-    """*given*, else the database *name* on QUARTMAIL_TEST_POSTGRES's server; not the tests'."""
-    server = given or os.environ.get("QUARTMAIL_TEST_POSTGRES")
+async def database(parser: ArgumentParser, args: Namespace, name: str) -> AsyncEngine:
+    """An engine on ``--database-url``, else on the database *name* (created if missing: the
+    role needs CREATEDB) on QUARTMAIL_TEST_POSTGRES's server; never the tests' own."""
+    server = args.database_url or os.environ.get("QUARTMAIL_TEST_POSTGRES")
     if server is None:
         parser.error("give --database-url, or QUARTMAIL_TEST_POSTGRES (a PostgreSQL server)")
-    url = make_url(server) if given else make_url(server).set(database=name)
+    url = make_url(server) if args.database_url else make_url(server).set(database=name)
     if str(url.database).startswith("quartmail_test"):
         parser.error(f"{url.database} is the tests' database; use one of your own")
-    return url.render_as_string(hide_password=False)
-
-
-async def ensure_database(url: str) -> None:
-    """Create the benchmark's database if it does not exist (the role needs CREATEDB)."""
-    parsed = make_url(url)
-    admin = create_async_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    args.database_url = url.render_as_string(hide_password=False)  # for the child processes
+    admin = create_async_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         async with admin.connect() as connection:
             query = text("SELECT 1 FROM pg_database WHERE datname = :name")
-            if not await connection.scalar(query, {"name": parsed.database}):
-                await connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+            if not await connection.scalar(query, {"name": url.database}):
+                await connection.execute(text(f'CREATE DATABASE "{url.database}"'))
     finally:
         await admin.dispose()
+    return create_async_engine(url)
 
 
-async def recreate_tables(engine: AsyncEngine, metadata: MetaData) -> None:
-    """Drop and create *metadata*'s tables, so that they match the code measured."""
+async def recreate_tables(engine: AsyncEngine, *metadata: MetaData) -> None:
+    """Drop and create the tables, so that they match the code measured."""
     async with engine.begin() as connection:
-        await connection.run_sync(metadata.drop_all)
-        await connection.run_sync(metadata.create_all)
+        for each in metadata:
+            await connection.run_sync(each.drop_all)
+            await connection.run_sync(each.create_all)
 
 
 async def benchmark() -> int:
@@ -285,9 +257,7 @@ async def benchmark() -> int:
     )
     parser.add_argument("--database-url", help="see above")
     args = parser.parse()
-    args.database_url = database_url(parser, args.database_url, "quartmail_bench")
-    await ensure_database(args.database_url)
-    engine = create_async_engine(args.database_url)
+    engine = await database(parser, args, "quartmail_bench")
     ok = True
     try:
         for name in args.only:
