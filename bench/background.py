@@ -1,14 +1,13 @@
 """Background delivery (``mail.send_background``): throughput and memory, over real SMTP.
 
-Baseline: raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail. quartmail runs in its
-app's lifespan (``app.test_app()``), timed from the first submit to the last result. ``plain``,
-``starttls``, ``implicit`` (TLS with AUTH; the server answers at once): a pool of 8, target >=
-2x; context: raw on 8 connections. ``slow`` (50 ms per DATA): a pool of 32, target >= 17x;
-context: a thread per mail with blocking ``smtplib`` (the Flask chapter's). ``memory`` (Linux),
-each figure in a fresh process: RSS growth and peak of ``--memory-n`` messages queued by
-``send_background`` while the server holds each DATA 0.5 s, or held as ``EmailMessage`` or
-quartmail ``Message`` objects. ``dkim``: ``MAIL_DKIM_KEY`` Ed25519 and RSA 2048 against none
-(pool of 8): msg/s and CPU ms per message of this process (the server is another).
+Baseline: raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail; quartmail in its app's
+lifespan, timed from the first submit to the last result. ``plain``, ``starttls``, ``implicit``
+(TLS with AUTH; the server answers at once): a pool of 8, target >= 2x. ``slow`` (50 ms per
+DATA): a pool of 32, target >= 17x; context: a thread per mail with blocking ``smtplib`` (the
+Flask chapter's). ``memory`` (Linux, a fresh process each): RSS growth for ``--memory-n``
+messages queued by ``send_background`` while the server holds each DATA 0.5 s, or kept as
+``EmailMessage`` or ``Message`` objects. ``dkim``: a pool of 8 with ``MAIL_DKIM_KEY`` Ed25519,
+RSA 2048 or none: msg/s, CPU ms per message of this process (the server is another).
 """
 
 from __future__ import annotations
@@ -27,11 +26,9 @@ from typing import Any
 
 import harness
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from quart import Quart
 from send import HOSTNAME, build_email_message, build_message, mail_app, raw_session
-
-from quartmail import Mail
 
 # section: TLS mode, seconds per DATA, MAIL_POOL_SIZE, target (x the first variant)
 SECTIONS: dict[str, tuple[harness.TLSMode, float, int, float]] = {
@@ -45,40 +42,25 @@ PAUSE_DELAY = 0.5  # seconds per DATA while the memory section holds messages qu
 MB = 1024 * 1024
 
 
-async def background(app: Quart, mail: Mail, count: int) -> float:
-    """*count* messages through ``send_background``, all submitted, then all awaited."""
-    async with app.app_context():
-        start = time.perf_counter()
-        await asyncio.gather(*(mail.send_background(build_message(i)) for i in range(count)))
-        return time.perf_counter() - start
-
-
-async def raw_connections(server: harness.SMTPServer, count: int) -> float:
-    start = time.perf_counter()  # 8 connections, the mails shared out
-    await asyncio.gather(*(raw_session(server, len(range(k, count, 8))) for k in range(8)))
-    return time.perf_counter() - start
-
-
 async def threads(server: harness.SMTPServer, count: int) -> float:
     """A thread per mail, each sending with smtplib (plain SMTP, no AUTH), all joined."""
-    address = (server.config["MAIL_SERVER"], server.config["MAIL_PORT"])
+    port = server.config["MAIL_PORT"]
 
-    def send_async_email(msg: EmailMessage) -> None:
-        with smtplib.SMTP(*address, local_hostname=HOSTNAME, timeout=30) as smtp:
+    def send_email(msg: EmailMessage) -> None:
+        with smtplib.SMTP(harness.HOST, port, local_hostname=HOSTNAME, timeout=30) as smtp:
             smtp.send_message(msg)
 
-    def requests() -> float:  # each builds its message and starts its thread
-        start, started = time.perf_counter(), []
+    def requests() -> None:  # each builds its message and starts its thread
+        started = []
         for i in range(count):
-            started.append(
-                threading.Thread(target=send_async_email, args=(build_email_message(i),))
-            )
+            started.append(threading.Thread(target=send_email, args=(build_email_message(i),)))
             started[-1].start()
         for thread in started:
             thread.join()
-        return time.perf_counter() - start
 
-    return await asyncio.to_thread(requests)  # it blocks: not on the event loop
+    start = time.perf_counter()
+    await asyncio.to_thread(requests)  # it blocks: not on the event loop
+    return time.perf_counter() - start
 
 
 async def section(name: str, args: argparse.Namespace) -> bool:
@@ -88,30 +70,29 @@ async def section(name: str, args: argparse.Namespace) -> bool:
     cpu: dict[str, list[float]] = {}  # CPU seconds per message of each run, by label
     async with harness.smtp_server(tls, auth, delay) as server, contextlib.AsyncExitStack() as apps:
 
-        async def quartmail(label: str, n: int, warmup: int, **config: str) -> harness.Variant:
+        async def quartmail(label: str, n: int, warmup: int, **config: Any) -> harness.Variant:
             app, mail = mail_app(server.mail_config(), MAIL_POOL_SIZE=pool, **config)
+            send = mail.send_background
             await (lifespan := app.test_app()).startup()
             apps.push_async_callback(lifespan.shutdown)
 
-            async def run(count: int) -> float:
-                start = time.process_time()
-                seconds = await background(app, mail, count)
-                cpu.setdefault(label, []).append((time.process_time() - start) / count)
-                return seconds
+            async def run(count: int) -> float:  # all submitted, then all awaited
+                async with app.app_context():
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    await asyncio.gather(*(send(build_message(i)) for i in range(count)))
+                    cpu.setdefault(label, []).append((time.process_time() - cpu_start) / count)
+                    return time.perf_counter() - start
 
             return harness.Variant(label, run, n, warmup)
 
         what = f"{delay * 1000:g} ms per DATA" if delay else "the server answers at once"
-        print(f"\n[{name}] tls={tls}, auth={bool(auth)}, {what}; pool of {pool}; ", end="")
-        print(f"{args.rounds} round(s)")
+        print(f"\n[{name}] tls={tls}, {what}; pool of {pool}; {args.rounds} round(s)")
         if name == "dkim":
-            keys: dict[str, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey] = {
-                "Ed25519": ed25519.Ed25519PrivateKey.generate(),
-                "RSA 2048": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-            }
+            rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            keys: list[PrivateKeyTypes] = [ed25519.Ed25519PrivateKey.generate(), rsa_key]
             variants = [await quartmail("unsigned (baseline)", args.n, args.warmup)]
-            for label, key in keys.items():
-                pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+            for label, key in zip(("Ed25519", "RSA 2048"), keys, strict=True):
+                pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
                 dkim = {"MAIL_DKIM_KEY": pem, "MAIL_DKIM_SELECTOR": "b"}
                 variants.append(await quartmail(label, args.n, args.warmup, **dkim))
         else:
@@ -122,9 +103,6 @@ async def section(name: str, args: argparse.Namespace) -> bool:
             if delay:
                 label, run = "thread per mail, smtplib (context)", partial(threads, server)
                 variants.append(harness.Variant(label, run, n, 20))
-            else:
-                label, run = "raw aiosmtplib, 8 conns (context)", partial(raw_connections, server)
-                variants.append(harness.Variant(label, run, n, warmup))
         if args.profile:
             for key in args.profile:
                 await harness.profile(variants[0 if key == "raw" else 1], args.top)
@@ -143,21 +121,14 @@ async def section(name: str, args: argparse.Namespace) -> bool:
         return await server.check()
 
 
-def status(name: str) -> int:
-    """A size from ``/proc/self/status`` (VmRSS, VmHWM), in bytes."""
+def rss() -> int:
+    """This process's resident set size (Linux), in bytes."""
     with open("/proc/self/status", encoding="ascii") as file:
-        return int(next(line for line in file if line.startswith(name + ":")).split()[1]) * 1024
-
-
-def reset_peak() -> None:
-    """Collect garbage; reset VmHWM to the current RSS, to tell the peak from now on."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-        clear_refs.write("5")  # Linux 4.0+
+        return int(next(line for line in file if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
 async def measure(options: dict[str, Any], commands: harness.Commands) -> None:
-    """A child: the memory ``n`` messages take, queued by ``send_background`` while the
+    """A child: the RSS growth of ``n`` messages queued by ``send_background`` while the
     server holds each DATA, or built and kept in a list; answered as its first reply."""
     n, what, warmup = options["n"], options["what"], 32
     async with harness.smtp_server() as server:
@@ -168,26 +139,25 @@ async def measure(options: dict[str, Any], commands: harness.Commands) -> None:
             "message": build_message,
         }[what]
         async with app.test_app(), app.app_context():
-            await background(app, mail, warmup)  # the pool's sessions, imports, caches
+            # the pool's sessions, imports, caches
+            await asyncio.gather(*(mail.send_background(build_message(i)) for i in range(warmup)))
             build_email_message(0)
             await server.set_data_delay(PAUSE_DELAY)
-            reset_peak()
-            r, held = {"before": status("VmRSS")}, [hold(i) for i in range(n)]
+            gc.collect()
+            before, held = rss(), [hold(i) for i in range(n)]
             await asyncio.sleep(PAUSE_DELAY / 5)  # the workers take their first messages
-            r.update(held=status("VmRSS"), peak=status("VmHWM"))
-            r["in_flight"] = (await server.stats())["data_attempts"] - warmup
+            growth, in_data = rss() - before, (await server.stats())["data_attempts"] - warmup
             await server.set_data_delay(0.0)
             if what == "queued":
                 await asyncio.gather(*held)
-        received = (await server.stats())["received"]
-        r["missing"] = warmup + (n if what == "queued" else 0) - received
-    commands.reply(r)
+        missing = warmup + (n if what == "queued" else 0) - (await server.stats())["received"]
+    commands.reply({"growth": growth, "in_data": in_data, "missing": missing})
     await commands.until_closed()
 
 
 async def memory(args: argparse.Namespace) -> bool:
     n, ok = args.memory_n, True
-    print(f"\n[memory] {n} messages, each measurement in a fresh process")
+    print(f"\n[memory] {n} messages, RSS growth, each measurement in a fresh process")
     for what, label in {
         "queued": "send_background, queued (pool of 8)",
         "emailmessage": "EmailMessage objects in a list",
@@ -196,14 +166,10 @@ async def memory(args: argparse.Namespace) -> bool:
         options = [{"kind": "memory", "what": what, "n": n}]
         async with harness.children(__file__, options, ready_timeout=600) as (child,):
             r = child.ready
-        growth, peak = r["held"] - r["before"], r["peak"] - r["before"]
-        print(
-            f"  {label + ':':<37} +{growth / MB:6.1f} MB = {growth / n:6.0f} B/msg "
-            f"(RSS {r['before'] / MB:.1f} -> {r['held'] / MB:.1f} MB); "
-            f"peak +{peak / MB:6.1f} MB = {peak / n:6.0f} B/msg"
-        )
-        in_data = f"{r['in_flight']} in DATA (held {PAUSE_DELAY:g} s); " if what == "queued" else ""
-        print(f"    {in_data}{r['missing']} missing" + ("  <-- MISSING" if r["missing"] else ""))
+        line = f"  {label + ':':<37} +{r['growth'] / MB:6.1f} MB = {r['growth'] / n:6.0f} B/msg"
+        if what == "queued":
+            line += f"; {r['in_data']} in DATA (held {PAUSE_DELAY:g} s), {r['missing']} missing"
+        print(line + ("  <-- MISSING" if r["missing"] else ""))
         ok = ok and not r["missing"]
     return ok
 

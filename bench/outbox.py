@@ -29,14 +29,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from quartmail.outbox import OutboxBase, OutboxMessage
 
-ENQUEUE_BATCH = 500  # messages per enqueueing transaction
 STALL_TIMEOUT = 30.0  # give up when the table has not changed for this long
 
 
 async def child(options: dict[str, Any], commands: harness.Commands) -> None:
-    """``kind`` "outbox" (a dispatcher) or "memory" (the in-memory baseline): ready; on
-    ``go`` start the app (for "memory", send every message, then answer the wall time of the
-    last result); shut it down when stdin closes."""
+    """A dispatcher ("outbox") or the in-memory baseline ("memory": sends ``n`` mails, then
+    answers the time of the last result); its app starts on ``go``, stops at the end of stdin."""
     app, mail = mail_app(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
     engine = create_async_engine(options["database_url"])
     if options["kind"] == "outbox":
@@ -45,9 +43,9 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
             await connection.execute(text("SELECT 1"))
     messages = [build_message(i) for i in range(options["n"])]
     commands.reply({"ready": True})
-    profiler = cProfile.Profile() if options.get("profile") else None
+    profiler = cProfile.Profile()
     if await commands.next() == "go":
-        if profiler is not None:
+        if options.get("profile"):
             profiler.enable()
         await app.startup()
         try:
@@ -58,15 +56,13 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
             await commands.until_closed()
         finally:
             await app.shutdown()
-            if profiler is not None:
-                profiler.disable()
-                profiler.dump_stats(options["profile"])
+            if options.get("profile"):
+                profiler.dump_stats(options["profile"])  # (it disables the profiler)
     await engine.dispose()
 
 
 class Runs:
-    """Runs of the in-memory baseline or of dispatchers, against one SMTP server (the
-    *settings* added to its own) and one database."""
+    """Runs against one SMTP server (plus the ``MAIL_*`` *settings*) and one database."""
 
     def __init__(
         self, server: harness.SMTPServer, engine: AsyncEngine, args: Namespace, **settings: Any
@@ -84,12 +80,12 @@ class Runs:
             return {state: int(count) for state, count in await connection.execute(query)}
 
     async def enqueue(self, n: int) -> None:
-        """Empty the table; *n* messages in, in transactions of ENQUEUE_BATCH, as an app would."""
+        """Empty the table; *n* messages in, 500 a transaction, as an app would."""
         async with self.engine.begin() as connection:
             await connection.execute(text("TRUNCATE mail_outbox RESTART IDENTITY"))
-        for first in range(0, n, ENQUEUE_BATCH):
+        for first in range(0, n, 500):
             async with self.sessions.begin() as session:
-                for i in range(first, min(n, first + ENQUEUE_BATCH)):
+                for i in range(first, min(n, first + 500)):
                     await self.outbox.enqueue(session, build_message(i))
         if (counts := await self.counts()) != {"queued": n}:
             raise RuntimeError(f"after enqueueing {n} messages the outbox holds {counts}")

@@ -59,14 +59,11 @@ def build_message(i: int) -> Message:
     return Message(subject, sender=SENDER, recipients=[RECIPIENT], body=TEXT, html=HTML)
 
 
-async def raw_session(
-    server: harness.SMTPServer, count: int, data: bytes = b"", port: int | None = None
-) -> float:
-    """Raw aiosmtplib on one connection (to *port* if given), each message built (or *data*
-    sent as it is); the seconds it took, connecting and QUIT included."""
-    start, smtp = time.perf_counter(), server.raw_client(HOSTNAME)
-    smtp.port = port or smtp.port
-    async with smtp:
+async def raw_session(server: harness.SMTPServer, count: int, data: bytes = b"") -> float:
+    """Raw aiosmtplib on one connection, each message built (or *data* sent as it is); the
+    seconds it took, connecting and QUIT included."""
+    start = time.perf_counter()
+    async with server.raw_client(HOSTNAME) as smtp:
         if server.auth:
             await smtp.login(*server.auth)
         for i in range(count):
