@@ -25,10 +25,10 @@ from functools import partial
 from typing import Any
 
 import harness
+from common import HOSTNAME, build_email_message, build_message, mail_app, raw_session
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from send import HOSTNAME, build_email_message, build_message, mail_app, raw_session
 
 # section: TLS mode, seconds per DATA, MAIL_POOL_SIZE, target (x the first variant)
 SECTIONS: dict[str, tuple[harness.TLSMode, float, int, float]] = {

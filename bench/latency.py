@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 import harness
-from send import connect_session, mail_app, raw_session
+from common import connect_session, mail_app, raw_session
 
 TARGETS = ((20, "chunking", "raw", 3), (20, "pipelining", "raw", 2), (0, "chunking", "off", 0.95))
 

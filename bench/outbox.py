@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any
 
 import harness
-from send import build_message, mail_app
+from common import build_message, mail_app
 from sqlalchemy import MetaData, delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
