@@ -167,7 +167,7 @@ async def memory(args: argparse.Namespace) -> bool:
         async with harness.children(__file__, options, ready_timeout=600) as (child,):
             r = child.ready
         line = f"  {label + ':':<37} +{r['growth'] / MB:6.1f} MB = {r['growth'] / n:6.0f} B/msg"
-        if what == "queued":
+        if what == "queued" or r["missing"]:
             line += f"; {r['in_data']} in DATA (held {PAUSE_DELAY:g} s), {r['missing']} missing"
         print(line + ("  <-- MISSING" if r["missing"] else ""))
         ok = ok and not r["missing"]

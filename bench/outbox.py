@@ -112,22 +112,22 @@ class Runs:
         return float(end.timestamp())
 
     async def run(self, dispatchers: int, n: int, profile: str | None = None) -> float:
-        """*n* mails through that many dispatcher processes, or (0) the in-memory baseline;
-        the seconds from the start to the last mail sent. *profile*: a file for the first
-        dispatcher's cProfile."""
+        """*n* mails through that many dispatcher processes (the first profiled into the file
+        *profile*), or 0: the in-memory baseline; the seconds from the start to the last sent."""
         options = {"mail_config": self.config, "pool_size": self.args.pool_size}
         options.update(database_url=self.args.database_url, n=0 if dispatchers else n)
         children = [{"kind": "outbox", **options} for _ in range(dispatchers)]
         if dispatchers:
             await self.enqueue(n)
             children[0]["profile"] = profile
-        async with harness.children(__file__, children or [{"kind": "memory", **options}]) as now:
+        children = children or [{"kind": "memory", **options}]
+        async with harness.children(__file__, children) as started:
             start = time.time()
-            for each in now:
+            for each in started:
                 await each.send("go")
             if dispatchers:
-                return await self.delivered(n, now) - start
-            end = (await now[0].reply())["end"]
+                return await self.delivered(n, started) - start
+            end = (await started[0].reply())["end"]
         self.server.expected += n
         return float(end) - start
 
