@@ -5,6 +5,7 @@ real SMTP test server; the drain across SIGTERM with two workers is in test_e2e.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import cast
 
 import httpx
 import pytest
+from hypercorn.logging import Logger
 from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGIReceiveEvent,
@@ -22,10 +24,12 @@ from hypercorn.typing import (
 )
 from hypercorn.utils import NoAppError
 
+from quartmail.app.accesslog import AccessLogger
 from quartmail.app.launcher import (
     APPLICATION_VARIABLE,
     FAILED_START_VARIABLE,
     FailedStartRecorder,
+    hypercorn_config,
     main,
     worker_app,
 )
@@ -115,6 +119,64 @@ async def test_the_development_inbox_is_served_from_one_process(tmp_path: Path) 
 
         served.terminate()
         assert await served.wait(EXIT_TIMEOUT) == 0, served.stderr
+
+
+async def test_a_worker_serves_on_uvloop_with_hypercorns_access_log(
+    smtp_server_factory: SMTPServerFactory, tmp_path: Path
+) -> None:
+    """No worker class chosen and uvloop installed (the uvloop extra): the worker runs on
+    uvloop's event loop, and the access log shows each request as Hypercorn's own does."""
+    server = await smtp_server_factory()
+    env = {
+        "SECRET_KEY": "launcher-test-secret-key",
+        "MAIL_SERVER": str(server.mail_config()["MAIL_SERVER"]),
+        "MAIL_PORT": str(server.mail_config()["MAIL_PORT"]),
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+    }
+    async with (
+        serve_app(PRODUCTION, env, tmp_path, workers=1, launcher=True) as served,
+        httpx.AsyncClient(base_url=served.url, timeout=HTTP_TIMEOUT, trust_env=False) as client,
+    ):
+        response = await client.post("/api/users", json={"name": "Ada"}, headers={"Referer": "r"})
+        assert response.status_code == 201, response.text
+        maps = children_maps(served.process.pid)
+        assert any("/uvloop/loop." in text for text in maps.values()), maps.keys()
+
+        size = len(response.content)
+
+        served.terminate()
+        assert await served.wait(EXIT_TIMEOUT) == 0, served.stderr
+    assert f'] "POST /api/users 1.1" 201 {size} "r" "python-httpx/' in served.stdout
+
+
+def children_maps(pid: int) -> dict[int, str]:
+    """What each child of process *pid* (Hypercorn's workers) has mapped: /proc's maps."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child): Path(f"/proc/{child}/maps").read_text() for child in children}
+
+
+def arguments(**given: str) -> argparse.Namespace:
+    """The launcher's arguments: *given*, else none (no TOML file, bind or worker class)."""
+    return argparse.Namespace(**({"config": None, "bind": None, "worker_class": None} | given))
+
+
+def test_the_worker_class_is_uvloop_unless_one_is_chosen(tmp_path: Path) -> None:
+    shipped = str(REPO_ROOT / "hypercorn.toml")
+    assert hypercorn_config(arguments(config=shipped)).worker_class == "uvloop"
+    assert hypercorn_config(arguments()).worker_class == "uvloop"
+    chosen = arguments(config=shipped, worker_class="asyncio")
+    assert hypercorn_config(chosen).worker_class == "asyncio"
+    toml = tmp_path / "hypercorn.toml"
+    toml.write_text('worker_class = "asyncio"\n')
+    assert hypercorn_config(arguments(config=str(toml))).worker_class == "asyncio"
+
+
+def test_the_access_log_is_the_launchers_unless_statsd_takes_it(tmp_path: Path) -> None:
+    assert hypercorn_config(arguments()).logger_class is AccessLogger
+    toml = tmp_path / "hypercorn.toml"
+    toml.write_text('statsd_host = "127.0.0.1:8125"\n')
+    # Hypercorn swaps its own Logger for its StatsdLogger in each worker.
+    assert hypercorn_config(arguments(config=str(toml))).logger_class is Logger
 
 
 async def test_several_workers_with_the_development_inbox_is_refused() -> None:

@@ -36,6 +36,7 @@ try:
     from .email import unsubscribed
     from .extensions import mail, schema
     from .limits import LimitReachedError
+    from .sessions import CookieSessions
     from .views import main
     from .workers import keep_draining_on_sigterm
 except ModuleNotFoundError as error:
@@ -56,6 +57,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
 
     app = Quart(__name__, template_folder=_templates_folder())
     app.request_class = JSONErrorsRequest
+    app.session_interface = CookieSessions()
     app.config.from_mapping(config_values(config_class))
     app.config.from_mapping(from_environment())
     app.config.from_mapping(overrides)

@@ -11,11 +11,16 @@ The launcher also loads the app once before any worker starts: a bad setting fai
 (exit 1, the error on stderr), and it learns whether the app's development inbox is on. The
 inbox lives in the process that caught the mail, so the app is then served from this one
 process (Hypercorn's ``workers = 0``).
+
+Two settings it completes cost less CPU per request: uvloop's event loop, when installed and
+no ``worker_class`` is chosen, and an access log that writes Hypercorn's lines without
+copying the environment for each (:mod:`quartmail.app.accesslog`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -25,12 +30,15 @@ from pathlib import Path
 
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
+from hypercorn.logging import Logger
 from hypercorn.run import run
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import load_application
 from quart import Quart
 
-__all__ = ["FailedStartRecorder", "main", "worker_app"]
+from .accesslog import AccessLogger
+
+__all__ = ["FailedStartRecorder", "hypercorn_config", "main", "worker_app"]
 
 DEFAULT_APPLICATION = "quartmail.app:create_app()"
 # What the launcher tells its workers (spawned processes inherit the environment).
@@ -43,12 +51,7 @@ WORKER_APPLICATION = "asgi:quartmail.app.launcher:worker_app()"
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve the app with Hypercorn, one worker per core; return the exit code."""
     args = _parser().parse_args(argv)
-    config = Config.from_toml(args.config) if args.config else Config()
-    if args.bind:
-        config.bind = args.bind
-    if args.worker_class:
-        config.worker_class = args.worker_class
-
+    config = hypercorn_config(args)
     try:
         app = _load(args.application)
     except Exception:
@@ -80,6 +83,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("quartmail.app: a worker failed to start (its error is above)", file=sys.stderr)
             exitcode = 1
     return exitcode
+
+
+def hypercorn_config(args: argparse.Namespace) -> Config:
+    """Hypercorn's Config from the launcher's arguments (``config``, ``bind``,
+    ``worker_class``): the TOML file's settings, then the command line's; :func:`main`
+    sets the ``workers``."""
+    config = Config.from_toml(args.config) if args.config else Config()
+    if args.bind:
+        config.bind = args.bind
+    if args.worker_class:
+        config.worker_class = args.worker_class
+    elif "worker_class" not in vars(config) and importlib.util.find_spec("uvloop") is not None:
+        # Not chosen (by -k or the TOML file): uvloop's event loop when it is installed (the
+        # uvloop extra), for less CPU per request than asyncio's (docs/app.md has figures).
+        config.worker_class = "uvloop"
+    if config.logger_class is Logger and config.statsd_host is None:
+        # The same access log, without a copy of the environment per request.
+        config.logger_class = AccessLogger
+    return config
 
 
 def worker_app() -> ASGIFramework:
@@ -176,5 +198,9 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="worker processes (default: one per core; 0 serves from this process)",
     )
-    parser.add_argument("-k", "--worker-class", help="asyncio (default) or uvloop")
+    parser.add_argument(
+        "-k",
+        "--worker-class",
+        help="asyncio or uvloop (default: the TOML file's, else uvloop when installed)",
+    )
     return parser
