@@ -21,8 +21,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
-from . import migrations
-from .sqlite import use_wal
+from . import migrations, sqlite
 
 __all__ = ["Database", "database_url"]
 
@@ -39,6 +38,7 @@ def database_url(app: Quart) -> str:
 def _create_engine(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
         return create_async_engine(url)
+
     # SQLite has one writer at a time, and writers that find the file locked
     # sleep and retry rather than queue: under load some lose until they fail
     # with "database is locked". One connection makes the app's requests take
@@ -46,15 +46,26 @@ def _create_engine(url: str) -> AsyncEngine:
     # meanwhile, and synchronous=NORMAL is what WAL needs to stay safe.
     # pool_reset_on_return=None with the "reset" hook below: a rollback only when a
     # transaction is open, not after every commit (each is a trip to aiosqlite's thread).
-    engine = create_async_engine(
-        url, pool_size=1, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
+    def connect() -> sqlite.OneTripConnection:
+        # One trip to aiosqlite's thread per statement, not four; given what the
+        # dialect would pass to aiosqlite.connect (the file, the URL's options).
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        return sqlite.connect(*args, **kwargs)
+
+    engine: AsyncEngine = create_async_engine(
+        url,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=60,
+        pool_reset_on_return=None,
+        async_creator=connect,
     )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _pragmas(connection: Any, _: object) -> None:
         cursor = connection.cursor()
         cursor.execute("PRAGMA busy_timeout=30000")
-        use_wal(cursor)
+        sqlite.use_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 

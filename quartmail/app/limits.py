@@ -2,17 +2,18 @@
 restarts: at most N actions per key (an address, a client) in any hour.
 
 :func:`take` counts one action against several limits at once, or none: it
-locks the keys, counts what the last hour holds and adds a row per limit,
+locks the keys, adds a row per limit and counts what the last hour holds,
 all in the caller's transaction (the sign-up's own, so that a request costs
 one write transaction and a sign-up that fails counts nothing). Counting
 and adding must not be split, or two requests at the same moment would
-both see "2 of 3" and both go ahead; so SQLite takes its write lock first
-(``BEGIN IMMEDIATE``, which other processes wait for) and PostgreSQL a
-transaction-level advisory lock per key.
+both see "2 of 3" and both go ahead; so on SQLite the adding comes first
+and takes the write lock (which other processes wait for), and PostgreSQL
+takes a transaction-level advisory lock per key.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import Executable, and_, bindparam, delete, func, insert, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .models import LimitEvent
@@ -29,6 +30,8 @@ __all__ = ["WINDOW", "Limit", "LimitReachedError", "address_key", "client_key", 
 
 #: The window every limit counts over, in seconds.
 WINDOW = 3600.0
+# Rows past the window are deleted once the oldest is this many seconds past it.
+_PRUNE_AFTER = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,33 +57,66 @@ async def take(
 ) -> None:
     """Count one action against every limit in *limits* in *connection*'s
     transaction, or raise :class:`LimitReachedError` (for the first one that is
-    full). Must be the transaction's first statement (SQLite's lock is taken by
-    how the transaction begins); what it counts stands once the transaction
-    commits, and a rollback (the caller's, or ours on the error) counts nothing."""
+    full). Must be the transaction's first statement (on SQLite, its first
+    write takes the lock); what it counts stands once the transaction commits.
+    After the error the caller rolls back, as a failed request does: nothing
+    is counted then."""
     if not limits:
         return
     now = time.time() if now is None else now
     # Stored as digests: the table holds no addresses, and every key fits its column.
-    keys = [_digest(limit) for limit in limits]
-    await _lock(connection, keys)
-    # Rows older than the window count for nothing any more.
-    await connection.execute(delete(LimitEvent).where(LimitEvent.at <= now - WINDOW))
-    for limit, key in zip(limits, keys, strict=True):
-        count, oldest = (
-            await connection.execute(
-                select(func.count(), func.min(LimitEvent.at)).where(
-                    LimitEvent.kind == limit.kind, LimitEvent.key == key
-                )
-            )
-        ).one()
-        if count >= limit.per_hour:
-            raise LimitReachedError(limit, max(1, math.ceil(oldest + WINDOW - now)))
+    keyed = [(limit, _digest(limit)) for limit in limits]
+    if connection.dialect.name != "sqlite":
+        await _lock_keys(connection, sorted({key for _, key in keyed}))
+    # Counted first, then checked: on SQLite this insert takes the database's one
+    # write lock before anything is read (busy_timeout waits for it; as the
+    # transaction's first statement it holds no older snapshot, which would make
+    # SQLite refuse the lock at once).
     await connection.execute(
-        insert(LimitEvent),
-        [
-            {"kind": limit.kind, "key": key, "at": now}
-            for limit, key in zip(limits, keys, strict=True)
-        ],
+        insert(LimitEvent), [{"kind": limit.kind, "key": key, "at": now} for limit, key in keyed]
+    )
+    since = now - WINDOW
+    parameters: dict[str, object] = {"since": since}
+    for n, (limit, key) in enumerate(keyed):
+        parameters[f"kind{n}"], parameters[f"key{n}"] = limit.kind, key
+    counts = await connection.execute(_count_statement(len(keyed)), parameters)
+    held = {(kind, key): (count, oldest, first) for kind, key, count, oldest, first in counts}
+    for limit, key in keyed:
+        count, oldest, first = held[limit.kind, key]
+        if count > limit.per_hour:
+            raise LimitReachedError(limit, max(1, math.ceil(oldest + WINDOW - now)))
+    if first <= since - _PRUNE_AFTER:
+        # Rows older than the window count for nothing any more; deleted in
+        # batches, not a few on every request.
+        await connection.execute(delete(LimitEvent).where(LimitEvent.at <= since))
+
+
+@functools.cache
+def _count_statement(limits: int) -> Executable:
+    # The last hour of each of *limits* keys in one query (an index search per
+    # key), and the oldest row of all, to tell when to prune. Built once per
+    # number of limits.
+    return (
+        select(
+            LimitEvent.kind,
+            LimitEvent.key,
+            func.count(),
+            func.min(LimitEvent.at),
+            select(func.min(LimitEvent.at)).scalar_subquery(),
+        )
+        .where(
+            or_(
+                *(
+                    and_(
+                        LimitEvent.kind == bindparam(f"kind{n}"),
+                        LimitEvent.key == bindparam(f"key{n}"),
+                    )
+                    for n in range(limits)
+                )
+            ),
+            LimitEvent.at > bindparam("since"),
+        )
+        .group_by(LimitEvent.kind, LimitEvent.key)
     )
 
 
@@ -88,18 +124,18 @@ def _digest(limit: Limit) -> str:
     return hashlib.sha256(limit.key.encode("utf-8")).hexdigest()
 
 
-async def _lock(connection: AsyncConnection, keys: Sequence[str]) -> None:
-    if connection.dialect.name == "sqlite":
-        # The database's one write lock, taken before reading (a plain BEGIN
-        # would let two processes count at once); busy_timeout waits for it.
-        await connection.exec_driver_sql("BEGIN IMMEDIATE")
-        return
-    # One lock per key, in a fixed order so that two requests never wait on
-    # each other; released by the commit or rollback.
-    for name in sorted({f"quartmail.app.limit:{key}" for key in keys}):
-        await connection.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"), {"name": name}
-        )
+async def _lock_keys(connection: AsyncConnection, keys: Sequence[str]) -> None:
+    # PostgreSQL: a transaction-level advisory lock per key, released by the
+    # commit or rollback, taken in one statement in a fixed order, so that two
+    # requests never wait on each other.
+    await connection.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(lock) FROM (SELECT DISTINCT"
+            " hashtextextended('quartmail.app.limit:' || key, 0) AS lock"
+            " FROM unnest(CAST(:keys AS text[])) AS key ORDER BY lock) AS locks"
+        ),
+        {"keys": list(keys)},
+    )
 
 
 def address_key(address: str) -> str:

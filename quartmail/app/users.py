@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from email_validator import EmailNotValidError, validate_email
 from quart import current_app, request, url_for
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from quartmail import MailError, Message
@@ -34,6 +34,15 @@ __all__ = [
 
 # Far more than any address (EMAIL_MAX): longer input is refused before it is parsed.
 _EMAIL_INPUT_MAX = 1000
+
+# The INSERT of a new user, per dialect (the app runs on these two), built once.
+_ADD_USER = {
+    name: insert(User)
+    .values(username=bindparam("name"), email=bindparam("email"))
+    .on_conflict_do_nothing(index_elements=[User.username])
+    .returning(User.id)
+    for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
 
 
 def clean_name(value: str) -> str:
@@ -124,34 +133,38 @@ async def sign_up(name: str, email: str | None = None) -> tuple[User, bool]:
     async with Database.session() as session:
         if email is not None:
             await take_limits(session, email)  # first: it locks
-        user = await session.scalar(select(User).where(User.username == name))
-        if user is not None:
-            return user, False
-        user = User(username=name, email=email)
-        session.add(user)
-        messages: list[Message] = []
-        try:
-            await session.flush()
-            if admin:
-                messages.append(
-                    await render_email(
-                        admin, "New User", "mail/new_user", unsubscribe_list=NEW_USERS, user=user
-                    )
-                )
-            if email is not None:
-                messages.append(await confirmation_email(user, email))
-            messages = await _enqueue(session, messages)
-            await session.commit()
-        except IntegrityError:
-            # The same name signed up a moment ago, in another request.
-            await session.rollback()
+        while (user_id := await _add_user(session, name, email)) is None:
+            # A known name (maybe signed up a moment ago, in another request):
+            # the rollback as the session closes leaves the limits uncounted.
             user = await session.scalar(select(User).where(User.username == name))
-            if user is None:
-                raise
-            return user, False
+            if user is not None:
+                return user, False
+            # Deleted since the insert found it (by hand: the app deletes no one).
+        user = User(id=user_id, username=name, email=email)
+        messages: list[Message] = []
+        if admin:
+            messages.append(
+                await render_email(
+                    admin, "New User", "mail/new_user", unsubscribe_list=NEW_USERS, user=user
+                )
+            )
+        if email is not None:
+            messages.append(await confirmation_email(user, email))
+        messages = await _enqueue(session, messages)
+        await session.commit()
     for message in messages:
         mail.send_background(message)
     return user, True
+
+
+async def _add_user(session: AsyncSession, name: str, email: str | None) -> int | None:
+    """Store a user named *name* in *session*'s transaction and return its id;
+    ``None`` when the name is taken. One statement (``INSERT ... ON CONFLICT
+    DO NOTHING RETURNING``), which also settles the race of two sign-ups of
+    one name: the second waits for the first to commit and then adds nothing."""
+    connection = await session.connection()
+    statement = _ADD_USER[connection.dialect.name]
+    return (await connection.execute(statement, {"name": name, "email": email})).scalar()
 
 
 async def resend_confirmation(email: str) -> None:
