@@ -1,21 +1,9 @@
 """The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
 
-Scripts run as ``python bench/<name>.py`` from the project root (``import harness``):
-
-- :class:`Arguments`: ``-n`` and the script's other sizes (default, ``--quick`` value), ``--only``,
-  ``--profile`` and ``--top``; the script's docstring is its ``--help``.
-- :class:`Variant`, :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a
-  shared machine hits all alike), :func:`print_table` (best, median, ratio to a baseline of the
-  same run), :func:`target`, :func:`finish` (exit status 0 whatever the figures; 1 if a
-  message went missing); :func:`profile` and :func:`print_profile` (cProfile's top).
-- :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON), handed by
-  :func:`main` to ``children[OPTIONS["kind"]]``; they answer JSON lines (the first: ready) to the
-  lines the parent sends, and stop when their stdin closes (the parent left the block or died).
-- :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client and
-  server share no event loop), which counts messages and forgets them (flat memory), and
-  with ``mail_times=True`` keeps when each MAIL FROM arrived (``await mail_times()``).
-- :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind 127.0.0.1:0``,
-  as the tests serve it; the port read from Hypercorn's "Running on" line.
+Scripts run as ``python bench/<name>.py`` from the project root and ``import harness``: the
+arguments, rounds and medians, targets, cProfile, child processes (this script again with
+``--child OPTIONS``, JSON lines both ways, the first answer "ready", stdin closed to stop),
+the SMTP test server in a child, and a web server serving the app in a session of its own.
 """
 
 from __future__ import annotations
@@ -36,7 +24,6 @@ import ssl
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
@@ -48,7 +35,7 @@ from quartmail.testing import SMTPTestServer, TLSCertificates
 PROJECT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 AUTH = ("bench", "bench-password")  # the credentials of servers that require AUTH
-START_TIMEOUT = 60.0  # seconds for a child (or Hypercorn) to get ready
+START_TIMEOUT = 60.0  # seconds for a child (or a served app) to get ready
 REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
 STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
 TLSMode = Literal["none", "starttls", "implicit"]
@@ -134,12 +121,18 @@ _targets: list[str] = []
 
 
 def target(
-    text: str, ratio: float, *, at_least: float = 0.0, at_most: float = float("inf")
+    text: str,
+    ratio: float,
+    *,
+    at_least: float = 0.0,
+    at_most: float = float("inf"),
+    unit: str = "x",
 ) -> None:
-    """Print (and remember for :func:`finish`) whether *ratio* meets a target."""
-    bound = f">= {at_least:g}x" if at_least else f"<= {at_most:g}x"
+    """Print (and remember for :func:`finish`) whether *ratio* meets a target; *unit* follows
+    the figures (``" ms"`` for a figure that is not a ratio)."""
+    bound = f">= {at_least:g}{unit}" if at_least else f"<= {at_most:g}{unit}"
     met = "MET" if at_least <= ratio <= at_most else "NOT MET"
-    _targets.append(f"{text} {bound}: {met} ({ratio:.2f}x)")
+    _targets.append(f"{text} {bound}: {met} ({ratio:.2f}{unit})")
     print("  target: " + _targets[-1])
 
 
@@ -178,8 +171,7 @@ class Child:
         self.ready: dict[str, Any] = {}  # its first answer
 
     async def send(self, command: str) -> None:
-        if self.process.stdin is None or self.process.returncode is not None:
-            raise RuntimeError(f"the child process {self.pid} is not running")
+        assert self.process.stdin is not None
         self.process.stdin.write(command.encode("ascii") + b"\n")
         await self.process.stdin.drain()
 
@@ -193,24 +185,21 @@ class Child:
         if not line:
             code = await self.process.wait()
             raise RuntimeError(f"child {self.pid} exited (code {code}); see its traceback above")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
+        return dict(json.loads(line))
 
     async def ask(self, command: str) -> dict[str, Any]:
         await self.send(command)
         return await self.reply()
 
     async def stop(self) -> None:
-        """Close its stdin (its signal to stop); terminate, then kill it, if it lingers."""
+        """Close its stdin (its signal to stop); kill it if it lingers."""
         if self.process.stdin is not None:
             self.process.stdin.close()
-        for end in (None, self.process.terminate, self.process.kill):
-            with contextlib.suppress(ProcessLookupError):
-                if end is not None:
-                    end()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
-                return
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
 
 
 @contextlib.asynccontextmanager
@@ -222,12 +211,11 @@ async def children(
     script = os.path.abspath(script)  # noqa: ASYNC240 (no I/O: a string operation)
     try:
         for option in options:
-            process = await asyncio.create_subprocess_exec(
-                *(sys.executable, script, "--child", json.dumps(option)),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+            command = (sys.executable, script, "--child", json.dumps(option))
+            pipe = asyncio.subprocess.PIPE
+            started.append(
+                Child(await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe))
             )
-            started.append(Child(process))
         for child in started:
             child.ready = await child.reply(ready_timeout)
         yield started
@@ -302,28 +290,31 @@ class SMTPServer:
 
     def raw_client(self, local_hostname: str, timeout: float = 30.0) -> aiosmtplib.SMTP:
         """A plain aiosmtplib client for this server: the benchmarks' baseline."""
-        ca_file = self.config["MAIL_CA_FILE"]
+        ca_file, tls = self.config["MAIL_CA_FILE"], self.tls
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        host, port = self.config["MAIL_SERVER"], self.config["MAIL_PORT"]
         return aiosmtplib.SMTP(
-            hostname=self.config["MAIL_SERVER"],
-            port=self.config["MAIL_PORT"],
-            use_tls=self.tls == "implicit",
-            start_tls=self.tls == "starttls",
-            tls_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
-            local_hostname=local_hostname,
+            hostname=host,
+            port=port,
+            use_tls=tls == "implicit",
             timeout=timeout,
+            start_tls=tls == "starttls",
+            tls_context=context,
+            local_hostname=local_hostname,
         )
 
     async def stats(self) -> dict[str, int]:
-        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections``."""
+        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections`` (SMTP
+        sessions greeted), ``refused`` (connections greeted with 421)."""
         return {key: int(value) for key, value in (await self.child.ask("stats")).items()}
 
     async def check(self) -> bool:
         """Print how many of :attr:`expected` messages the server received; whether all."""
         stats = await self.stats()
-        received, ok = stats["received"], stats["received"] == self.expected
+        ok = stats["received"] == self.expected
         print(
-            f"  server: {received} of {self.expected} messages received, {stats['connections']} "
-            "SMTP sessions (warm-up included)" + ("" if ok else "  <-- MISSING")
+            f"  server: {stats['received']} of {self.expected} messages received, "
+            f"{stats['connections']} SMTP sessions (warm-up included)" + " <-- MISSING" * (not ok)
         )
         return ok
 
@@ -346,26 +337,27 @@ async def smtp_server(
     pipelining: bool = False,
     chunking: bool = False,
     mail_times: bool = False,
+    max_connections: int | None = None,
 ) -> AsyncIterator[SMTPServer]:
-    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (its TLS
-    certificates made with trustme); *pipelining*, *chunking*: advertise those extensions;
-    *mail_times*: keep the time of each MAIL FROM for :meth:`SMTPServer.mail_times`."""
+    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (TLS
+    certificates from trustme); it counts the messages and forgets them (flat memory).
+    *pipelining*, *chunking*: advertise them; *mail_times*: keep each MAIL FROM's time for
+    :meth:`SMTPServer.mail_times`; *max_connections*: greet more with 421, as Postfix does."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
-        options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
+        options = dict(kind="smtp", tls=tls, auth=auth, delay=data_delay, dir=directory)
         options.update(pipelining=pipelining, chunking=chunking, mail_times=mail_times)
+        options.update(max_connections=max_connections)
         async with children(__file__, [options]) as (child,):
             yield SMTPServer(tls, auth, child, child.ready["mail_config"])
 
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
     tls, directory = options["tls"], pathlib.Path(options["dir"])
+    certificates = TLSCertificates.create(directory) if tls != "none" else None
+    auth = options["auth"] and (str(options["auth"][0]), str(options["auth"][1]))
+    flags = {key: options[key] for key in ("pipelining", "chunking", "max_connections")}
     server = SMTPTestServer(
-        tls=tls,
-        certificates=TLSCertificates.create(directory) if tls != "none" else None,
-        auth=options["auth"] and (str(options["auth"][0]), str(options["auth"][1])),
-        idle_timeout=3600.0,
-        pipelining=options["pipelining"],
-        chunking=options["chunking"],
+        tls=tls, certificates=certificates, auth=auth, idle_timeout=3600.0, **flags
     )
     server.data_delay = float(options["delay"])
     received = 0
@@ -374,7 +366,7 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
     def forget() -> None:  # keep the count (and the MAIL FROM times if asked), not the messages
         nonlocal received
         received += len(server.messages)
-        if options.get("mail_times"):
+        if options["mail_times"]:
             mail_times.extend(c.time for c in server.commands if c.verb == "MAIL")
         server.messages.clear()
         server.commands.clear()
@@ -394,17 +386,16 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
             if command == "mail_times":
                 commands.reply({"mail_times": mail_times[:]})
                 mail_times.clear()
-                continue
-            attempts, connections = server.data_attempts, server.connections
-            commands.reply(
-                {"received": received, "data_attempts": attempts, "connections": connections}
-            )
+            else:
+                stats = dict(received=received, data_attempts=server.data_attempts)
+                stats.update(connections=server.connections, refused=server.refused_connections)
+                commands.reply(stats)
         forgetting.cancel()
 
 
 @dataclass
 class ServedApp:
-    """Hypercorn serving an app, as started by :func:`serve_app`."""
+    """A web server started by :func:`serve_app`: its process, output and port."""
 
     process: asyncio.subprocess.Process
     log_path: pathlib.Path
@@ -412,62 +403,68 @@ class ServedApp:
 
     @property
     def log(self) -> str:
-        """Hypercorn's output so far: its access and error logs, the app's log."""
+        """The server's output so far (its access and error logs, the app's log)."""
         return self.log_path.read_text(errors="replace")
 
-    async def stop(self, timeout: float) -> tuple[int | None, float]:  # noqa: ASYNC109
-        """SIGTERM to Hypercorn's main process, as a process manager sends; its exit code
-        (None if it had not exited within *timeout* seconds) and the seconds it took."""
-        start = time.perf_counter()
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) so far of the server's processes: the main one, its
+        workers and their threads, and what the children it reaped had spent (Linux /proc)."""
+        total, todo = 0, [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            with contextlib.suppress(OSError):  # a process that just exited
+                fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+                for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+                    todo += map(int, (task / "children").read_text().split())
+        return total / os.sysconf("SC_CLK_TCK")
+
+    async def stop(self, timeout: float) -> int | None:  # noqa: ASYNC109
+        """SIGTERM to the main process, as a process manager sends; its exit code, or None
+        if it had not exited within *timeout* seconds."""
         self.process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
-            code = None
-        return code, time.perf_counter() - start
-
-
-_RUNNING_ON = re.compile(r"Running on http://127\.0\.0\.1:(\d+) ")
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        return None
 
 
 @contextlib.asynccontextmanager
 async def serve_app(
-    app_spec: str,
+    command: Sequence[str],
     env: Mapping[str, str],
     directory: pathlib.Path,
-    config: pathlib.Path = PROJECT / "hypercorn.toml",
+    ready: str,
+    count: int = 1,
 ) -> AsyncIterator[ServedApp]:
-    """Serve *app_spec* with ``python -m hypercorn -c <config> --bind 127.0.0.1:0`` from the
-    project root, in a session of its own; its environment ours minus the app's settings,
-    plus *env*; its output in ``directory/hypercorn.log``. Yields once Hypercorn logged
-    "Running on" (after the app's start-up); kills its process group on the way out."""
+    """Run *command* from the project root in a session of its own, its environment ours
+    minus the app's settings, plus *env*; its output in ``directory/server.log``. Yields once
+    *count* lines of the output matched *ready*, a regex whose group 1 is the port it listens
+    on (it binds port 0: no race for a free port); kills its process group on the way out."""
     from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
 
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ENVIRONMENT_KEYS and not key.startswith("QUART_")
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS and k[:6] != "QUART_"
     }
-    log_path = directory / "hypercorn.log"
-    with log_path.open("wb") as log:
+    with (directory / "server.log").open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "hypercorn", "-c", str(config)),
-            *("--bind", f"{HOST}:0", app_spec),
+            *command,
             cwd=PROJECT,
-            env={**environment, **env},
+            env={**inherited, **env},
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own group: Ctrl-C reaches us only; killpg below
-        )
-    served = ServedApp(process, log_path)
+            start_new_session=True,
+        )  # its own session: Ctrl-C reaches us only; killpg below
+    served = ServedApp(process, directory / "server.log")
     try:
         async with asyncio.timeout(START_TIMEOUT):
-            while not (found := _RUNNING_ON.search(served.log)):
+            while len(found := re.findall(ready, served.log)) < count:
                 if process.returncode is not None:
-                    raise RuntimeError(f"Hypercorn exited with {process.returncode}:\n{served.log}")
+                    raise RuntimeError(
+                        f"{command[:3]} exited with {process.returncode}:\n{served.log}"
+                    )
                 await asyncio.sleep(0.05)
-        served.port = int(found.group(1))
+        served.port = int(found[0])
         yield served
     finally:
         with contextlib.suppress(ProcessLookupError):
