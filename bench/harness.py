@@ -15,6 +15,7 @@ import cProfile
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import pstats
@@ -39,17 +40,13 @@ START_TIMEOUT = 60.0  # seconds for a child (or a served app) to get ready
 REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
 STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
 TLSMode = Literal["none", "starttls", "implicit"]
+Sizes = Mapping[str, tuple[int, int, str]]  # name: (default, --quick value, help)
 
 
 class Arguments(argparse.ArgumentParser):
-    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help)."""
+    """The common flags and the script's *sizes*; its docstring is the ``--help``."""
 
-    def __init__(
-        self,
-        sizes: Mapping[str, tuple[int, int, str]],
-        only: Sequence[str],
-        profile: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, sizes: Sizes, only: Sequence[str], profile: Sequence[str] = ()) -> None:
         doc = sys.modules["__main__"].__doc__
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.sizes, self.only = sizes, only
@@ -94,7 +91,7 @@ class Variant:
 
 
 async def take_turns(variants: Sequence[Variant], rounds: int) -> None:
-    """Warm every variant up, then run them in turn for *rounds* rounds."""
+    """Warm every variant up, then run them in turn (a slow phase of the machine hits all)."""
     for variant in variants:
         if variant.warmup:
             await variant.run(variant.warmup)
@@ -121,15 +118,10 @@ _targets: list[str] = []
 
 
 def target(
-    text: str,
-    ratio: float,
-    *,
-    at_least: float = 0.0,
-    at_most: float = float("inf"),
-    unit: str = "x",
+    text: str, ratio: float, *, at_least: float = 0.0, at_most: float = math.inf, unit: str = "x"
 ) -> None:
     """Print (and remember for :func:`finish`) whether *ratio* meets a target; *unit* follows
-    the figures (``" ms"`` for a figure that is not a ratio)."""
+    the figures (``" ms"`` for one that is not a ratio)."""
     bound = f">= {at_least:g}{unit}" if at_least else f"<= {at_most:g}{unit}"
     met = "MET" if at_least <= ratio <= at_most else "NOT MET"
     _targets.append(f"{text} {bound}: {met} ({ratio:.2f}{unit})")
@@ -208,11 +200,10 @@ async def children(
 ) -> AsyncIterator[list[Child]]:
     """Start a child per options, wait for each one's first answer, stop them all at the end."""
     started: list[Child] = []
-    script = os.path.abspath(script)  # noqa: ASYNC240 (no I/O: a string operation)
+    script, pipe = os.path.abspath(script), asyncio.subprocess.PIPE  # noqa: ASYNC240 (no I/O)
     try:
         for option in options:
             command = (sys.executable, script, "--child", json.dumps(option))
-            pipe = asyncio.subprocess.PIPE
             started.append(
                 Child(await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe))
             )
@@ -241,23 +232,20 @@ class Commands:
     @staticmethod
     def reply(data: Mapping[str, Any]) -> None:
         with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
-            sys.stdout.write(json.dumps(data) + "\n")
-            sys.stdout.flush()
+            print(json.dumps(data), flush=True)
 
 
 ChildMain = Callable[[dict[str, Any], Commands], Awaitable[None]]
 
 
 async def _run_child(run: ChildMain, options: dict[str, Any]) -> None:
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
-    await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, sys.stdin)
+    reader, loop = asyncio.StreamReader(), asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await run(options, Commands(reader))
 
 
 def main(
-    benchmark: Callable[[], Coroutine[Any, Any, int]],
-    children: Mapping[str, ChildMain] | None = None,
+    benchmark: Callable[[], Coroutine[Any, Any, int]], children: Mapping[str, ChildMain] = {}
 ) -> NoReturn:
     """The script's entry point: the benchmark, or the child that ``--child`` asks for."""
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
@@ -265,7 +253,7 @@ def main(
         # Ctrl-C reaches the whole process group: the parent handles it and closes our stdin.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.basicConfig(format=f"[child {os.getpid()}] %(name)s: %(message)s")
-        known = {"smtp": _serve_smtp, **(children or {})}
+        known = {"smtp": _serve_smtp, **children}
         sys.exit(asyncio.run(_run_child(known[options["kind"]], options)))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -290,17 +278,15 @@ class SMTPServer:
 
     def raw_client(self, local_hostname: str, timeout: float = 30.0) -> aiosmtplib.SMTP:
         """A plain aiosmtplib client for this server: the benchmarks' baseline."""
-        ca_file, tls = self.config["MAIL_CA_FILE"], self.tls
-        context = ssl.create_default_context(cafile=ca_file) if ca_file else None
-        host, port = self.config["MAIL_SERVER"], self.config["MAIL_PORT"]
+        ca_file = self.config["MAIL_CA_FILE"]
         return aiosmtplib.SMTP(
-            hostname=host,
-            port=port,
-            use_tls=tls == "implicit",
-            timeout=timeout,
-            start_tls=tls == "starttls",
-            tls_context=context,
+            hostname=self.config["MAIL_SERVER"],
+            port=self.config["MAIL_PORT"],
+            use_tls=self.tls == "implicit",
+            start_tls=self.tls == "starttls",
+            tls_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
             local_hostname=local_hostname,
+            timeout=timeout,
         )
 
     async def stats(self) -> dict[str, int]:
@@ -323,8 +309,8 @@ class SMTPServer:
         await self.child.ask(f"data_delay {seconds!r}")
 
     async def mail_times(self) -> list[float]:
-        """When the server began handling each MAIL FROM since the last call (its
-        ``loop.time()``), for a server started with ``mail_times=True``."""
+        """The server's ``loop.time()`` at each MAIL FROM since the last call (a server
+        started with ``mail_times=True``)."""
         return [float(time) for time in (await self.child.ask("mail_times"))["mail_times"]]
 
 
@@ -334,39 +320,36 @@ async def smtp_server(
     auth: tuple[str, str] | None = None,
     data_delay: float = 0.0,
     *,
-    pipelining: bool = False,
-    chunking: bool = False,
     mail_times: bool = False,
-    max_connections: int | None = None,
+    **server: bool | int | None,
 ) -> AsyncIterator[SMTPServer]:
     """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (TLS
-    certificates from trustme); it counts the messages and forgets them (flat memory).
-    *pipelining*, *chunking*: advertise them; *mail_times*: keep each MAIL FROM's time for
-    :meth:`SMTPServer.mail_times`; *max_connections*: greet more with 421, as Postfix does."""
+    certificates from trustme), counting the messages and forgetting them (flat memory);
+    *mail_times*: keep each MAIL FROM's time; *server*: its other options (``pipelining``,
+    ``chunking``, ``max_connections``...)."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
-        options = dict(kind="smtp", tls=tls, auth=auth, delay=data_delay, dir=directory)
-        options.update(pipelining=pipelining, chunking=chunking, mail_times=mail_times)
-        options.update(max_connections=max_connections)
+        options: dict[str, Any] = dict(kind="smtp", tls=tls, auth=auth, dir=directory)
+        options.update(delay=data_delay, times=mail_times, server=server)
         async with children(__file__, [options]) as (child,):
             yield SMTPServer(tls, auth, child, child.ready["mail_config"])
 
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
-    tls, directory = options["tls"], pathlib.Path(options["dir"])
-    certificates = TLSCertificates.create(directory) if tls != "none" else None
-    auth = options["auth"] and (str(options["auth"][0]), str(options["auth"][1]))
-    flags = {key: options[key] for key in ("pipelining", "chunking", "max_connections")}
+    tls, auth, directory = options["tls"], options["auth"], pathlib.Path(options["dir"])
     server = SMTPTestServer(
-        tls=tls, certificates=certificates, auth=auth, idle_timeout=3600.0, **flags
+        tls=tls,
+        certificates=TLSCertificates.create(directory) if tls != "none" else None,
+        auth=auth and (str(auth[0]), str(auth[1])),
+        idle_timeout=3600.0,
+        **options["server"],
     )
     server.data_delay = float(options["delay"])
-    received = 0
-    mail_times: list[float] = []
+    received, mail_times = 0, list[float]()
 
     def forget() -> None:  # keep the count (and the MAIL FROM times if asked), not the messages
         nonlocal received
         received += len(server.messages)
-        if options["mail_times"]:
+        if options["times"]:
             mail_times.extend(c.time for c in server.commands if c.verb == "MAIL")
         server.messages.clear()
         server.commands.clear()
@@ -406,18 +389,22 @@ class ServedApp:
         """The server's output so far (its access and error logs, the app's log)."""
         return self.log_path.read_text(errors="replace")
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) so far of the server's processes: the main one, its
-        workers and their threads, and what the children it reaped had spent (Linux /proc)."""
-        total, todo = 0, [self.process.pid]
+    def cpu_seconds(self, running: bool = False) -> float:
+        """CPU time (user + system) so far of the server's processes and threads, and of the
+        children they reaped (Linux /proc, in clock ticks); *running*: of the threads alive
+        now only, to the nanosecond (their schedstat), to measure a short span."""
+        total, todo = 0.0, [self.process.pid]
         while todo:
             pid = todo.pop()
             with contextlib.suppress(OSError):  # a process that just exited
-                fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
                 for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
                     todo += map(int, (task / "children").read_text().split())
-        return total / os.sysconf("SC_CLK_TCK")
+                    total += int((task / "schedstat").read_text().split()[0]) / 1e9 * running
+                if not running:
+                    stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                    ticks = sum(map(int, stat.split()[11:15]))  # utime stime cutime cstime
+                    total += ticks / os.sysconf("SC_CLK_TCK")
+        return total
 
     async def stop(self, timeout: float) -> int | None:  # noqa: ASYNC109
         """SIGTERM to the main process, as a process manager sends; its exit code, or None
@@ -430,32 +417,28 @@ class ServedApp:
 
 @contextlib.asynccontextmanager
 async def serve_app(
-    command: Sequence[str],
-    env: Mapping[str, str],
-    directory: pathlib.Path,
-    ready: str,
-    count: int = 1,
+    command: Sequence[str], env: Mapping[str, str], log: pathlib.Path, ready: str, count: int = 1
 ) -> AsyncIterator[ServedApp]:
     """Run *command* from the project root in a session of its own, its environment ours
-    minus the app's settings, plus *env*; its output in ``directory/server.log``. Yields once
-    *count* lines of the output matched *ready*, a regex whose group 1 is the port it listens
-    on (it binds port 0: no race for a free port); kills its process group on the way out."""
+    minus the app's settings, plus *env*, its output to the file *log*. Yields once *count*
+    lines of the output matched *ready*, a regex whose group 1 is the port it listens on
+    (it binds port 0: no race for a free port); kills its process group on the way out."""
     from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
 
     inherited = {
-        k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS and k[:6] != "QUART_"
+        k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS and "QUART_" not in k
     }
-    with (directory / "server.log").open("wb") as log:
+    with log.open("wb") as output:  # its own session: Ctrl-C reaches us only; killpg below
         process = await asyncio.create_subprocess_exec(
             *command,
             cwd=PROJECT,
-            env={**inherited, **env},
+            env=inherited | dict(env),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
+            stdout=output,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-        )  # its own session: Ctrl-C reaches us only; killpg below
-    served = ServedApp(process, directory / "server.log")
+        )
+    served = ServedApp(process, log)
     try:
         async with asyncio.timeout(START_TIMEOUT):
             while len(found := re.findall(ready, served.log)) < count:
