@@ -426,7 +426,9 @@ async def serve_app(
     from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
 
     inherited = {
-        k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS and "QUART_" not in k
+        k: v
+        for k, v in os.environ.items()
+        if k not in ENVIRONMENT_KEYS and not k.startswith("QUART_")
     }
     with log.open("wb") as output:  # its own session: Ctrl-C reaches us only; killpg below
         process = await asyncio.create_subprocess_exec(
