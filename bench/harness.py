@@ -1,21 +1,9 @@
 """The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
 
-Scripts run as ``python bench/<name>.py`` from the project root (``import harness``):
-
-- :class:`Arguments`: ``-n`` and the script's other sizes (default, ``--quick`` value), ``--only``,
-  ``--profile`` and ``--top``; the script's docstring is its ``--help``.
-- :class:`Variant`, :func:`take_turns` (warm each up, then rounds in turn, so a slow phase of a
-  shared machine hits all alike), :func:`print_table` (best, median, ratio to a baseline of the
-  same run), :func:`target`, :func:`finish` (exit status 0 whatever the figures; 1 if a
-  message went missing); :func:`profile` and :func:`print_profile` (cProfile's top).
-- :func:`children`: processes running the same script with ``--child OPTIONS`` (JSON), handed by
-  :func:`main` to ``children[OPTIONS["kind"]]``; they answer JSON lines (the first: ready) to the
-  lines the parent sends, and stop when their stdin closes (the parent left the block or died).
-- :func:`smtp_server`: :class:`quartmail.testing.SMTPTestServer` in a child process (client and
-  server share no event loop), which counts messages and forgets them (flat memory), and
-  with ``mail_times=True`` keeps when each MAIL FROM arrived (``await mail_times()``).
-- :func:`serve_app`: an app under ``python -m hypercorn -c hypercorn.toml --bind 127.0.0.1:0``,
-  as the tests serve it; the port read from Hypercorn's "Running on" line.
+Scripts run as ``python bench/<name>.py`` from the project root and ``import harness``: the
+arguments, rounds and medians, targets, cProfile, child processes (this script again with
+``--child OPTIONS``, JSON lines both ways, the first answer "ready", stdin closed to stop),
+the SMTP test server in a child, and a web server serving the app in a session of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +15,7 @@ import cProfile
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import pstats
@@ -36,7 +25,6 @@ import ssl
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
@@ -48,21 +36,17 @@ from quartmail.testing import SMTPTestServer, TLSCertificates
 PROJECT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 AUTH = ("bench", "bench-password")  # the credentials of servers that require AUTH
-START_TIMEOUT = 60.0  # seconds for a child (or Hypercorn) to get ready
+START_TIMEOUT = 60.0  # seconds for a child (or a served app) to get ready
 REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
 STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
 TLSMode = Literal["none", "starttls", "implicit"]
+Sizes = Mapping[str, tuple[int, int, str]]  # name: (default, --quick value, help)
 
 
 class Arguments(argparse.ArgumentParser):
-    """The common flags; *sizes* maps a name to (default, ``--quick`` value, help)."""
+    """The common flags and the script's *sizes*; its docstring is the ``--help``."""
 
-    def __init__(
-        self,
-        sizes: Mapping[str, tuple[int, int, str]],
-        only: Sequence[str],
-        profile: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, sizes: Sizes, only: Sequence[str], profile: Sequence[str] = ()) -> None:
         doc = sys.modules["__main__"].__doc__
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.sizes, self.only = sizes, only
@@ -107,7 +91,7 @@ class Variant:
 
 
 async def take_turns(variants: Sequence[Variant], rounds: int) -> None:
-    """Warm every variant up, then run them in turn for *rounds* rounds."""
+    """Warm every variant up, then run them in turn (a slow phase of the machine hits all)."""
     for variant in variants:
         if variant.warmup:
             await variant.run(variant.warmup)
@@ -134,12 +118,13 @@ _targets: list[str] = []
 
 
 def target(
-    text: str, ratio: float, *, at_least: float = 0.0, at_most: float = float("inf")
+    text: str, ratio: float, *, at_least: float = 0.0, at_most: float = math.inf, unit: str = "x"
 ) -> None:
-    """Print (and remember for :func:`finish`) whether *ratio* meets a target."""
-    bound = f">= {at_least:g}x" if at_least else f"<= {at_most:g}x"
+    """Print (and remember for :func:`finish`) whether *ratio* meets a target; *unit* follows
+    the figures (``" ms"`` for one that is not a ratio)."""
+    bound = f">= {at_least:g}{unit}" if at_least else f"<= {at_most:g}{unit}"
     met = "MET" if at_least <= ratio <= at_most else "NOT MET"
-    _targets.append(f"{text} {bound}: {met} ({ratio:.2f}x)")
+    _targets.append(f"{text} {bound}: {met} ({ratio:.2f}{unit})")
     print("  target: " + _targets[-1])
 
 
@@ -178,8 +163,7 @@ class Child:
         self.ready: dict[str, Any] = {}  # its first answer
 
     async def send(self, command: str) -> None:
-        if self.process.stdin is None or self.process.returncode is not None:
-            raise RuntimeError(f"the child process {self.pid} is not running")
+        assert self.process.stdin is not None
         self.process.stdin.write(command.encode("ascii") + b"\n")
         await self.process.stdin.drain()
 
@@ -193,24 +177,21 @@ class Child:
         if not line:
             code = await self.process.wait()
             raise RuntimeError(f"child {self.pid} exited (code {code}); see its traceback above")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
+        return dict(json.loads(line))
 
     async def ask(self, command: str) -> dict[str, Any]:
         await self.send(command)
         return await self.reply()
 
     async def stop(self) -> None:
-        """Close its stdin (its signal to stop); terminate, then kill it, if it lingers."""
+        """Close its stdin (its signal to stop); kill it if it lingers."""
         if self.process.stdin is not None:
             self.process.stdin.close()
-        for end in (None, self.process.terminate, self.process.kill):
-            with contextlib.suppress(ProcessLookupError):
-                if end is not None:
-                    end()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
-                return
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
 
 
 @contextlib.asynccontextmanager
@@ -219,15 +200,13 @@ async def children(
 ) -> AsyncIterator[list[Child]]:
     """Start a child per options, wait for each one's first answer, stop them all at the end."""
     started: list[Child] = []
-    script = os.path.abspath(script)  # noqa: ASYNC240 (no I/O: a string operation)
+    script, pipe = os.path.abspath(script), asyncio.subprocess.PIPE  # noqa: ASYNC240 (no I/O)
     try:
         for option in options:
-            process = await asyncio.create_subprocess_exec(
-                *(sys.executable, script, "--child", json.dumps(option)),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+            command = (sys.executable, script, "--child", json.dumps(option))
+            started.append(
+                Child(await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe))
             )
-            started.append(Child(process))
         for child in started:
             child.ready = await child.reply(ready_timeout)
         yield started
@@ -253,23 +232,20 @@ class Commands:
     @staticmethod
     def reply(data: Mapping[str, Any]) -> None:
         with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
-            sys.stdout.write(json.dumps(data) + "\n")
-            sys.stdout.flush()
+            print(json.dumps(data), flush=True)
 
 
 ChildMain = Callable[[dict[str, Any], Commands], Awaitable[None]]
 
 
 async def _run_child(run: ChildMain, options: dict[str, Any]) -> None:
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
-    await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, sys.stdin)
+    reader, loop = asyncio.StreamReader(), asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     await run(options, Commands(reader))
 
 
 def main(
-    benchmark: Callable[[], Coroutine[Any, Any, int]],
-    children: Mapping[str, ChildMain] | None = None,
+    benchmark: Callable[[], Coroutine[Any, Any, int]], children: Mapping[str, ChildMain] = {}
 ) -> NoReturn:
     """The script's entry point: the benchmark, or the child that ``--child`` asks for."""
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
@@ -277,7 +253,7 @@ def main(
         # Ctrl-C reaches the whole process group: the parent handles it and closes our stdin.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.basicConfig(format=f"[child {os.getpid()}] %(name)s: %(message)s")
-        known = {"smtp": _serve_smtp, **(children or {})}
+        known = {"smtp": _serve_smtp, **children}
         sys.exit(asyncio.run(_run_child(known[options["kind"]], options)))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
@@ -314,16 +290,17 @@ class SMTPServer:
         )
 
     async def stats(self) -> dict[str, int]:
-        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections``."""
+        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections`` (SMTP
+        sessions greeted), ``refused`` (connections greeted with 421)."""
         return {key: int(value) for key, value in (await self.child.ask("stats")).items()}
 
     async def check(self) -> bool:
         """Print how many of :attr:`expected` messages the server received; whether all."""
         stats = await self.stats()
-        received, ok = stats["received"], stats["received"] == self.expected
+        ok = stats["received"] == self.expected
         print(
-            f"  server: {received} of {self.expected} messages received, {stats['connections']} "
-            "SMTP sessions (warm-up included)" + ("" if ok else "  <-- MISSING")
+            f"  server: {stats['received']} of {self.expected} messages received, "
+            f"{stats['connections']} SMTP sessions (warm-up included)" + " <-- MISSING" * (not ok)
         )
         return ok
 
@@ -332,8 +309,8 @@ class SMTPServer:
         await self.child.ask(f"data_delay {seconds!r}")
 
     async def mail_times(self) -> list[float]:
-        """When the server began handling each MAIL FROM since the last call (its
-        ``loop.time()``), for a server started with ``mail_times=True``."""
+        """The server's ``loop.time()`` at each MAIL FROM since the last call (a server
+        started with ``mail_times=True``)."""
         return [float(time) for time in (await self.child.ask("mail_times"))["mail_times"]]
 
 
@@ -343,38 +320,36 @@ async def smtp_server(
     auth: tuple[str, str] | None = None,
     data_delay: float = 0.0,
     *,
-    pipelining: bool = False,
-    chunking: bool = False,
     mail_times: bool = False,
+    **server: bool | int | None,
 ) -> AsyncIterator[SMTPServer]:
-    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (its TLS
-    certificates made with trustme); *pipelining*, *chunking*: advertise those extensions;
-    *mail_times*: keep the time of each MAIL FROM for :meth:`SMTPServer.mail_times`."""
+    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (TLS
+    certificates from trustme), counting the messages and forgetting them (flat memory);
+    *mail_times*: keep each MAIL FROM's time; *server*: its other options (``pipelining``,
+    ``chunking``, ``max_connections``...)."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
-        options = {"kind": "smtp", "tls": tls, "auth": auth, "delay": data_delay, "dir": directory}
-        options.update(pipelining=pipelining, chunking=chunking, mail_times=mail_times)
+        options: dict[str, Any] = dict(kind="smtp", tls=tls, auth=auth, dir=directory)
+        options.update(delay=data_delay, times=mail_times, server=server)
         async with children(__file__, [options]) as (child,):
             yield SMTPServer(tls, auth, child, child.ready["mail_config"])
 
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
-    tls, directory = options["tls"], pathlib.Path(options["dir"])
+    tls, auth, directory = options["tls"], options["auth"], pathlib.Path(options["dir"])
     server = SMTPTestServer(
         tls=tls,
         certificates=TLSCertificates.create(directory) if tls != "none" else None,
-        auth=options["auth"] and (str(options["auth"][0]), str(options["auth"][1])),
+        auth=auth and (str(auth[0]), str(auth[1])),
         idle_timeout=3600.0,
-        pipelining=options["pipelining"],
-        chunking=options["chunking"],
+        **options["server"],
     )
     server.data_delay = float(options["delay"])
-    received = 0
-    mail_times: list[float] = []
+    received, mail_times = 0, list[float]()
 
     def forget() -> None:  # keep the count (and the MAIL FROM times if asked), not the messages
         nonlocal received
         received += len(server.messages)
-        if options.get("mail_times"):
+        if options["times"]:
             mail_times.extend(c.time for c in server.commands if c.verb == "MAIL")
         server.messages.clear()
         server.commands.clear()
@@ -394,17 +369,16 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
             if command == "mail_times":
                 commands.reply({"mail_times": mail_times[:]})
                 mail_times.clear()
-                continue
-            attempts, connections = server.data_attempts, server.connections
-            commands.reply(
-                {"received": received, "data_attempts": attempts, "connections": connections}
-            )
+            else:
+                stats = dict(received=received, data_attempts=server.data_attempts)
+                stats.update(connections=server.connections, refused=server.refused_connections)
+                commands.reply(stats)
         forgetting.cancel()
 
 
 @dataclass
 class ServedApp:
-    """Hypercorn serving an app, as started by :func:`serve_app`."""
+    """A web server started by :func:`serve_app`: its process, output and port."""
 
     process: asyncio.subprocess.Process
     log_path: pathlib.Path
@@ -412,62 +386,70 @@ class ServedApp:
 
     @property
     def log(self) -> str:
-        """Hypercorn's output so far: its access and error logs, the app's log."""
+        """The server's output so far (its access and error logs, the app's log)."""
         return self.log_path.read_text(errors="replace")
 
-    async def stop(self, timeout: float) -> tuple[int | None, float]:  # noqa: ASYNC109
-        """SIGTERM to Hypercorn's main process, as a process manager sends; its exit code
-        (None if it had not exited within *timeout* seconds) and the seconds it took."""
-        start = time.perf_counter()
+    def cpu_seconds(self, running: bool = False) -> float:
+        """CPU time (user + system) so far of the server's processes and threads, and of the
+        children they reaped (Linux /proc, in clock ticks); *running*: of the threads alive
+        now only, to the nanosecond (their schedstat), to measure a short span."""
+        total, todo = 0.0, [self.process.pid]
+        while todo:
+            pid = todo.pop()
+            with contextlib.suppress(OSError):  # a process that just exited
+                for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+                    todo += map(int, (task / "children").read_text().split())
+                    total += int((task / "schedstat").read_text().split()[0]) / 1e9 * running
+                if not running:
+                    stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                    ticks = sum(map(int, stat.split()[11:15]))  # utime stime cutime cstime
+                    total += ticks / os.sysconf("SC_CLK_TCK")
+        return total
+
+    async def stop(self, timeout: float) -> int | None:  # noqa: ASYNC109
+        """SIGTERM to the main process, as a process manager sends; its exit code, or None
+        if it had not exited within *timeout* seconds."""
         self.process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
-            code = None
-        return code, time.perf_counter() - start
-
-
-_RUNNING_ON = re.compile(r"Running on http://127\.0\.0\.1:(\d+) ")
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        return None
 
 
 @contextlib.asynccontextmanager
 async def serve_app(
-    app_spec: str,
-    env: Mapping[str, str],
-    directory: pathlib.Path,
-    config: pathlib.Path = PROJECT / "hypercorn.toml",
+    command: Sequence[str], env: Mapping[str, str], log: pathlib.Path, ready: str, count: int = 1
 ) -> AsyncIterator[ServedApp]:
-    """Serve *app_spec* with ``python -m hypercorn -c <config> --bind 127.0.0.1:0`` from the
-    project root, in a session of its own; its environment ours minus the app's settings,
-    plus *env*; its output in ``directory/hypercorn.log``. Yields once Hypercorn logged
-    "Running on" (after the app's start-up); kills its process group on the way out."""
+    """Run *command* from the project root in a session of its own, its environment ours
+    minus the app's settings, plus *env*, its output to the file *log*. Yields once *count*
+    lines of the output matched *ready*, a regex whose group 1 is the port it listens on
+    (it binds port 0: no race for a free port); kills its process group on the way out."""
     from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
 
-    environment = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ENVIRONMENT_KEYS and not key.startswith("QUART_")
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ENVIRONMENT_KEYS and not k.startswith("QUART_")
     }
-    log_path = directory / "hypercorn.log"
-    with log_path.open("wb") as log:
+    with log.open("wb") as output:  # its own session: Ctrl-C reaches us only; killpg below
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "hypercorn", "-c", str(config)),
-            *("--bind", f"{HOST}:0", app_spec),
+            *command,
             cwd=PROJECT,
-            env={**environment, **env},
+            env=inherited | dict(env),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=log,
+            stdout=output,
             stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # its own group: Ctrl-C reaches us only; killpg below
+            start_new_session=True,
         )
-    served = ServedApp(process, log_path)
+    served = ServedApp(process, log)
     try:
         async with asyncio.timeout(START_TIMEOUT):
-            while not (found := _RUNNING_ON.search(served.log)):
+            while len(found := re.findall(ready, served.log)) < count:
                 if process.returncode is not None:
-                    raise RuntimeError(f"Hypercorn exited with {process.returncode}:\n{served.log}")
+                    raise RuntimeError(
+                        f"{command[:3]} exited with {process.returncode}:\n{served.log}"
+                    )
                 await asyncio.sleep(0.05)
-        served.port = int(found.group(1))
+        served.port = int(found[0])
         yield served
     finally:
         with contextlib.suppress(ProcessLookupError):
