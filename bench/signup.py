@@ -30,6 +30,7 @@ import os
 import pathlib
 import re
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
@@ -177,7 +178,7 @@ async def run(variant: str, limit: int | None, args: argparse.Namespace) -> tupl
     async with harness.smtp_server(data_delay=args.data_delay, max_connections=limit) as server:
         with tempfile.TemporaryDirectory(prefix="quartmail-signup-") as temp:
             directory = pathlib.Path(temp)
-            env = {key: str(value) for key, value in server.mail_config().items() if value}
+            env = {key: str(value) for key, value in server.config.items() if value}
             env.update(FLASKY_ADMIN="admin@example.com")
             command = server_command(variant, args, env, directory)
             log = directory / "server.log"
@@ -195,8 +196,10 @@ async def run(variant: str, limit: int | None, args: argparse.Namespace) -> tupl
                 # Less what the server spends idle (each Hypercorn worker polls every 0.1 s)
                 # while the last mail goes out: a slow SMTP server is no cost per sign-up.
                 cpu = app.cpu_seconds() - cpu - idle * (time.monotonic() - end)
-                code = await app.stop(timeout=60)
-                output = app.log
+                app.process.send_signal(signal.SIGTERM)  # as a process manager stops it
+                with contextlib.suppress(TimeoutError):
+                    code = await asyncio.wait_for(app.process.wait(), 60)
+                output = harness.read(log)
     latencies = sorted(load.latencies) or [math.nan]
     figures = Run(
         rate=len(load.latencies) / load.seconds,
