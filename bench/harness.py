@@ -44,12 +44,7 @@ class Arguments(argparse.ArgumentParser):
     """The script's *sizes*, ``--only`` (of *only*), ``--quick``, ``--profile`` (of *profile*);
     the script's docstring is its ``--help``."""
 
-    def __init__(
-        self,
-        sizes: Mapping[str, tuple[int, int, str]],
-        only: Sequence[str],
-        profile: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, sizes: Sizes, only: Sequence[str], profile: Sequence[str] = ()) -> None:
         doc = sys.modules["__main__"].__doc__
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
         self.sizes, self.only = sizes, only
@@ -93,8 +88,7 @@ class Variant:
         return max(self.rates)
 
     @property
-    def done(self) -> int:
-        """How many times it has run, warm-up included."""
+    def done(self) -> int:  # runs so far, warm-up included
         return self.warmup + self.count * len(self.rates) if self.rates else 0
 
 
@@ -164,7 +158,7 @@ async def profile(variant: Variant, top: int) -> None:
 
 @dataclass
 class Child:
-    """A child process (the parent's side); ``ready`` is its first answer."""
+    """A child process, the parent's side; ``ready`` is its first answer."""
 
     process: asyncio.subprocess.Process
     ready: dict[str, Any] = field(default_factory=dict)
@@ -174,51 +168,48 @@ class Child:
         self.process.stdin.write(command.encode("ascii") + b"\n")
         await self.process.stdin.drain()
 
-    async def reply(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+    async def ask(self, command: str | None, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+        """Send *command* (None: nothing), then read the child's answer."""
+        if command is not None:
+            await self.send(command)
         assert self.process.stdout is not None
-        pid = self.process.pid
-        try:
-            async with asyncio.timeout(timeout):
-                line = await self.process.stdout.readline()
-        except TimeoutError:
-            raise RuntimeError(f"child {pid} did not answer within {timeout:g} s") from None
+        async with asyncio.timeout(timeout):  # a TimeoutError: the child hangs
+            line = await self.process.stdout.readline()
         if not line:
             code = await self.process.wait()
-            raise RuntimeError(f"child {pid} exited (code {code}); see its traceback above")
+            raise RuntimeError(f"child exited (code {code}); see its traceback above")
         return dict(json.loads(line))
-
-    async def ask(self, command: str) -> dict[str, Any]:
-        await self.send(command)
-        return await self.reply()
-
-    async def stop(self) -> None:
-        """Close its stdin (its signal to stop); kill it if it lingers."""
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10.0)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
 
 
 @contextlib.asynccontextmanager
 async def children(
     script: str, options: Sequence[dict[str, Any]], ready_timeout: float = START_TIMEOUT
 ) -> AsyncIterator[list[Child]]:
-    """Start a child per options, wait for each one's first answer, stop them all at the end."""
+    """Start a child per options, wait for each one's first answer, stop them all at the end:
+    close their stdin, kill those that linger."""
     started: list[Child] = []
     script, pipe = os.path.abspath(script), asyncio.subprocess.PIPE  # noqa: ASYNC240 (no I/O)
+
+    async def stop(process: asyncio.subprocess.Process) -> None:
+        if process.stdin is not None:
+            process.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 10.0)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
     try:
         for option in options:
             command = (sys.executable, script, "--child", json.dumps(option))
-            process = await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe)
-            started.append(Child(process))
+            started.append(
+                Child(await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe))
+            )
         for child in started:
-            child.ready = await child.reply(ready_timeout)
+            child.ready = await child.ask(None, ready_timeout)
         yield started
     finally:
-        await asyncio.gather(*(child.stop() for child in started))
+        await asyncio.gather(*(stop(child.process) for child in started))
 
 
 def reply(data: Mapping[str, Any]) -> None:
@@ -269,18 +260,16 @@ class SMTPServer:
     expected: int = 0  # messages sent to it, for check()
 
     async def stats(self, data_delay: float | None = None) -> dict[str, Any]:
-        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections`` (SMTP
-        sessions greeted), ``refused`` (greeted with 421), ``mail_times`` (its ``loop.time()``
-        at each MAIL FROM since the last call); *data_delay*: the wait before answering each
-        DATA from now on."""
+        """``received``, ``data_attempts``, ``connections``, ``refused`` (421), ``mail_times``
+        (each MAIL FROM's, since the last call); *data_delay*: the wait before each DATA."""
         return await self.child.ask("stats" if data_delay is None else repr(data_delay))
 
     async def check(self) -> bool:
         """Print how many of :attr:`expected` messages the server received; whether all."""
         stats = await self.stats()
         ok: bool = stats["received"] == self.expected
+        print(f"  server: {stats['received']} of {self.expected} messages received, ", end="")
         print(
-            f"  server: {stats['received']} of {self.expected} messages received, "
             f"{stats['connections']} SMTP sessions (warm-up included)" + " <-- MISSING" * (not ok)
         )
         return ok
@@ -300,16 +289,9 @@ async def smtp_server(
 
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
-    tls = options["tls"]
-    server = SMTPTestServer(
-        tls=tls,
-        certificates=TLSCertificates.create(pathlib.Path(options["dir"]))
-        if tls != "none"
-        else None,
-        auth=AUTH if options["auth"] else None,
-        idle_timeout=3600.0,
-        **options["server"],
-    )
+    tls, auth, more = options["tls"], AUTH if options["auth"] else None, options["server"]
+    certs = TLSCertificates.create(pathlib.Path(options["dir"])) if tls != "none" else None
+    server = SMTPTestServer(tls=tls, certificates=certs, auth=auth, idle_timeout=3600.0, **more)
     server.data_delay = float(options["delay"])
     received, mail_times = 0, list[float]()
 
@@ -339,31 +321,6 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
         forgetting.cancel()
 
 
-@dataclass
-class ServedApp:
-    """A web server started by :func:`serve_app`: its process, the file of its output, port."""
-
-    process: asyncio.subprocess.Process
-    log: pathlib.Path
-    port: int = 0
-
-    def cpu_seconds(self, running: bool = False) -> float:
-        """CPU time so far of the server's processes and threads, and of the children they
-        reaped (/proc); *running*: of the threads alive now only, to the ns (schedstat)."""
-        total, todo = 0.0, [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            with contextlib.suppress(OSError):  # a process that just exited
-                for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-                    todo += map(int, (task / "children").read_text().split())
-                    total += int((task / "schedstat").read_text().split()[0]) / 1e9 * running
-                if not running:
-                    stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
-                    ticks = sum(map(int, stat.split()[11:15]))  # utime stime cutime cstime
-                    total += ticks / os.sysconf("SC_CLK_TCK")
-        return total
-
-
 def read(log: pathlib.Path) -> str:
     """A served app's output so far (its access and error logs, the app's log)."""
     return log.read_text(errors="replace")
@@ -372,30 +329,27 @@ def read(log: pathlib.Path) -> str:
 @contextlib.asynccontextmanager
 async def serve_app(
     command: Sequence[str], env: Mapping[str, str], log: pathlib.Path, ready: str, count: int = 1
-) -> AsyncIterator[ServedApp]:
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     """Run *command* from the project root in a session of its own, with our environment less
     the app's settings, plus *env*, output to *log*; yield once *count* lines matched *ready*
     (group 1: the port; binding port 0, no race); kill its process group at the end."""
     from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
 
     env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS} | dict(env)
-    with log.open("wb") as file:  # its own session: Ctrl-C reaches us only; killpg below
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            cwd=PROJECT,
-            env={k: v for k, v in env.items() if not k.startswith("QUART_")},
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=file,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
+    env = {k: v for k, v in env.items() if not k.startswith("QUART_")}
+    with log.open("wb") as out:  # its own session: Ctrl-C reaches us only; killpg below
+        options: dict[str, Any] = dict(stdin=asyncio.subprocess.DEVNULL, stdout=out)
+        options.update(
+            stderr=asyncio.subprocess.STDOUT, cwd=PROJECT, env=env, start_new_session=True
         )
+        process = await asyncio.create_subprocess_exec(*command, **options)
     try:
         async with asyncio.timeout(START_TIMEOUT):
             while len(found := re.findall(ready, output := read(log))) < count:
                 if process.returncode is not None:
                     raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{output}")
                 await asyncio.sleep(0.05)
-        yield ServedApp(process, log, int(found[0]))
+        yield process, int(found[0])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

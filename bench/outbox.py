@@ -128,7 +128,7 @@ class Runs:
                 await each.send("go")
             if dispatchers:
                 return await self.delivered(n, started) - start
-            end = (await started[0].reply())["end"]
+            end = (await started[0].ask(None))["end"]
         self.server.expected += n
         return float(end) - start
 
