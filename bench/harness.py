@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import io
 import json
 import logging
@@ -321,11 +322,6 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
         forgetting.cancel()
 
 
-def read(log: pathlib.Path) -> str:
-    """A served app's output so far (its access and error logs, the app's log)."""
-    return log.read_text(errors="replace")
-
-
 @contextlib.asynccontextmanager
 async def serve_app(
     command: Sequence[str], env: Mapping[str, str], log: pathlib.Path, ready: str, count: int = 1
@@ -343,9 +339,10 @@ async def serve_app(
             stderr=asyncio.subprocess.STDOUT, cwd=PROJECT, env=env, start_new_session=True
         )
         process = await asyncio.create_subprocess_exec(*command, **options)
+    read = functools.partial(log.read_text, errors="replace")  # its output so far
     try:
         async with asyncio.timeout(START_TIMEOUT):
-            while len(found := re.findall(ready, output := read(log))) < count:
+            while len(found := re.findall(ready, output := read())) < count:
                 if process.returncode is not None:
                     raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{output}")
                 await asyncio.sleep(0.05)

@@ -218,7 +218,7 @@ async def run(variant: str, limit: int | None, args: argparse.Namespace) -> tupl
                 code = None
                 with contextlib.suppress(TimeoutError):
                     code = await asyncio.wait_for(process.wait(), 60)
-                output = harness.read(log)
+                output = log.read_text(errors="replace")
     latencies = sorted(load.latencies) or [math.nan]
     figures = Run(
         rate=len(load.latencies) / load.seconds,
