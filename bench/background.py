@@ -30,8 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from quartmail.testing import TLSMode
+
 # section: TLS mode, seconds per DATA, MAIL_POOL_SIZE, target (x the first variant)
-SECTIONS: dict[str, tuple[str, float, int, float]] = {
+SECTIONS: dict[str, tuple[TLSMode, float, int, float]] = {
     "plain": ("none", 0.0, 8, 2.0),
     "starttls": ("starttls", 0.0, 8, 2.0),
     "implicit": ("implicit", 0.0, 8, 2.0),

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from quartmail.testing import SMTPTestServer, TLSCertificates
+from quartmail.testing import SMTPTestServer, TLSCertificates, TLSMode
 
 PROJECT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -278,7 +278,7 @@ class SMTPServer:
 
 @contextlib.asynccontextmanager
 async def smtp_server(
-    tls: str = "none", auth: bool = False, data_delay: float = 0.0, **server: bool | int | None
+    tls: TLSMode = "none", auth: bool = False, data_delay: float = 0.0, **server: bool | int | None
 ) -> AsyncIterator[SMTPServer]:
     """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (*tls*
     ``none``, ``starttls``, ``implicit``; *auth*: :data:`AUTH` required), counting the messages
