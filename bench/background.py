@@ -30,8 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from quartmail.testing import TLSMode
+
 # section: TLS mode, seconds per DATA, MAIL_POOL_SIZE, target (x the first variant)
-SECTIONS: dict[str, tuple[harness.TLSMode, float, int, float]] = {
+SECTIONS: dict[str, tuple[TLSMode, float, int, float]] = {
     "plain": ("none", 0.0, 8, 2.0),
     "starttls": ("starttls", 0.0, 8, 2.0),
     "implicit": ("implicit", 0.0, 8, 2.0),
@@ -65,12 +67,14 @@ async def threads(server: harness.SMTPServer, count: int) -> float:
 async def section(name: str, args: argparse.Namespace) -> bool:
     """A section but ``memory``: its variants take turns, against the first."""
     tls, delay, pool, least = SECTIONS[name]
-    auth = harness.AUTH if tls != "none" else None
     cpu: dict[str, list[float]] = {}  # CPU seconds per message of each run, by label
-    async with harness.smtp_server(tls, auth, delay) as server, contextlib.AsyncExitStack() as apps:
+    async with (
+        harness.smtp_server(tls, tls != "none", delay) as server,
+        contextlib.AsyncExitStack() as apps,
+    ):
 
         async def quartmail(label: str, n: int, warmup: int, **config: Any) -> harness.Variant:
-            app, mail = mail_app(server.mail_config(), MAIL_POOL_SIZE=pool, **config)
+            app, mail = mail_app(server.config, MAIL_POOL_SIZE=pool, **config)
             send = mail.send_background
             await (lifespan := app.test_app()).startup()
             apps.push_async_callback(lifespan.shutdown)
@@ -116,7 +120,7 @@ async def section(name: str, args: argparse.Namespace) -> bool:
         else:
             text = f"send_background x{pool}, {name} ({what}), vs raw aiosmtplib"
             harness.target(text, variants[1].best / raw.best, at_least=least)
-        server.expected = sum(v.warmup + v.count * len(v.rates) for v in variants)
+        server.expected = sum(v.done for v in variants)
         return await server.check()
 
 
@@ -131,7 +135,7 @@ async def measure(options: dict[str, Any], commands: harness.Commands) -> None:
     server holds each DATA, or built and kept in a list; answered as its first reply."""
     n, what, warmup = options["n"], options["what"], 32
     async with harness.smtp_server() as server:
-        app, mail = mail_app(server.mail_config(), MAIL_POOL_SIZE=8)
+        app, mail = mail_app(server.config, MAIL_POOL_SIZE=8)
         hold: Callable[[int], Any] = {
             "queued": lambda i: mail.send_background(build_message(i)),
             "emailmessage": build_email_message,
@@ -142,17 +146,18 @@ async def measure(options: dict[str, Any], commands: harness.Commands) -> None:
             await asyncio.gather(*(mail.send_background(build_message(i)) for i in range(warmup)))
             warm = [hold(i) for i in range(0 if what == "queued" else 100)]
             del warm  # their memory free for reuse, as in an app that has been running
-            await server.set_data_delay(PAUSE_DELAY)
+            await server.stats(data_delay=PAUSE_DELAY)
             gc.collect()
             before, held = rss(), [hold(i) for i in range(n)]
             await asyncio.sleep(PAUSE_DELAY / 5)  # the workers take their first messages
             growth, in_data = rss() - before, (await server.stats())["data_attempts"] - warmup
-            await server.set_data_delay(0.0)
+            await server.stats(data_delay=0.0)
             if what == "queued":
                 await asyncio.gather(*held)
         missing = warmup + (n if what == "queued" else 0) - (await server.stats())["received"]
-    commands.reply({"growth": growth, "in_data": in_data, "missing": missing})
-    await commands.until_closed()
+    harness.reply({"growth": growth, "in_data": in_data, "missing": missing})
+    async for _ in commands:
+        pass
 
 
 async def memory(args: argparse.Namespace) -> bool:

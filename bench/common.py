@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -14,6 +15,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from typing import Any
 
+import aiosmtplib
 import harness
 from quart import Quart
 
@@ -53,10 +55,19 @@ def build_message(i: int) -> Message:
 async def raw_session(server: harness.SMTPServer, count: int, data: bytes = b"") -> float:
     """Raw aiosmtplib on one connection, each message built (or *data* sent as it is); the
     seconds it took, connecting and QUIT included."""
-    start = time.perf_counter()
-    async with server.raw_client(HOSTNAME) as smtp:
-        if server.auth:
-            await smtp.login(*server.auth)
+    config, start = server.config, time.perf_counter()
+    ca_file = config["MAIL_CA_FILE"]
+    async with aiosmtplib.SMTP(
+        hostname=config["MAIL_SERVER"],
+        port=config["MAIL_PORT"],
+        use_tls=config["MAIL_USE_SSL"],
+        start_tls=config["MAIL_USE_TLS"],
+        tls_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
+        local_hostname=HOSTNAME,
+        timeout=30.0,
+    ) as smtp:
+        if config["MAIL_USERNAME"]:
+            await smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"])
         for i in range(count):
             if data:
                 await smtp.sendmail("bench@example.com", ["alice@example.org"], data)

@@ -1,9 +1,11 @@
 """The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
 
-Scripts run as ``python bench/<name>.py`` from the project root and ``import harness``: the
-arguments, rounds and medians, targets, cProfile, child processes (this script again with
-``--child OPTIONS``, JSON lines both ways, the first answer "ready", stdin closed to stop),
-the SMTP test server in a child, and a web server serving the app in a session of its own.
+A script runs as ``python bench/<name>.py`` from the project root, ``import harness`` and hands
+:func:`main` a coroutine: :class:`Arguments` parses its sizes, :func:`take_turns` runs its
+:class:`Variant` s, :func:`print_table` and :func:`target` print them, :func:`finish` gives the
+exit status. :func:`children` runs the script again with ``--child OPTIONS`` (JSON; ``kind``
+names a coroutine given to :func:`main`): it answers JSON lines, the first once ready, and
+stops when its stdin closes. :func:`smtp_server` is such a child; :func:`serve_app` a web server.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import io
 import json
 import logging
@@ -21,30 +24,26 @@ import pathlib
 import pstats
 import re
 import signal
-import ssl
 import statistics
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
-import aiosmtplib
-
-from quartmail.testing import SMTPTestServer, TLSCertificates
+from quartmail.testing import SMTPTestServer, TLSCertificates, TLSMode
 
 PROJECT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 AUTH = ("bench", "bench-password")  # the credentials of servers that require AUTH
 START_TIMEOUT = 60.0  # seconds for a child (or a served app) to get ready
 REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
-STOP_TIMEOUT = 10.0  # seconds for a child to exit once its stdin is closed
-TLSMode = Literal["none", "starttls", "implicit"]
 Sizes = Mapping[str, tuple[int, int, str]]  # name: (default, --quick value, help)
 
 
 class Arguments(argparse.ArgumentParser):
-    """The common flags and the script's *sizes*; its docstring is the ``--help``."""
+    """The script's *sizes*, ``--only`` (of *only*), ``--quick``, ``--profile`` (of *profile*);
+    the script's docstring is its ``--help``."""
 
     def __init__(self, sizes: Sizes, only: Sequence[str], profile: Sequence[str] = ()) -> None:
         doc = sys.modules["__main__"].__doc__
@@ -60,9 +59,9 @@ class Arguments(argparse.ArgumentParser):
             self.add_argument("--profile", action="append", choices=profile, help="cProfile it")
             self.add_argument("--top", type=int, default=30, help="functions shown per table")
 
-    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    def parse(self) -> argparse.Namespace:
         """Parse, fill in the sizes not given, check them; ``only`` in declared order."""
-        args = self.parse_args(argv)
+        args = self.parse_args()
         for name, (default, quick, _) in self.sizes.items():
             if getattr(args, name) is None:
                 setattr(args, name, quick if args.quick else default)
@@ -88,6 +87,10 @@ class Variant:
     @property
     def best(self) -> float:
         return max(self.rates)
+
+    @property
+    def done(self) -> int:  # runs so far, warm-up included
+        return self.warmup + self.count * len(self.rates) if self.rates else 0
 
 
 async def take_turns(variants: Sequence[Variant], rounds: int) -> None:
@@ -120,8 +123,7 @@ _targets: list[str] = []
 def target(
     text: str, ratio: float, *, at_least: float = 0.0, at_most: float = math.inf, unit: str = "x"
 ) -> None:
-    """Print (and remember for :func:`finish`) whether *ratio* meets a target; *unit* follows
-    the figures (``" ms"`` for one that is not a ratio)."""
+    """Print (and repeat in :func:`finish`) whether *ratio* meets a target."""
     bound = f">= {at_least:g}{unit}" if at_least else f"<= {at_most:g}{unit}"
     met = "MET" if at_least <= ratio <= at_most else "NOT MET"
     _targets.append(f"{text} {bound}: {met} ({ratio:.2f}{unit})")
@@ -155,52 +157,49 @@ async def profile(variant: Variant, top: int) -> None:
     print_profile(profiler, top)
 
 
+@dataclass
 class Child:
-    """A child process running ``<script> --child OPTIONS``; see the module docstring."""
+    """A child process, the parent's side; ``ready`` is its first answer."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process, self.pid = process, process.pid
-        self.ready: dict[str, Any] = {}  # its first answer
+    process: asyncio.subprocess.Process
+    ready: dict[str, Any] = field(default_factory=dict)
 
     async def send(self, command: str) -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(command.encode("ascii") + b"\n")
         await self.process.stdin.drain()
 
-    async def reply(self, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+    async def ask(self, command: str | None, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+        """Send *command* (None: nothing), then read the child's answer."""
+        if command is not None:
+            await self.send(command)
         assert self.process.stdout is not None
-        try:
-            async with asyncio.timeout(timeout):
-                line = await self.process.stdout.readline()
-        except TimeoutError:
-            raise RuntimeError(f"child {self.pid} did not answer within {timeout:g} s") from None
+        async with asyncio.timeout(timeout):  # a TimeoutError: the child hangs
+            line = await self.process.stdout.readline()
         if not line:
             code = await self.process.wait()
-            raise RuntimeError(f"child {self.pid} exited (code {code}); see its traceback above")
+            raise RuntimeError(f"child exited (code {code}); see its traceback above")
         return dict(json.loads(line))
-
-    async def ask(self, command: str) -> dict[str, Any]:
-        await self.send(command)
-        return await self.reply()
-
-    async def stop(self) -> None:
-        """Close its stdin (its signal to stop); kill it if it lingers."""
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
 
 
 @contextlib.asynccontextmanager
 async def children(
     script: str, options: Sequence[dict[str, Any]], ready_timeout: float = START_TIMEOUT
 ) -> AsyncIterator[list[Child]]:
-    """Start a child per options, wait for each one's first answer, stop them all at the end."""
+    """Start a child per options, wait for each one's first answer, stop them all at the end:
+    close their stdin, kill those that linger."""
     started: list[Child] = []
     script, pipe = os.path.abspath(script), asyncio.subprocess.PIPE  # noqa: ASYNC240 (no I/O)
+
+    async def stop(process: asyncio.subprocess.Process) -> None:
+        if process.stdin is not None:
+            process.stdin.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), 10.0)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
     try:
         for option in options:
             command = (sys.executable, script, "--child", json.dumps(option))
@@ -208,40 +207,31 @@ async def children(
                 Child(await asyncio.create_subprocess_exec(*command, stdin=pipe, stdout=pipe))
             )
         for child in started:
-            child.ready = await child.reply(ready_timeout)
+            child.ready = await child.ask(None, ready_timeout)
         yield started
     finally:
-        await asyncio.gather(*(child.stop() for child in started))
+        await asyncio.gather(*(stop(child.process) for child in started))
 
 
-class Commands:
-    """A child's side: the parent's command lines, and :meth:`reply`."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self._reader = reader
-
-    async def next(self) -> str | None:
-        """The next command, or None once stdin is closed (the parent's signal to stop)."""
-        line = await self._reader.readline()
-        return line.decode("ascii").strip() if line else None
-
-    async def until_closed(self) -> None:
-        while await self.next() is not None:
-            pass
-
-    @staticmethod
-    def reply(data: Mapping[str, Any]) -> None:
-        with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
-            print(json.dumps(data), flush=True)
+def reply(data: Mapping[str, Any]) -> None:
+    """A child's answer to its parent."""
+    with contextlib.suppress(BrokenPipeError):  # the parent is gone: stop all the same
+        print(json.dumps(data), flush=True)
 
 
+Commands = AsyncIterator[str]  # a child's commands from its parent, to the end of its stdin
 ChildMain = Callable[[dict[str, Any], Commands], Awaitable[None]]
 
 
 async def _run_child(run: ChildMain, options: dict[str, Any]) -> None:
     reader, loop = asyncio.StreamReader(), asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    await run(options, Commands(reader))
+
+    async def commands() -> Commands:
+        while line := await reader.readline():
+            yield line.decode("ascii").strip()
+
+    await run(options, commands())
 
 
 def main(
@@ -266,91 +256,50 @@ def main(
 class SMTPServer:
     """An SMTP test server in a child process, as given by :func:`smtp_server`."""
 
-    tls: TLSMode
-    auth: tuple[str, str] | None
     child: Child
-    config: dict[str, Any]
+    config: dict[str, Any]  # the MAIL_* settings that point an app at it
     expected: int = 0  # messages sent to it, for check()
 
-    def mail_config(self) -> dict[str, Any]:
-        """The ``MAIL_*`` settings that point an app at this server."""
-        return dict(self.config)
-
-    def raw_client(self, local_hostname: str, timeout: float = 30.0) -> aiosmtplib.SMTP:
-        """A plain aiosmtplib client for this server: the benchmarks' baseline."""
-        ca_file = self.config["MAIL_CA_FILE"]
-        return aiosmtplib.SMTP(
-            hostname=self.config["MAIL_SERVER"],
-            port=self.config["MAIL_PORT"],
-            use_tls=self.tls == "implicit",
-            start_tls=self.tls == "starttls",
-            tls_context=ssl.create_default_context(cafile=ca_file) if ca_file else None,
-            local_hostname=local_hostname,
-            timeout=timeout,
-        )
-
-    async def stats(self) -> dict[str, int]:
-        """``received`` (messages), ``data_attempts`` (DATA commands), ``connections`` (SMTP
-        sessions greeted), ``refused`` (connections greeted with 421)."""
-        return {key: int(value) for key, value in (await self.child.ask("stats")).items()}
+    async def stats(self, data_delay: float | None = None) -> dict[str, Any]:
+        """``received``, ``data_attempts``, ``connections``, ``refused`` (421), ``mail_times``
+        (each MAIL FROM's, since the last call); *data_delay*: the wait before each DATA."""
+        return await self.child.ask("stats" if data_delay is None else repr(data_delay))
 
     async def check(self) -> bool:
         """Print how many of :attr:`expected` messages the server received; whether all."""
         stats = await self.stats()
-        ok = stats["received"] == self.expected
+        ok: bool = stats["received"] == self.expected
+        print(f"  server: {stats['received']} of {self.expected} messages received, ", end="")
         print(
-            f"  server: {stats['received']} of {self.expected} messages received, "
             f"{stats['connections']} SMTP sessions (warm-up included)" + " <-- MISSING" * (not ok)
         )
         return ok
 
-    async def set_data_delay(self, seconds: float) -> None:
-        """The wait before answering each DATA, from the next DATA on."""
-        await self.child.ask(f"data_delay {seconds!r}")
-
-    async def mail_times(self) -> list[float]:
-        """The server's ``loop.time()`` at each MAIL FROM since the last call (a server
-        started with ``mail_times=True``)."""
-        return [float(time) for time in (await self.child.ask("mail_times"))["mail_times"]]
-
 
 @contextlib.asynccontextmanager
 async def smtp_server(
-    tls: TLSMode = "none",
-    auth: tuple[str, str] | None = None,
-    data_delay: float = 0.0,
-    *,
-    mail_times: bool = False,
-    **server: bool | int | None,
+    tls: TLSMode = "none", auth: bool = False, data_delay: float = 0.0, **server: bool | int | None
 ) -> AsyncIterator[SMTPServer]:
-    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (TLS
-    certificates from trustme), counting the messages and forgetting them (flat memory);
-    *mail_times*: keep each MAIL FROM's time; *server*: its other options (``pipelining``,
-    ``chunking``, ``max_connections``...)."""
+    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (*tls*
+    ``none``, ``starttls``, ``implicit``; *auth*: :data:`AUTH` required), counting the messages
+    and forgetting them (flat memory); *server*: its other options (``max_connections``...)."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
-        options: dict[str, Any] = dict(kind="smtp", tls=tls, auth=auth, dir=directory)
-        options.update(delay=data_delay, times=mail_times, server=server)
-        async with children(__file__, [options]) as (child,):
-            yield SMTPServer(tls, auth, child, child.ready["mail_config"])
+        options = dict(kind="smtp", tls=tls, auth=auth, dir=directory, delay=data_delay)
+        async with children(__file__, [{**options, "server": server}]) as (child,):
+            yield SMTPServer(child, child.ready)
 
 
 async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
-    tls, auth, directory = options["tls"], options["auth"], pathlib.Path(options["dir"])
-    server = SMTPTestServer(
-        tls=tls,
-        certificates=TLSCertificates.create(directory) if tls != "none" else None,
-        auth=auth and (str(auth[0]), str(auth[1])),
-        idle_timeout=3600.0,
-        **options["server"],
-    )
+    tls, auth, more = options["tls"], AUTH if options["auth"] else None, options["server"]
+    certs = TLSCertificates.create(pathlib.Path(options["dir"])) if tls != "none" else None
+    server = SMTPTestServer(tls=tls, certificates=certs, auth=auth, idle_timeout=3600.0, **more)
     server.data_delay = float(options["delay"])
     received, mail_times = 0, list[float]()
 
-    def forget() -> None:  # keep the count (and the MAIL FROM times if asked), not the messages
+    def forget() -> None:  # keep the count and the MAIL FROM times, not the messages
         nonlocal received
         received += len(server.messages)
-        if options["times"]:
-            mail_times.extend(c.time for c in server.commands if c.verb == "MAIL")
+        mail_times.extend(c.time for c in server.commands if c.verb == "MAIL")
         server.messages.clear()
         server.commands.clear()
 
@@ -361,96 +310,43 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
 
     async with server, asyncio.TaskGroup() as tasks:
         forgetting = tasks.create_task(forget_periodically())
-        commands.reply({"mail_config": server.mail_config()})
-        while (command := await commands.next()) is not None:
-            if command.startswith("data_delay "):
-                server.data_delay = float(command.split()[1])
+        reply(server.mail_config())
+        async for command in commands:
+            if command != "stats":
+                server.data_delay = float(command)
             forget()
-            if command == "mail_times":
-                commands.reply({"mail_times": mail_times[:]})
-                mail_times.clear()
-            else:
-                stats = dict(received=received, data_attempts=server.data_attempts)
-                stats.update(connections=server.connections, refused=server.refused_connections)
-                commands.reply(stats)
+            stats = dict(received=received, data_attempts=server.data_attempts)
+            stats.update(connections=server.connections, refused=server.refused_connections)
+            reply({**stats, "mail_times": mail_times[:]})
+            mail_times.clear()
         forgetting.cancel()
-
-
-@dataclass
-class ServedApp:
-    """A web server started by :func:`serve_app`: its process, output and port."""
-
-    process: asyncio.subprocess.Process
-    log_path: pathlib.Path
-    port: int = 0
-
-    @property
-    def log(self) -> str:
-        """The server's output so far (its access and error logs, the app's log)."""
-        return self.log_path.read_text(errors="replace")
-
-    def cpu_seconds(self, running: bool = False) -> float:
-        """CPU time (user + system) so far of the server's processes and threads, and of the
-        children they reaped (Linux /proc, in clock ticks); *running*: of the threads alive
-        now only, to the nanosecond (their schedstat), to measure a short span."""
-        total, todo = 0.0, [self.process.pid]
-        while todo:
-            pid = todo.pop()
-            with contextlib.suppress(OSError):  # a process that just exited
-                for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
-                    todo += map(int, (task / "children").read_text().split())
-                    total += int((task / "schedstat").read_text().split()[0]) / 1e9 * running
-                if not running:
-                    stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
-                    ticks = sum(map(int, stat.split()[11:15]))  # utime stime cutime cstime
-                    total += ticks / os.sysconf("SC_CLK_TCK")
-        return total
-
-    async def stop(self, timeout: float) -> int | None:  # noqa: ASYNC109
-        """SIGTERM to the main process, as a process manager sends; its exit code, or None
-        if it had not exited within *timeout* seconds."""
-        self.process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            return await asyncio.wait_for(self.process.wait(), timeout)
-        return None
 
 
 @contextlib.asynccontextmanager
 async def serve_app(
     command: Sequence[str], env: Mapping[str, str], log: pathlib.Path, ready: str, count: int = 1
-) -> AsyncIterator[ServedApp]:
-    """Run *command* from the project root in a session of its own, its environment ours
-    minus the app's settings, plus *env*, its output to the file *log*. Yields once *count*
-    lines of the output matched *ready*, a regex whose group 1 is the port it listens on
-    (it binds port 0: no race for a free port); kills its process group on the way out."""
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """Run *command* from the project root in a session of its own, with our environment less
+    the app's settings, plus *env*, output to *log*; yield once *count* lines matched *ready*
+    (group 1: the port; binding port 0, no race); kill its process group at the end."""
     from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
 
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ENVIRONMENT_KEYS and not k.startswith("QUART_")
-    }
-    with log.open("wb") as output:  # its own session: Ctrl-C reaches us only; killpg below
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            cwd=PROJECT,
-            env=inherited | dict(env),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
+    env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS} | dict(env)
+    env = {k: v for k, v in env.items() if not k.startswith("QUART_")}
+    with log.open("wb") as out:  # its own session: Ctrl-C reaches us only; killpg below
+        options: dict[str, Any] = dict(stdin=asyncio.subprocess.DEVNULL, stdout=out)
+        options.update(
+            stderr=asyncio.subprocess.STDOUT, cwd=PROJECT, env=env, start_new_session=True
         )
-    served = ServedApp(process, log)
+        process = await asyncio.create_subprocess_exec(*command, **options)
+    read = functools.partial(log.read_text, errors="replace")  # its output so far
     try:
         async with asyncio.timeout(START_TIMEOUT):
-            while len(found := re.findall(ready, served.log)) < count:
+            while len(found := re.findall(ready, output := read())) < count:
                 if process.returncode is not None:
-                    raise RuntimeError(
-                        f"{command[:3]} exited with {process.returncode}:\n{served.log}"
-                    )
+                    raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{output}")
                 await asyncio.sleep(0.05)
-        served.port = int(found[0])
-        yield served
+        yield process, int(found[0])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

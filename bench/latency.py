@@ -73,10 +73,10 @@ async def serve_proxies(options: dict[str, Any], commands: harness.Commands) -> 
 
         ports = options["ports"]
         servers = [await asyncio.start_server(partial(accept, p), harness.HOST, 0) for p in ports]
-        commands.reply({"ports": [server.sockets[0].getsockname()[1] for server in servers]})
-        while (command := await commands.next()) is not None:
-            rtt = float(command.split()[1])
-            commands.reply({"rtt": rtt})
+        harness.reply({"ports": [server.sockets[0].getsockname()[1] for server in servers]})
+        async for command in commands:
+            rtt = float(command)
+            harness.reply({"rtt": rtt})
         for server in servers:
             server.close()
 
@@ -86,7 +86,7 @@ def variants(servers: list[harness.SMTPServer], n: int, warmup: int) -> dict[str
     variant, (full, alone) = partial(harness.Variant, count=n, warmup=warmup), servers
 
     def quartmail(server: harness.SMTPServer, **settings: Any) -> Callable[[int], Awaitable[float]]:
-        app, mail = mail_app(server.mail_config(), **settings)
+        app, mail = mail_app(server.config, **settings)
         return partial(connect_session, app, mail)
 
     return {
@@ -116,7 +116,7 @@ async def benchmark() -> int:
             pairs = zip((full, only), relay.ready["ports"], strict=True)  # via the proxy:
             proxied = [replace(s, config={**s.config, "MAIL_PORT": p}) for s, p in pairs]
             for rtt in (0, 5, 20, 50):  # ms
-                await relay.ask(f"rtt {rtt / 1000!r}")
+                await relay.ask(repr(rtt / 1000))
                 count = args.n if rtt else args.n_local
                 chosen = variants(proxied if rtt else [full, only], count, args.warmup)
                 runs = [chosen[name] for name in args.only]
@@ -129,8 +129,8 @@ async def benchmark() -> int:
                     if rtt == at and {name, base} <= set(args.only):
                         text = f"{at} ms: {chosen[name].label[11:]} vs {base}"
                         harness.target(text, chosen[name].best / chosen[base].best, at_least=least)
-                sent = {k: v.warmup + v.count * len(v.rates) for k, v in chosen.items() if v.rates}
-                only.expected += sent.pop("pipelining", 0)
+                sent = {name: variant.done for name, variant in chosen.items()}
+                only.expected += sent.pop("pipelining")
                 full.expected += sum(sent.values())
         ok = all([await full.check(), await only.check()])
     return harness.finish(ok)

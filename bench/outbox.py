@@ -42,9 +42,9 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
         async with engine.connect() as connection:  # a running app's engine has connections
             await connection.execute(text("SELECT 1"))
     messages = [build_message(i) for i in range(options["n"])]
-    commands.reply({"ready": True})
+    harness.reply({"ready": True})
     profiler = cProfile.Profile()
-    if await commands.next() == "go":
+    if await anext(commands, None) == "go":
         if options.get("profile"):
             profiler.enable()
         await app.startup()
@@ -52,8 +52,9 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
             # a mail not sent raises here: the child exits, and the parent with its traceback
             await asyncio.gather(*(mail.send_background(message) for message in messages))
             if messages:
-                commands.reply({"end": time.time()})
-            await commands.until_closed()
+                harness.reply({"end": time.time()})
+            async for _ in commands:
+                pass
         finally:
             await app.shutdown()
             if options.get("profile"):
@@ -68,7 +69,7 @@ class Runs:
         self, server: harness.SMTPServer, engine: AsyncEngine, args: Namespace, **settings: Any
     ) -> None:
         self.server, self.engine, self.args = server, engine, args
-        self.config = {**server.mail_config(), **settings}
+        self.config = {**server.config, **settings}
         app, mail = mail_app(self.config)  # only to enqueue: its dispatcher never starts
         self.outbox = mail.init_outbox(app, engine)
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
@@ -127,7 +128,7 @@ class Runs:
                 await each.send("go")
             if dispatchers:
                 return await self.delivered(n, started) - start
-            end = (await started[0].reply())["end"]
+            end = (await started[0].ask(None))["end"]
         self.server.expected += n
         return float(end) - start
 

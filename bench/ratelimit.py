@@ -56,15 +56,15 @@ async def benchmark() -> int:
     limit, seconds, n = args.limit, args.seconds, args.limit * (args.seconds + 1)
     figures: dict[int, list[tuple[float, int]]] = {}  # per variant: (achieved, busiest) a run
     try:
-        async with harness.smtp_server(mail_times=True) as server:
+        async with harness.smtp_server() as server:
             await outbox.recreate_tables(engine, OutboxBase.metadata)
             runs = outbox.Runs(server, engine, args, MAIL_RATE_LIMIT=f"{limit}/s")
             print(f"\n{limit}/s, {n} mails per run")
             for _ in range(args.rounds):
                 for dispatchers in (VARIANTS[name] for name in args.only):
-                    await server.mail_times()  # forget the times of anything before
+                    await server.stats()  # forget the times of anything before
                     await runs.run(dispatchers, n)
-                    times = sorted(await server.mail_times())
+                    times = sorted((await server.stats())["mail_times"])
                     if len(times) < n:
                         print(f"  ERROR: {LABELS[dispatchers]}: {len(times)} MAIL FROM for {n}")
                         runs.ok = False

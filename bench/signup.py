@@ -3,19 +3,19 @@ app against the seed's recipe, each served as its users serve it.
 
 ``recipe`` (the baseline): ``recipe.py`` (Flask, Flask-Mail, a thread per mail) under
 ``gunicorn --workers 2`` (sync workers; ``pip install flask-mail gunicorn``). ``quartmail``:
-``python -m quartmail.app -c hypercorn.toml "quartmail.app:create_app('production')"`` (a
-worker per core; ``--workers``, ``--worker-class`` are passed on). Each run has a fresh
-SQLite file. Both take ``POST /api/users`` with a name, store the user and mail
-``FLASKY_ADMIN``; ``with-address`` (quartmail alone, no target) also gives an address, which
-is sent a confirmation. ``-c`` connections post the sign-ups, each a new name as soon as it
-has its answer: ``--warmup``, then ``-n`` measured. The SMTP server takes ``--data-delay``
-per message, with no connection limit, then at most 50 connections (Postfix's default;
-``421`` to the others). A run ends when the mail stops arriving; the server's CPU (all its
-processes, /proc) counts from the first measured sign-up, less its idle rate while the last
-mail goes out. The runs take turns, ``--rounds`` of each; medians. Targets: no limit,
-quartmail's sign-ups/s >= 1.5x the recipe's and p99 <= 1.0x; 50 connections, every mail
-delivered and sign-ups/s >= 1.0x; CPU <= 2.5 ms per sign-up. Exit 1 when quartmail loses
-mail or a sign-up fails; the recipe losing mail at the limit is only reported.
+``python -m quartmail.app -c hypercorn.toml`` (a worker per core; ``--workers``,
+``--worker-class`` are passed on). Each run has a fresh SQLite file. Both take ``POST
+/api/users`` with a name, store the user and mail ``FLASKY_ADMIN``; ``with-address`` (quartmail
+alone, no target) also gives an address, which is sent a confirmation. ``-c`` connections post
+the sign-ups, each a new name as soon as it has its answer: ``--warmup``, then ``-n`` measured.
+The SMTP server takes ``--data-delay`` per message, with no connection limit, then at most 50
+connections (Postfix's default; ``421`` to the others). A run ends when the mail stops
+arriving; the server's CPU (all its processes, /proc) counts from the first measured sign-up,
+less its idle rate while the last mail goes out. Runs take turns, ``--rounds`` of each;
+medians. Targets: no limit, quartmail's sign-ups/s >= 1.5x the recipe's and p99 <= 1.0x; 50
+connections, every mail delivered and sign-ups/s >= 1.0x; CPU <= 2.5 ms per sign-up. Exit 1
+when quartmail loses mail or a sign-up fails; the recipe losing mail at the limit is only
+reported.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 import pathlib
 import re
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
@@ -84,17 +85,17 @@ class Connection:
 
 @dataclass
 class Load:
-    """What one batch of sign-ups gave."""
+    """What one batch of sign-ups gave: seconds, each one's latency, 201s, errors."""
 
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
-    created: int = 0  # 201s
+    created: int = 0
     errors: list[str] = field(default_factory=list)
 
 
 async def sign_up(port: int, concurrency: int, bodies: list[dict[str, str]]) -> Load:
     """Post every body over *concurrency* connections, each taking the next when it is free."""
-    load, todo, connections = Load(), iter(bodies), [Connection(port) for _ in range(concurrency)]
+    load, todo, start = Load(), iter(bodies), time.perf_counter()
 
     async def run(connection: Connection) -> None:
         for body in todo:
@@ -112,8 +113,7 @@ async def sign_up(port: int, concurrency: int, bodies: list[dict[str, str]]) -> 
                 load.errors.append(f"{body['name']}: HTTP {status}: {answer[:200]!r}")
         await connection.close()
 
-    start = time.perf_counter()
-    await asyncio.gather(*(run(connection) for connection in connections))
+    await asyncio.gather(*(run(Connection(port)) for _ in range(concurrency)))
     load.seconds = time.perf_counter() - start
     return load
 
@@ -131,15 +131,33 @@ async def mail_settled(server: harness.SMTPServer, expected: int, delay: float) 
 
 @dataclass
 class Run:
-    """One run's figures."""
+    """One run's figures: sign-ups/s, p99 (ms), mails delivered and expected, SMTP sessions
+    greeted and connections refused (421; warm-up included), CPU ms per sign-up."""
 
-    rate: float  # sign-ups/s
-    p99: float  # ms
+    rate: float
+    p99: float
     delivered: int
     expected: int
-    sessions: int  # SMTP sessions greeted, warm-up included
-    refused: int  # connections greeted with 421, warm-up included
-    cpu: float  # ms per sign-up
+    sessions: int
+    refused: int
+    cpu: float
+
+
+def cpu_seconds(pid: int, running: bool = False) -> float:
+    """CPU time so far of process *pid*, its threads and children, and the children they
+    reaped (/proc, in ticks); *running*: of the threads alive now, to the ns (schedstat)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):  # a process that just exited
+            for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+                todo += map(int, (task / "children").read_text().split())
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9 * running
+            if not running:
+                stat = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                ticks = sum(map(int, stat.split()[11:15]))  # utime stime cutime cstime
+                total += ticks / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def server_command(
@@ -177,26 +195,30 @@ async def run(variant: str, limit: int | None, args: argparse.Namespace) -> tupl
     async with harness.smtp_server(data_delay=args.data_delay, max_connections=limit) as server:
         with tempfile.TemporaryDirectory(prefix="quartmail-signup-") as temp:
             directory = pathlib.Path(temp)
-            env = {key: str(value) for key, value in server.mail_config().items() if value}
+            env = {key: str(value) for key, value in server.config.items() if value}
             env.update(FLASKY_ADMIN="admin@example.com")
             command = server_command(variant, args, env, directory)
             log = directory / "server.log"
-            async with harness.serve_app(command, env, log, READY[kind], workers or 1) as app:
-                warm = await sign_up(app.port, args.concurrency, bodies(args.warmup, "w"))
+            serving = harness.serve_app(command, env, log, READY[kind], workers or 1)
+            async with serving as (process, port):
+                warm = await sign_up(port, args.concurrency, bodies(args.warmup, "w"))
                 before = await mail_settled(server, mails * warm.created, args.data_delay)
-                idle = app.cpu_seconds(running=True)
+                idle = cpu_seconds(process.pid, running=True)
                 await asyncio.sleep(IDLE)
-                idle = (app.cpu_seconds(running=True) - idle) / IDLE
-                cpu = app.cpu_seconds()
-                load = await sign_up(app.port, args.concurrency, bodies(args.n, ""))
+                idle = (cpu_seconds(process.pid, running=True) - idle) / IDLE
+                cpu = cpu_seconds(process.pid)
+                load = await sign_up(port, args.concurrency, bodies(args.n, ""))
                 end = time.monotonic()
                 expected = before["received"] + mails * load.created
                 after = await mail_settled(server, expected, args.data_delay)
                 # Less what the server spends idle (each Hypercorn worker polls every 0.1 s)
                 # while the last mail goes out: a slow SMTP server is no cost per sign-up.
-                cpu = app.cpu_seconds() - cpu - idle * (time.monotonic() - end)
-                code = await app.stop(timeout=60)
-                output = app.log
+                cpu = cpu_seconds(process.pid) - cpu - idle * (time.monotonic() - end)
+                process.send_signal(signal.SIGTERM)  # as a process manager stops it
+                code = None
+                with contextlib.suppress(TimeoutError):
+                    code = await asyncio.wait_for(process.wait(), 60)
+                output = log.read_text(errors="replace")
     latencies = sorted(load.latencies) or [math.nan]
     figures = Run(
         rate=len(load.latencies) / load.seconds,
