@@ -1,11 +1,6 @@
-"""The benchmarks' shared harness: each script in ``bench/`` keeps only what it measures.
-
-A script runs as ``python bench/<name>.py`` from the project root, ``import harness`` and hands
-:func:`main` a coroutine: :class:`Arguments` parses its sizes, :func:`take_turns` runs its
-:class:`Variant` s, :func:`print_table` and :func:`target` print them, :func:`finish` gives the
-exit status. :func:`children` runs the script again with ``--child OPTIONS`` (JSON; ``kind``
-names a coroutine given to :func:`main`): it answers JSON lines, the first once ready, and
-stops when its stdin closes. :func:`smtp_server` is such a child; :func:`serve_app` a web server.
+"""The benchmarks' shared harness: arguments, variants taking turns, tables and targets,
+profiling, child processes (``--child OPTIONS``: JSON lines, the first once ready, until stdin
+closes) and the SMTP server in one (:func:`smtp_server`). See ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import functools
 import io
 import json
 import logging
@@ -22,7 +16,6 @@ import math
 import os
 import pathlib
 import pstats
-import re
 import signal
 import statistics
 import sys
@@ -42,8 +35,7 @@ Sizes = Mapping[str, tuple[int, int, str]]  # name: (default, --quick value, hel
 
 
 class Arguments(argparse.ArgumentParser):
-    """The script's *sizes*, ``--only`` (of *only*), ``--quick``, ``--profile`` (of *profile*);
-    the script's docstring is its ``--help``."""
+    """*sizes*, ``--only``, ``--quick``, ``--profile``; the script's docstring as ``--help``."""
 
     def __init__(self, sizes: Sizes, only: Sequence[str], profile: Sequence[str] = ()) -> None:
         doc = sys.modules["__main__"].__doc__
@@ -75,8 +67,7 @@ class Arguments(argparse.ArgumentParser):
 
 @dataclass
 class Variant:
-    """One way of doing the thing measured: ``run(count)`` does it *count* times and returns
-    the seconds it took; its rate per round lands in :attr:`rates`."""
+    """A way of doing the thing measured: ``run(count)`` does it *count* times, in seconds."""
 
     label: str
     run: Callable[[int], Awaitable[float]]
@@ -186,8 +177,7 @@ class Child:
 async def children(
     script: str, options: Sequence[dict[str, Any]], ready_timeout: float = START_TIMEOUT
 ) -> AsyncIterator[list[Child]]:
-    """Start a child per options, wait for each one's first answer, stop them all at the end:
-    close their stdin, kill those that linger."""
+    """A child per options, each with its first answer; at the end, stdin closed, or killed."""
     started: list[Child] = []
     script, pipe = os.path.abspath(script), asyncio.subprocess.PIPE  # noqa: ASYNC240 (no I/O)
 
@@ -267,22 +257,18 @@ class SMTPServer:
 
     async def check(self) -> bool:
         """Print how many of :attr:`expected` messages the server received; whether all."""
-        stats = await self.stats()
-        ok: bool = stats["received"] == self.expected
-        print(f"  server: {stats['received']} of {self.expected} messages received, ", end="")
-        print(
-            f"{stats['connections']} SMTP sessions (warm-up included)" + " <-- MISSING" * (not ok)
-        )
-        return ok
+        got, sessions = (stats := await self.stats())["received"], stats["connections"]
+        text = f"{got} of {self.expected} messages received, {sessions} SMTP sessions"
+        print(f"  server: {text} (warm-up included)" + " <-- MISSING" * (got != self.expected))
+        return bool(got == self.expected)
 
 
 @contextlib.asynccontextmanager
 async def smtp_server(
     tls: TLSMode = "none", auth: bool = False, data_delay: float = 0.0, **server: bool | int | None
 ) -> AsyncIterator[SMTPServer]:
-    """An :class:`~quartmail.testing.SMTPTestServer` in a child process for the block (*tls*
-    ``none``, ``starttls``, ``implicit``; *auth*: :data:`AUTH` required), counting the messages
-    and forgetting them (flat memory); *server*: its other options (``max_connections``...)."""
+    """An :class:`~quartmail.testing.SMTPTestServer` (*server*: its options) in a child
+    process, counting the messages and forgetting them (flat memory)."""
     with tempfile.TemporaryDirectory(prefix="quartmail-bench-") as directory:
         options = dict(kind="smtp", tls=tls, auth=auth, dir=directory, delay=data_delay)
         async with children(__file__, [{**options, "server": server}]) as (child,):
@@ -320,37 +306,6 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
             reply({**stats, "mail_times": mail_times[:]})
             mail_times.clear()
         forgetting.cancel()
-
-
-@contextlib.asynccontextmanager
-async def serve_app(
-    command: Sequence[str], env: Mapping[str, str], log: pathlib.Path, ready: str, count: int = 1
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """Run *command* from the project root in a session of its own, with our environment less
-    the app's settings, plus *env*, output to *log*; yield once *count* lines matched *ready*
-    (group 1: the port; binding port 0, no race); kill its process group at the end."""
-    from quartmail.app.config import ENVIRONMENT_KEYS  # the app's settings
-
-    env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_KEYS} | dict(env)
-    env = {k: v for k, v in env.items() if not k.startswith("QUART_")}
-    with log.open("wb") as out:  # its own session: Ctrl-C reaches us only; killpg below
-        options: dict[str, Any] = dict(stdin=asyncio.subprocess.DEVNULL, stdout=out)
-        options.update(
-            stderr=asyncio.subprocess.STDOUT, cwd=PROJECT, env=env, start_new_session=True
-        )
-        process = await asyncio.create_subprocess_exec(*command, **options)
-    read = functools.partial(log.read_text, errors="replace")  # its output so far
-    try:
-        async with asyncio.timeout(START_TIMEOUT):
-            while len(found := re.findall(ready, output := read())) < count:
-                if process.returncode is not None:
-                    raise RuntimeError(f"{command[:3]} exited with {process.returncode}:\n{output}")
-                await asyncio.sleep(0.05)
-        yield process, int(found[0])
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
 
 
 if __name__ == "__main__":  # how the SMTP server's child process starts
