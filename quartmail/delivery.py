@@ -339,16 +339,17 @@ class Delivery:
         return them, with their reasons (``job.suppressed``). Checked with
         every message not checked yet: the list's query costs about as much
         for one message as for hundreds."""
+        if self._core.suppression is None:  # no list: nothing to leave out, no check to share
+            self._unchecked.pop(job, None)
+            job.suppressed = {}
         while job.suppressed is None:
             if self._checking is not None:
                 # It may hold this job; if not, the next one will. (Not
                 # awaited directly: cancelling this worker must not cancel it.)
                 await asyncio.wait([self._checking])
                 continue
-            batch = [job]
-            if self._core.suppression is not None:  # (without a list, nothing to gather)
-                others = (other for other in self._unchecked if other is not job)
-                batch += islice(others, _CHECK_BATCH - 1)
+            others = (other for other in self._unchecked if other is not job)
+            batch = [job, *islice(others, _CHECK_BATCH - 1)]
             for each in batch:
                 self._unchecked.pop(each, None)
             checked = self._checking = asyncio.get_running_loop().create_future()
