@@ -32,10 +32,11 @@ import html.parser
 import logging
 import pathlib
 import re
+import socket
 import ssl
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, AnyStr, Literal, Protocol, TypeVar, cast
@@ -344,6 +345,14 @@ class SMTPTestServer:
             ``"421 4.3.2 Service not available"``, or a line that is not SMTP at all).
         pipelining: advertise PIPELINING (RFC 2920); aiosmtpd reads pipelined commands anyway.
         chunking: advertise CHUNKING and take ``BDAT`` (RFC 3030).
+        sock: a listening socket bound in advance, served by the first :meth:`start` instead
+            of binding *host* and *port* (its port becomes :attr:`port`): for a server whose
+            port must be known before it starts. The server closes it at :meth:`stop`.
+        data_line_limit: the longest line of a message it takes, in octets with the CRLF;
+            a longer one is answered ``500``. By default RFC 5321's limit (4.5.3.1.6: 1000).
+        on_message: awaited with each message the server accepts, instead of keeping it in
+            :attr:`messages` (so :meth:`wait_for_messages` does not see it): for a server
+            that hands its mail on.
 
     :attr:`commands` records every command with the read it arrived in, so that a test can
     check which commands a client sent together (:meth:`command_groups`).
@@ -371,6 +380,9 @@ class SMTPTestServer:
         greeting: str | None = None,
         pipelining: bool = False,
         chunking: bool = False,
+        sock: socket.socket | None = None,
+        data_line_limit: int | None = None,
+        on_message: Callable[[ReceivedMessage], Awaitable[None]] | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "implicit"):
             raise ValueError(f"tls must be 'none', 'starttls' or 'implicit', not {tls!r}")
@@ -380,6 +392,8 @@ class SMTPTestServer:
             raise ValueError(f"max_connections must be at least 1, not {max_connections!r}")
         if idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be positive, not {idle_timeout!r}")
+        if data_line_limit is not None and data_line_limit < 1000:
+            raise ValueError(f"data_line_limit must be at least 1000, not {data_line_limit!r}")
         if auth is not None and not _is_credentials(auth):
             # Not the value itself: it holds a password.
             raise ValueError(
@@ -410,6 +424,9 @@ class SMTPTestServer:
         self.greeting = greeting
         self.pipelining = pipelining
         self.chunking = chunking
+        self.data_line_limit = data_line_limit
+        self._sock = sock
+        self._on_message = on_message
 
         #: Every command received (any session), in order, with the read it arrived in.
         self.commands: list[ReceivedCommand] = []
@@ -490,11 +507,11 @@ class SMTPTestServer:
             context = self.certificates.server_context()
         # STARTTLS is aiosmtpd's business; implicit TLS is asyncio's, from the first byte.
         self._tls_context = context if self.tls == "starttls" else None
+        # A socket given is served once; a restart binds its port again.
+        sock, self._sock = self._sock, None
+        address = {"sock": sock} if sock is not None else {"host": self.host, "port": self.port}
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Gate(self),
-            self.host,
-            self.port,
-            ssl=context if self.tls == "implicit" else None,
+            lambda: _Gate(self), ssl=context if self.tls == "implicit" else None, **address
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -819,7 +836,10 @@ class SMTPTestServer:
                 _log.warning("%r: SMTP session ended with %r", self, error)
 
     async def _record(self, message: ReceivedMessage) -> None:
-        self.messages.append(message)
+        if self._on_message is not None:
+            await self._on_message(message)
+        else:
+            self.messages.append(message)
         self._notify()
 
 
@@ -1050,6 +1070,8 @@ class _Session(_ExtendedSMTP):
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(handler, **kwargs)
         del self.line_length_limit
+        if owner.data_line_limit is not None:
+            self.line_length_limit = owner.data_line_limit
         self.command_size_limits["AUTH"] = _AUTH_LINE_LIMIT
 
     async def auth_XOAUTH2(self, _: SMTP, args: list[str]) -> AuthResult:  # noqa: N802

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from email.message import EmailMessage
 import aiosmtplib
 import pytest
 
-from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSCertificates
+from quartmail.testing import ReceivedMessage, SMTPServerFactory, SMTPTestServer, TLSCertificates
 
 SENDER = "sender@example.com"
 RECIPIENT = "rcpt@example.com"
@@ -325,6 +326,47 @@ async def test_stop_drops_clients_and_restart_reuses_the_port(
     assert smtp_server.connections == 2
 
 
+async def test_a_socket_bound_in_advance_is_served_then_its_port_again() -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    async with SMTPTestServer(sock=sock) as server:
+        assert server.port == port
+        async with client(server) as smtp:
+            await smtp.send_message(make_message("Bound before"))
+        await server.restart()  # the socket was closed by stop(): the port is bound again
+        assert server.port == port
+        async with client(server) as smtp:
+            await smtp.send_message(make_message("Bound again"))
+    assert [m.subject for m in server.messages] == ["Bound before", "Bound again"]
+    assert sock.fileno() == -1
+
+
+async def test_on_message_takes_the_mail_instead_of_the_list() -> None:
+    handed: list[str | None] = []
+
+    async def hand_on(message: ReceivedMessage) -> None:
+        handed.append(message.subject)
+
+    async with SMTPTestServer(on_message=hand_on) as server, client(server) as smtp:
+        await smtp.send_message(make_message("Handed on"))
+    assert handed == ["Handed on"]
+    assert server.messages == []
+    assert server.data_attempts == 1
+
+
+async def test_data_line_limit() -> None:
+    long_line = b"x" * 5000
+    raw = b"Subject: Long\r\n\r\n" + long_line + b"\r\n"
+    async with SMTPTestServer() as server, client(server) as smtp:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await smtp.sendmail(SENDER, [RECIPIENT], raw)
+        assert refused.value.code == 500
+    async with SMTPTestServer(data_line_limit=10_000) as server, client(server) as smtp:
+        await smtp.sendmail(SENDER, [RECIPIENT], raw)
+    [message] = server.messages
+    assert long_line in message.data
+
+
 async def test_stop_during_starttls_session(
     smtp_server_factory: SMTPServerFactory, smtp_certificates: TLSCertificates
 ) -> None:
@@ -458,6 +500,8 @@ def test_invalid_options(smtp_certificates: TLSCertificates) -> None:
         SMTPTestServer(max_connections=0)
     with pytest.raises(ValueError, match="idle_timeout must be positive, not 0"):
         SMTPTestServer(idle_timeout=0)
+    with pytest.raises(ValueError, match="data_line_limit must be at least 1000, not 80"):
+        SMTPTestServer(data_line_limit=80)
 
 
 async def test_context_manager_and_double_start() -> None:

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 
 from quart import Quart
 
-from .. import testing
 from ..settings import DevInboxSettings
 from ..testing import ReceivedMessage, SMTPTestServer
 from .mail import CaughtMail, parse_mail, unparsed_mail
@@ -51,7 +50,7 @@ class DevInbox:
         weakref.finalize(self, self._socket.close)
         #: The inbox's SMTP port on 127.0.0.1.
         self.port: int = self._socket.getsockname()[1]
-        self._server: _CatchingServer | None = None
+        self._server: SMTPTestServer | None = None
 
         if app.config.get("MAIL_SERVER"):
             log.info("MAIL_DEV_INBOX is on: MAIL_SERVER %r is not used", app.config["MAIL_SERVER"])
@@ -118,7 +117,14 @@ class DevInbox:
         sock, self._socket = self._socket, None
         if sock is None:  # a later lifespan of the same app: the same port again
             sock = socket.create_server((HOST, self.port))
-        self._server = _CatchingServer(self, sock)
+        self._server = SMTPTestServer(
+            host=HOST,
+            sock=sock,
+            # aiosmtpd refuses a line over 1000 octets (RFC 5321's limit) with a 500; the
+            # inbox takes it, as a relay would (Postfix breaks it), and warns about it.
+            data_line_limit=1024 * 1024,
+            on_message=self._catch,
+        )
         await self._server.start()
         log.info(
             "Development inbox: SMTP on %s:%d, mail at %s/", HOST, self.port, self.settings.path
@@ -161,40 +167,3 @@ class DevInbox:
             self.settings.path,
             number,
         )
-
-
-class _CatchingServer(SMTPTestServer):
-    """The SMTP test server on a socket bound in advance, keeping what it accepts in a
-    :class:`DevInbox` instead of its own list."""
-
-    def __init__(self, inbox: DevInbox, sock: socket.socket) -> None:
-        super().__init__(host=HOST, port=sock.getsockname()[1])
-        self._inbox = inbox
-        self._sock = sock
-
-    async def start(self) -> None:
-        # SMTPTestServer.start() binds a new socket; this one was bound (and MAIL_PORT set)
-        # when the app was made. The rest is its plain (no TLS, no AUTH) start-up.
-        testing._install_log_filter()
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: testing._Gate(self), sock=self._sock)
-
-    def _new_session(self) -> testing._Session:
-        return _Session(
-            self,
-            self._handler,
-            loop=asyncio.get_running_loop(),
-            hostname="localhost",  # not socket.getfqdn(), which can block
-            decode_data=False,
-            enable_SMTPUTF8=True,
-            timeout=self.idle_timeout,
-        )
-
-    async def _record(self, message: ReceivedMessage) -> None:
-        await self._inbox._catch(message)
-
-
-class _Session(testing._Session):
-    # aiosmtpd refuses a DATA line over 1000 octets (its default, RFC 5321's limit) with a
-    # 500; the inbox takes it, as a relay would (Postfix breaks it), and warns about it.
-    line_length_limit = 1024 * 1024
