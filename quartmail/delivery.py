@@ -65,7 +65,7 @@ from .message import Envelope, Message
 from .settings import MailSettings
 from .smtp import SendResult, SMTPSession
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "NotAttemptedError"]
 
 log = logging.getLogger("quartmail.delivery")
 
@@ -76,6 +76,14 @@ _CANCEL_GRACE = 1.0
 # At most this many messages in one suppression query (its recipients are its
 # parameters: SQLite takes 32766, PostgreSQL 32767).
 _CHECK_BATCH = 200
+
+
+class NotAttemptedError(SendError):
+    """How the future of :meth:`Delivery.attempt` fails when the message's
+    deadline passed before it reached the server (it waited in the queue or
+    for a connection): no attempt was made. Its code and text are those of
+    the last error the caller gave, or of a newer one met here (a connection
+    refused at the server's limit), as :func:`~quartmail.core.timed_out` words them."""
 
 
 @dataclass(eq=False)
@@ -177,16 +185,24 @@ class Delivery:
         self._unchecked[job] = None
         return self._queue_job(job)
 
-    def attempt(self, envelope: Envelope, deadline: float = math.inf) -> asyncio.Future[SendResult]:
+    def attempt(
+        self,
+        envelope: Envelope,
+        deadline: float = math.inf,
+        last_error: SendError | None = None,
+    ) -> asyncio.Future[SendResult]:
         """Try to send a checked message once, over the pool, and return
         its future; the caller (the outbox) keeps its own retry schedule,
         log and signals. A connect refused at the server's connection limit,
         or a stale session, does not count as the attempt; at *deadline* (a
-        loop time: the message's MAIL_DELIVERY_TIMEOUT) it fails all the same."""
+        loop time: the message's MAIL_DELIVERY_TIMEOUT) it fails all the same,
+        with :class:`NotAttemptedError` if it had not reached the server, worded
+        with *last_error* (the message's, from an earlier attempt)."""
         if self._closed:
             raise MailError("background delivery is shut down; no new messages are taken")
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
-        return self._queue_job(_Job(envelope, future, deadline=deadline))
+        job = _Job(envelope, future, deadline=deadline, last_error=last_error)
+        return self._queue_job(job)
 
     def _queue_job(self, job: _Job) -> asyncio.Future[SendResult]:
         self.start()
@@ -443,7 +459,16 @@ class Delivery:
         return asyncio.get_running_loop().time() >= job.deadline
 
     def _timed_out(self, job: _Job) -> SendError:
-        return timed_out(self._settings.delivery_timeout, job.last_error)
+        """The failure of *job* at its deadline, before it reached the server."""
+        error = timed_out(self._settings.delivery_timeout, job.last_error)
+        if job.message is not None:
+            return error
+        # attempt(): its caller counts the attempts, and this was none.
+        unsent = NotAttemptedError(
+            str(error), code=error.code, refused=error.refused, reply=error.reply
+        )
+        unsent.__cause__ = job.last_error
+        return unsent
 
     def _expire(self, job: _Job) -> None:
         """At the deadline: a message waiting (queued, or for a retry) fails

@@ -9,7 +9,9 @@ them ``sent`` or schedules the retry or marks them ``failed`` with the last
 error, by the core's rule (:meth:`quartmail.core.MailCore.after_failure`).
 A lease that expires (its process died mid-send) makes the row due again.
 An attempt the server throttled (:mod:`quartmail.throttle`) is retried when
-the process's back-off ends and does not add to the row's ``attempts``.
+the process's back-off ends and does not add to the row's ``attempts``; nor
+does a row whose deadline passed before it reached the server (waiting in the
+pool's queue): it fails with the row's last error.
 
 New rows are picked up at once: a PostgreSQL ``NOTIFY`` sent in the
 enqueueing transaction (delivered only if it commits) wakes every dispatcher,
@@ -48,8 +50,8 @@ except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
 from .core import MailCore, counted, left_out, partly_refused
-from .delivery import Delivery
-from .errors import MailError, MessageError
+from .delivery import Delivery, NotAttemptedError
+from .errors import MailError, MessageError, SendError
 from .message import Envelope, Message
 from .outbox import (
     CHANNEL,
@@ -74,6 +76,7 @@ class _Claimed:
     attempts: int
     envelope: Envelope
     created_at: datetime  # MAIL_DELIVERY_TIMEOUT runs from here
+    last_error: SendError | None = None  # the row's, from its earlier attempts
     suppressed: dict[str, str] = field(default_factory=dict)  # recipients left out
 
 
@@ -87,6 +90,14 @@ class _Unreadable:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _stored_error(code: int | None, text: str | None) -> SendError | None:
+    """A row's last error (``last_error_code``, ``last_error``), to word its
+    time-out with; None when it has none."""
+    if code is None and text is None:
+        return None
+    return SendError(text or f"SMTP code {code}", code=code)
 
 
 class Dispatcher:
@@ -211,7 +222,8 @@ class Dispatcher:
             raise RuntimeError("the outbox dispatcher was not started")
         for item in claimed:
             left = (item.created_at - _now()).total_seconds() + timeout
-            future = delivery.attempt(item.envelope, deadline=loop.time() + left)
+            deadline = loop.time() + left
+            future = delivery.attempt(item.envelope, deadline, last_error=item.last_error)
             self._in_flight[future] = item
             future.add_done_callback(lambda _: self._wake.set())
 
@@ -301,6 +313,8 @@ class Dispatcher:
                 cast(OutboxMessage.rcpt_options, Text).label("rcpt_options"),
                 OutboxMessage.created_at,
                 OutboxMessage.transactional,
+                OutboxMessage.last_error_code,
+                OutboxMessage.last_error,
             )
         )
         try:
@@ -318,7 +332,8 @@ class Dispatcher:
             except MessageError as error:
                 unreadable.append(_Unreadable(row.id, row.message_id, row.sender, str(error)))
             else:
-                claimed.append(_Claimed(row.id, row.attempts, envelope, row.created_at))
+                last_error = _stored_error(row.last_error_code, row.last_error)
+                claimed.append(_Claimed(row.id, row.attempts, envelope, row.created_at, last_error))
         if unreadable:
             await self._fail_unreadable(unreadable)
         return await self._leave_out_suppressed(claimed)
@@ -441,10 +456,17 @@ class Dispatcher:
     ) -> dict[str, Any]:
         """The row's values after a failed attempt, by the core's retry rule;
         a failure for good is logged and added to *failed*."""
-        attempts = item.attempts + counted(error)  # a throttled attempt is not counted
-        time_left = (item.created_at - now).total_seconds() + self._core.settings.delivery_timeout
         message_id = item.envelope.message_id
-        outcome = self._core.after_failure(message_id, error, attempts, time_left)
+        outcome: float | MailError
+        if isinstance(error, NotAttemptedError):
+            # Its deadline, the row's MAIL_DELIVERY_TIMEOUT, passed before it
+            # reached the server: no attempt, and no time left for one.
+            attempts, outcome = item.attempts, error
+        else:
+            attempts = item.attempts + counted(error)  # a throttled attempt is not counted
+            settings = self._core.settings
+            time_left = (item.created_at - now).total_seconds() + settings.delivery_timeout
+            outcome = self._core.after_failure(message_id, error, attempts, time_left)
         reported = outcome if isinstance(outcome, MailError) else error
         values: dict[str, Any] = {
             "attempts": attempts,

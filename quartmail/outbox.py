@@ -360,6 +360,8 @@ class _Row:
     rcpt_options: Any
     created_at: datetime
     transactional: bool = False
+    last_error_code: int | None = None
+    last_error: str | None = None
 
 
 def _one_line(value: Any, name: str) -> str:

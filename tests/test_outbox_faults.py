@@ -176,14 +176,26 @@ async def test_a_row_enqueued_before_its_delivery_timeout_fails_without_a_connec
     await mail.outbox.create_table()
     await enqueue(mail, engine, message())
     async with engine.begin() as connection:
+        # Claimed late, after an attempt that met a transient error.
         await connection.execute(
-            update(OutboxMessage).values(created_at=datetime.now(UTC) - timedelta(hours=1))
+            update(OutboxMessage).values(
+                created_at=datetime.now(UTC) - timedelta(hours=1),
+                attempts=1,
+                last_error_code=451,
+                last_error="(451, '4.3.0 Try again later')",
+            )
         )
     async with app.test_app(), app.app_context():
         await until(all_settled(engine, 1))
-        [(_, _, state, _, error)] = (await states(engine)).values()
-        assert state == "failed"
-        assert error is not None and "MAIL_DELIVERY_TIMEOUT" in error
+        [(_, _, state, code, error)] = (await states(engine)).values()
+        # Its last error is kept, and no attempt is counted for what never reached the server.
+        assert (state, code) == ("failed", 451)
+        assert error == (
+            "not delivered within MAIL_DELIVERY_TIMEOUT (60 s); "
+            "last error: (451, '4.3.0 Try again later')"
+        )
+        async with engine.connect() as connection:
+            assert await connection.scalar(select(OutboxMessage.attempts)) == 1
         assert smtp_server.connections == 0
         # Queued again by hand, it has a new MAIL_DELIVERY_TIMEOUT.
         assert await mail.outbox.retry(failed=True) == 1

@@ -7,10 +7,13 @@ import asyncio
 import logging
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from test_outbox import make_app, message, rows, wait_for
 from test_throttle import IDS, THROTTLING, throttle_records
 
+from quartmail import MailError, SendError, email_failed
+from quartmail.outbox import OutboxMessage
 from quartmail.testing import SMTPTestServer
 
 
@@ -65,3 +68,51 @@ async def test_an_outbox_row_that_stays_throttled_fails_at_the_delivery_timeout(
     assert row.last_error is not None
     assert "MAIL_DELIVERY_TIMEOUT" in row.last_error and "Throttling failure" in row.last_error
     assert len([c for c in smtp_server.commands if c.verb == "MAIL"]) > 2
+
+
+async def test_a_row_whose_deadline_passes_in_the_pools_queue_keeps_its_attempts_and_error(
+    engine: AsyncEngine,
+    smtp_server: SMTPTestServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One connection, held by a message whose DATA the server answers after the second
+    # row's MAIL_DELIVERY_TIMEOUT: the second row's deadline passes while it waits in
+    # the pool's queue, and it never reaches the server.
+    smtp_server.data_delay = 3.0
+    app, mail = make_app(engine, smtp_server, MAIL_POOL_SIZE=1, MAIL_DELIVERY_TIMEOUT=2)
+    throttled = "454 4.7.0 Throttling failure: Maximum sending rate exceeded."
+    failures: list[MailError] = []
+    with email_failed.connected_to(lambda _app, message, error, **_: failures.append(error)):
+        async with app.test_app(), app.app_context():
+            async with AsyncSession(engine, expire_on_commit=False) as session:
+                first = await mail.outbox.enqueue(session, message(0))
+                second = await mail.outbox.enqueue(session, message(1))
+                # As a throttled attempt leaves it (no attempt counted).
+                await session.flush()
+                await session.execute(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.message_id == second)
+                    .values(last_error_code=454, last_error=f"({throttled})")
+                )
+                await session.commit()
+
+            async def settled() -> bool:
+                return {row.state for row in await rows(engine)} <= {"sent", "failed"}
+
+            await wait_for(settled, within=30)
+            await wait_for(lambda: asyncio.sleep(0, bool(failures)), within=10)
+    by_id = {row.message_id: row for row in await rows(engine)}
+    assert (by_id[first].state, by_id[first].attempts) == ("sent", 0)
+    row = by_id[second]
+    # Failed at its deadline, with no attempt counted and the last error it had.
+    assert (row.state, row.attempts, row.last_error_code) == ("failed", 0, 454), row.last_error
+    assert row.last_error is not None
+    assert row.last_error.startswith("not delivered within MAIL_DELIVERY_TIMEOUT (2 s)")
+    assert row.last_error.count("MAIL_DELIVERY_TIMEOUT") == 1
+    assert "Throttling failure" in row.last_error
+    assert [m.parsed()["Message-ID"] for m in smtp_server.messages] == [first]
+    [failure] = failures
+    assert isinstance(failure, SendError)
+    assert (failure.code, str(failure)) == (454, row.last_error)
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(logged) == 1 and second in logged[0] and "SMTP code 454" in logged[0]
