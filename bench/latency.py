@@ -20,8 +20,8 @@ from functools import partial
 from typing import Any
 
 import harness
-from common import connect_session, mail_app, raw_session
 
+VARIANTS = ("raw", "chunking", "pipelining", "off")
 TARGETS = ((20, "chunking", "raw", 3), (20, "pipelining", "raw", 2), (0, "chunking", "off", 0.95))
 
 
@@ -86,11 +86,10 @@ def variants(servers: list[harness.SMTPServer], n: int, warmup: int) -> dict[str
     variant, (full, alone) = partial(harness.Variant, count=n, warmup=warmup), servers
 
     def quartmail(server: harness.SMTPServer, **settings: Any) -> Callable[[int], Awaitable[float]]:
-        app, mail = mail_app(server.config, **settings)
-        return partial(connect_session, app, mail)
+        return partial(harness.connect_session, *harness.mail_app(server.config, **settings))
 
     return {
-        "raw": variant("raw aiosmtplib (baseline)", partial(raw_session, full)),
+        "raw": variant("raw aiosmtplib (baseline)", partial(harness.raw_session, full)),
         "chunking": variant("quartmail, PIPELINING + CHUNKING", quartmail(full)),
         "pipelining": variant("quartmail, PIPELINING alone", quartmail(alone)),
         "off": variant("quartmail, MAIL_PIPELINING off", quartmail(full, MAIL_PIPELINING=False)),
@@ -99,13 +98,10 @@ def variants(servers: list[harness.SMTPServer], n: int, warmup: int) -> dict[str
 
 async def benchmark() -> int:
     args = harness.Arguments(
-        {
-            "n": (40, 5, "messages per session (round) and variant, through the proxy"),
-            "n_local": (1000, 100, "messages per round and variant at 0 ms"),
-            "rounds": (3, 1, "rounds; the best is reported"),
-            "warmup": (5, 1, "warm-up messages per variant"),
-        },
-        only=("raw", "chunking", "pipelining", "off"),
+        VARIANTS,
+        n=(40, 5, "messages per session through the proxy"),
+        n_local=(1000, 100, "messages per session at 0 ms"),
+        warmup=(5, 1),
     ).parse()
     async with (
         harness.smtp_server(pipelining=True, chunking=True) as full,
@@ -119,21 +115,17 @@ async def benchmark() -> int:
                 await relay.ask(repr(rtt / 1000))
                 count = args.n if rtt else args.n_local
                 chosen = variants(proxied if rtt else [full, only], count, args.warmup)
-                runs = [chosen[name] for name in args.only]
                 where = f"{rtt} ms round trip" if rtt else "0 ms (no proxy)"
                 print(f"{where}: {count} messages a session, {args.rounds} round(s)")
-                await harness.take_turns(runs, args.rounds)
-                raw = chosen["raw"] if "raw" in args.only else None
-                harness.print_table(runs, raw, "raw aiosmtplib")
+                runs = [chosen[name] for name in args.only]
+                await harness.take_turns(runs, args.rounds, chosen["raw"], "raw aiosmtplib")
                 for at, name, base, least in TARGETS:
-                    if rtt == at and {name, base} <= set(args.only):
+                    if rtt == at and chosen[name].rates and chosen[base].rates:
                         text = f"{at} ms: {chosen[name].label[11:]} vs {base}"
                         harness.target(text, chosen[name].best / chosen[base].best, at_least=least)
-                sent = {name: variant.done for name, variant in chosen.items()}
-                only.expected += sent.pop("pipelining")
-                full.expected += sum(sent.values())
-        ok = all([await full.check(), await only.check()])
-    return harness.finish(ok)
+                only.expected += chosen.pop("pipelining").done
+                full.expected += sum(variant.done for variant in chosen.values())
+        return harness.finish(all([await full.check(), await only.check()]))
 
 
 if __name__ == "__main__":

@@ -21,34 +21,29 @@ from functools import partial
 from typing import Any
 
 import harness
-from common import build_message, mail_app
 from sqlalchemy import MetaData, delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from quartmail.outbox import OutboxBase, OutboxMessage
 
-TARGETS = {  # section: variants compared (0 in-memory, then 1, 2, 4 dispatchers)
-    "fast": (1, 0, "1 dispatcher vs in-memory", 0.5),
-    "slow": (3, 1, "4 dispatchers vs 1", 3.0),
-}
 STALL_TIMEOUT = 30.0  # give up when the table has not changed for this long
 
 
 async def child(options: dict[str, Any], commands: harness.Commands) -> None:
     """A dispatcher ("outbox") or the in-memory baseline ("memory": sends ``n`` mails, then
     answers the time of the last result); its app starts on ``go``, stops at the end of stdin."""
-    app, mail = mail_app(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
+    app, mail = harness.mail_app(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
     engine = create_async_engine(options["database_url"])
     if options["kind"] == "outbox":
         mail.init_outbox(app, engine)
         async with engine.connect() as connection:  # a running app's engine has connections
             await connection.execute(text("SELECT 1"))
-    messages = [build_message(i) for i in range(options["n"])]
+    messages = [harness.build_message(i) for i in range(options["n"])]
     harness.reply({"ready": True})
     profiler = cProfile.Profile()
     if await anext(commands, None) == "go":
-        if options.get("profile"):
+        if options["profile"]:
             profiler.enable()
         await app.startup()
         try:
@@ -60,7 +55,7 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
                 pass
         finally:
             await app.shutdown()
-            if options.get("profile"):
+            if options["profile"]:
                 profiler.dump_stats(options["profile"])  # (it disables the profiler)
     await engine.dispose()
 
@@ -71,12 +66,11 @@ class Runs:
     def __init__(
         self, server: harness.SMTPServer, engine: AsyncEngine, args: Namespace, **settings: Any
     ) -> None:
-        self.server, self.engine, self.args = server, engine, args
+        self.server, self.engine, self.args, self.ok = server, engine, args, True
         self.config = {**server.config, **settings}
-        app, mail = mail_app(self.config)  # only to enqueue: its dispatcher never starts
+        app, mail = harness.mail_app(self.config)  # only to enqueue: its dispatcher never starts
         self.outbox = mail.init_outbox(app, engine)
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self.ok = True
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
@@ -90,7 +84,7 @@ class Runs:
         for first in range(0, n, 500):
             async with self.sessions.begin() as session:
                 for i in range(first, min(n, first + 500)):
-                    await self.outbox.enqueue(session, build_message(i))
+                    await self.outbox.enqueue(session, harness.build_message(i))
         if (counts := await self.counts()) != {"queued": n}:
             raise RuntimeError(f"after enqueueing {n} messages the outbox holds {counts}")
 
@@ -106,7 +100,6 @@ class Runs:
             if died or time.monotonic() - changed > STALL_TIMEOUT:
                 break
             await asyncio.sleep(0.05)
-        self.server.expected += counts.get("sent", 0)
         async with self.engine.connect() as connection:
             end = await connection.scalar(select(func.max(OutboxMessage.sent_at)))
         if counts != {"sent": n} or end is None:
@@ -118,25 +111,24 @@ class Runs:
     async def run(self, dispatchers: int, n: int, profile: str | None = None) -> float:
         """*n* mails through that many dispatcher processes (the first profiled into the file
         *profile*), or 0: the in-memory baseline; the seconds from the start to the last sent."""
-        options = {"mail_config": self.config, "pool_size": self.args.pool_size}
-        options.update(database_url=self.args.database_url, n=0 if dispatchers else n)
-        children = [{"kind": "outbox", **options} for _ in range(dispatchers)]
+        options = dict(mail_config=self.config, pool_size=self.args.pool_size, kind="outbox")
+        options.update(database_url=self.args.database_url, n=0, profile=None)
+        memory = {**options, "kind": "memory", "n": n}
+        children = [{**options, "profile": profile}] + [options] * (dispatchers - 1)
         if dispatchers:
             await self.enqueue(n)
-            children[0]["profile"] = profile
-        children = children or [{"kind": "memory", **options}]
-        async with harness.children(__file__, children) as started:
+        self.server.expected += n
+        async with harness.children(__file__, children if dispatchers else [memory]) as started:
             start = time.time()
             for each in started:
                 await each.send("go")
             if dispatchers:
                 return await self.delivered(n, started) - start
-            end = (await started[0].ask(None))["end"]
-        self.server.expected += n
-        return float(end) - start
+            return float((await started[0].ask(None))["end"]) - start
 
 
 async def delivery(name: str, engine: AsyncEngine, args: Namespace) -> bool:
+    """``fast`` or ``slow``: in-memory, then 1, 2, 4 dispatchers."""
     delay = 0.05 if name == "slow" else 0.0  # seconds the server takes per DATA
     n: int = args.slow_n if delay else args.n
     async with harness.smtp_server(data_delay=delay) as server:
@@ -156,9 +148,10 @@ async def delivery(name: str, engine: AsyncEngine, args: Namespace) -> bool:
             label = f"outbox, {k} dispatcher(s)" if k else "in-memory send_background"
             run, warmup = partial(runs.run, k), args.warmup if k < 2 else 0
             variants.append(harness.Variant(f"{label} x{args.pool_size}", run, n, warmup))
-        await harness.take_turns(variants, args.rounds)
-        harness.print_table(variants, variants[0], "in-memory")
-        a, b, vs, least = TARGETS[name]
+        await harness.take_turns(variants, args.rounds, variants[0], "in-memory")
+        a, b, vs, least = (
+            (3, 1, "4 dispatchers vs 1", 3.0) if delay else (1, 0, "1 dispatcher vs in-memory", 0.5)
+        )
         harness.target(f"{what}: {vs}", variants[a].best / variants[b].best, at_least=least)
         return await server.check() and runs.ok
 
@@ -168,10 +161,9 @@ async def signup(engine: AsyncEngine, args: Namespace) -> None:
     from quartmail.app.models import Base, User  # the app's package is slow to import
 
     await recreate_tables(engine, Base.metadata, OutboxBase.metadata)
-    app, mail = mail_app({})
-    outbox = mail.init_outbox(app, engine)
+    app, mail = harness.mail_app({})
+    outbox, n = mail.init_outbox(app, engine), args.signups
     sessions = async_sessionmaker(engine, expire_on_commit=False)
-    messages = [build_message(i) for i in range(args.signups)]
 
     async def run(with_outbox: bool, count: int) -> float:
         async with engine.begin() as connection:
@@ -192,14 +184,13 @@ async def signup(engine: AsyncEngine, args: Namespace) -> None:
             raise RuntimeError(f"{users} users and {mails} outbox rows after {count} sign-ups")
         return elapsed
 
-    print(f"\n[signup] {args.signups} sign-ups x {args.rounds} round(s), one after another, each")
+    print(f"\n[signup] {n} sign-ups x {args.rounds} round(s), one after another, each")
     print("  a transaction: INSERT a user (flushed), [enqueue a mail], COMMIT")
-    warmup = min(args.signups, 100)  # the statement caches, prepared statements
-    plain = harness.Variant("INSERT user, COMMIT", partial(run, False), args.signups, warmup)
+    messages, warmup = [harness.build_message(i) for i in range(n)], min(n, 100)  # caches warm
+    plain = harness.Variant("INSERT user, COMMIT", partial(run, False), n, warmup)
     label = "INSERT user + outbox.enqueue(), COMMIT"
-    with_mail = harness.Variant(label, partial(run, True), args.signups, warmup)
-    await harness.take_turns([plain, with_mail], args.rounds)
-    harness.print_table([plain, with_mail], plain, "without", unit="sign-ups/s")
+    with_mail = harness.Variant(label, partial(run, True), n, warmup)
+    await harness.take_turns([plain, with_mail], args.rounds, plain, "without", "sign-ups/s")
     plain_us, mail_us = 1e6 / plain.best, 1e6 / with_mail.best
     ratio = mail_us / plain_us
     print(f"  enqueue cost: +{mail_us - plain_us:.0f} µs per sign-up, {ratio:.2f}x without it")
@@ -236,21 +227,17 @@ async def recreate_tables(engine: AsyncEngine, *metadata: MetaData) -> None:
 
 async def benchmark() -> int:
     parser = harness.Arguments(
-        {
-            "n": (2000, 300, "mails per run, fast server"),
-            "slow_n": (800, 160, "mails per run, 50 ms server"),
-            "signups": (1000, 200, "sign-ups per round"),
-            "rounds": (3, 1, "rounds; the best is reported"),
-            "warmup": (100, 0, "mails per warm-up run"),
-            "pool_size": (8, 8, "MAIL_POOL_SIZE of every process"),
-        },
-        only=("fast", "slow", "signup"),
-        profile=("dispatcher",),
+        ("fast", "slow", "signup"),
+        ("dispatcher",),
+        n=(2000, 300, "mails per run, fast server"),
+        slow_n=(800, 160, "mails per run, 50 ms server"),
+        signups=(1000, 200, "sign-ups per round"),
+        warmup=(100, 0, "mails per warm-up run"),
+        pool_size=(8, 8, "MAIL_POOL_SIZE of every process"),
     )
     parser.add_argument("--database-url", help="see above")
     args = parser.parse()
-    engine = await database(parser, args, "quartmail_bench")
-    ok = True
+    engine, ok = await database(parser, args, "quartmail_bench"), True
     try:
         for name in args.only:
             if name != "signup":
