@@ -1,13 +1,8 @@
-"""Background delivery (``mail.send_background``): throughput and memory, over real SMTP.
-
-Baseline: raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail; quartmail in its app's
-lifespan, timed from the first submit to the last result. ``plain``, ``starttls``, ``implicit``
-(TLS with AUTH; the server answers at once): a pool of 8, target >= 2x. ``slow`` (50 ms per
-DATA): a pool of 32, target >= 17x; context: a thread per mail with blocking ``smtplib`` (the
-Flask chapter's). ``memory`` (Linux, a fresh process each): RSS growth for ``--memory-n``
-messages queued by ``send_background`` while the server holds each DATA 0.5 s, or kept as
-``EmailMessage`` or ``Message`` objects. ``dkim``: a pool of 8 with ``MAIL_DKIM_KEY`` Ed25519,
-RSA 2048 or none: msg/s, CPU ms per message of this process (the server is another).
+"""Background delivery (``mail.send_background``, in its app's lifespan): msg/s against raw
+aiosmtplib on ONE connection. ``plain``, ``starttls``, ``implicit``: a pool of 8, target >= 2x;
+``slow`` (50 ms per DATA): a pool of 32, target >= 17x (context: a thread per mail, smtplib);
+``memory``: RSS growth of ``--memory-n`` queued messages (vs ``EmailMessage``s, ``Message``s);
+``dkim``: signing with Ed25519, RSA 2048 or not, msg/s and this process's CPU per message.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ import harness
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from harness import HOSTNAME, build_email_message, build_message
 
 from quartmail.testing import TLSMode
 
@@ -47,15 +43,13 @@ async def threads(server: harness.SMTPServer, count: int) -> float:
     port = server.config["MAIL_PORT"]
 
     def send_email(msg: EmailMessage) -> None:
-        with smtplib.SMTP(harness.HOST, port, local_hostname=harness.HOSTNAME, timeout=30) as smtp:
+        with smtplib.SMTP(harness.HOST, port, local_hostname=HOSTNAME, timeout=30) as smtp:
             smtp.send_message(msg)
 
     def requests() -> None:  # each builds its message and starts its thread
         started = []
         for i in range(count):
-            started.append(
-                threading.Thread(target=send_email, args=(harness.build_email_message(i),))
-            )
+            started.append(threading.Thread(target=send_email, args=(build_email_message(i),)))
             started[-1].start()
         for thread in started:
             thread.join()
@@ -130,15 +124,13 @@ async def measure(options: dict[str, Any], commands: harness.Commands) -> None:
     async with harness.smtp_server() as server:
         app, mail = harness.mail_app(server.config, MAIL_POOL_SIZE=8)
         hold: Callable[[int], Any] = {
-            "queued": lambda i: mail.send_background(harness.build_message(i)),
-            "emailmessage": harness.build_email_message,
-            "message": harness.build_message,
+            "queued": lambda i: mail.send_background(build_message(i)),
+            "emailmessage": build_email_message,
+            "message": build_message,
         }[what]
         async with app.test_app(), app.app_context():
             # warm up: the pool's sessions; the imports and caches of what is kept below
-            await asyncio.gather(
-                *(mail.send_background(harness.build_message(i)) for i in range(warmup))
-            )
+            await asyncio.gather(*(mail.send_background(build_message(i)) for i in range(warmup)))
             warm = [hold(i) for i in range(0 if what == "queued" else 100)]
             del warm  # their memory free for reuse, as in an app that has been running
             await server.stats(data_delay=PAUSE_DELAY)

@@ -37,6 +37,7 @@ from quart import Quart
 from quartmail import Mail, Message
 from quartmail.testing import SMTPTestServer, TLSCertificates, TLSMode
 
+PROJECT = pathlib.Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 AUTH = ("bench", "bench-password")  # the credentials of servers that require AUTH
 START_TIMEOUT = 60.0  # seconds for a child (or a served app) to get ready

@@ -1,12 +1,9 @@
-"""The durable outbox on PostgreSQL: delivery rate per dispatcher process, and enqueue cost.
-
-``fast`` / ``slow`` (the SMTP server answers at once / takes 50 ms per DATA). Baseline:
-``send_background`` in ONE process, from the app's start-up to the last result. ``outbox xK``:
-the mails enqueued (not timed), then K dispatcher processes, spawned and warmed, start at once;
-the clock stops at the greatest ``sent_at``. Targets: fast, 1 dispatcher >= 0.5x in-memory;
-slow, 4 dispatchers >= 3x one. ``signup``: a user's INSERT with and without ``outbox.enqueue``.
-Every row must end ``sent``, every mail received. The database: ``--database-url``, else
-``quartmail_bench`` on QUARTMAIL_TEST_POSTGRES's server (created if missing).
+"""The durable outbox on PostgreSQL: msg/s with 1, 2, 4 dispatcher processes (the mails
+enqueued first, untimed; to the greatest ``sent_at``) against ``send_background`` in one process
+(``fast``: the server answers at once, ``slow``: 50 ms per DATA), and ``signup``: a user's INSERT
+with and without ``outbox.enqueue``. Targets: fast, 1 dispatcher >= 0.5x in-memory; slow, 4
+dispatchers >= 3x one. The database: ``--database-url``, else ``quartmail_bench`` on
+QUARTMAIL_TEST_POSTGRES's server (created if missing).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""MAIL_RATE_LIMIT: used up to the limit, and never over it, in one process and in four.
-
-Each run offers ``--limit`` x (``--seconds`` + 1) mails at once, more than the limit lets
-through: ``memory``, ``send_background`` in 1 process (the slots in memory); ``outbox1`` /
-``outbox4``, the mails enqueued, then 1 or 4 dispatcher processes (the slots in PostgreSQL,
-shared; ``outbox.py``'s runs and database, here ``quartmail_bench_ratelimit``). From the SMTP
-server's clock: MAIL FROMs per second in the first ``--seconds``, and the most in any 1 s
-window, as ratios to the limit, the worst of the rounds. Targets: achieved >= 0.95x (not
-under-used), busiest second <= 1.00x (never over).
+"""MAIL_RATE_LIMIT: used up to the limit, never over it, with ``send_background`` in 1 process
+(``memory``) and the outbox with 1 and 4 dispatchers (``outbox1``, ``outbox4``: ``outbox.py``'s
+runs; the database ``quartmail_bench_ratelimit``). Each run offers more mail than the limit lets
+through; from the SMTP server's clock, the worst of the rounds: targets achieved >= 0.95x the
+limit in the first ``--seconds``, and the busiest second <= 1.00x.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""Messages per second of one process sending over SMTP, ``-n`` messages per variant and round.
-
-Every variant builds a ~1 KB message (text + HTML) per mail and is timed from connecting to
-QUIT: ``raw``, the baseline, raw aiosmtplib ``send_message(EmailMessage)`` on ONE connection;
-``send``, ``await mail.send(Message(...))`` one after another (a session per message, as in
-Flask-Mail); ``connect``, the messages in one ``async with mail.connect()`` session; ``ceiling``,
-raw aiosmtplib ``sendmail`` of bytes flattened once (no message built). quartmail runs as in an
-app: ``Mail(app)``, in an app context. Target: ``connect`` >= 0.90x ``raw``.
+"""Messages per second sending over SMTP, each ~1 KB message (text + HTML) built per mail and
+timed from connecting to QUIT: ``raw`` (the baseline), raw aiosmtplib ``send_message()`` on ONE
+connection; ``send``, ``mail.send()`` one after another (a session each, as in Flask-Mail);
+``connect``, one ``mail.connect()`` session; ``ceiling``, raw ``sendmail`` of bytes built once.
+Target: ``connect`` >= 0.90x ``raw``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
-"""Sign-ups per second, p99 latency, mail delivered and server CPU: the reference app under
-``python -m quartmail.app`` (``with-address``: the sign-up also gives an address to confirm)
-against the seed's recipe (``recipe.py``: Flask, Flask-Mail, a thread per mail) under ``gunicorn
---workers 2``, each run on a fresh SQLite file. The SMTP server has no connection limit, then at
-most 50 (Postfix's default; 421 to the others). A run ends when the mail stops arriving; the
-server's CPU counts from the first measured sign-up, less its idle rate while the last mail goes
-out. Targets: no limit, sign-ups/s >= 1.5x the recipe's and p99 <= 1.0x; 50 connections, every
-mail delivered and >= 1.0x; CPU <= 2.5 ms per sign-up. Exit 1 when quartmail loses mail or a
-sign-up fails (the recipe losing mail is only reported).
+"""Sign-ups per second, p99 latency, mail delivered and server CPU of the reference app under
+``python -m quartmail.app`` (``with-address``: with an address to confirm) against the seed's
+recipe (``recipe.py``, under ``gunicorn --workers 2``), a fresh SQLite file each run, the SMTP
+server with no connection limit, then at most 50. Targets: no limit, sign-ups/s >= 1.5x the
+recipe's and p99 <= 1.0x; 50 connections, every mail delivered and >= 1.0x; CPU <= 2.5 ms per
+sign-up. Exit 1 when quartmail loses mail or a sign-up fails.
 """
 
 from __future__ import annotations
@@ -148,10 +145,10 @@ async def serve(
         env.update(SECRET_KEY=secrets.token_hex(32), FLASKY_SIGNUPS_PER_HOUR=str(10**9))
         env.update(DATABASE_URL=f"sqlite+aiosqlite:///{database}")  # (each reads its own)
         with open(log, "wb") as out:  # noqa: ASYNC230 (a new file: at once)
+            io: dict[str, Any] = dict(stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
             process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                cwd=pathlib.Path(__file__).parent.parent, start_new_session=True,
-            )  # fmt: skip
+                *command, env=env, cwd=harness.PROJECT, start_new_session=True, **io
+            )
         try:
             async with asyncio.timeout(harness.START_TIMEOUT):
                 while len(found := re.findall(ready, text := await read(log))) < workers:
