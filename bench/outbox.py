@@ -9,11 +9,13 @@ QUARTMAIL_TEST_POSTGRES's server (created if missing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import os
 import tempfile
 import time
-from argparse import ArgumentParser, Namespace
+from argparse import Namespace
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
@@ -130,7 +132,6 @@ async def delivery(name: str, engine: AsyncEngine, args: Namespace) -> bool:
     n: int = args.slow_n if delay else args.n
     async with harness.smtp_server(data_delay=delay) as server:
         runs = Runs(server, engine, args)
-        await recreate_tables(engine, OutboxBase.metadata)
         what = f"{delay * 1000:g} ms per DATA" if delay else "the server answers at once"
         print(f"\n[{name}] {what}; {n} mails x {args.rounds} round(s), pool {args.pool_size}")
         if args.profile:  # SQLAlchemy's async layer runs on greenlets: read tottime
@@ -193,9 +194,15 @@ async def signup(engine: AsyncEngine, args: Namespace) -> None:
     print(f"  enqueue cost: +{mail_us - plain_us:.0f} µs per sign-up, {ratio:.2f}x without it")
 
 
-async def database(parser: ArgumentParser, args: Namespace, name: str) -> AsyncEngine:
-    """An engine on ``--database-url``, else on the database *name* (created if missing: the
-    role needs CREATEDB) on QUARTMAIL_TEST_POSTGRES's server; never the tests' own."""
+@contextlib.asynccontextmanager
+async def database(
+    parser: harness.Arguments, name: str
+) -> AsyncIterator[tuple[Namespace, AsyncEngine]]:
+    """The arguments (``--database-url`` added) and an engine on that database, else on *name*
+    (created if missing: the role needs CREATEDB) on QUARTMAIL_TEST_POSTGRES's server, never
+    the tests' own; the outbox's table made anew."""
+    parser.add_argument("--database-url", help="the PostgreSQL database (see above)")
+    args = parser.parse()
     server = args.database_url or os.environ.get("QUARTMAIL_TEST_POSTGRES")
     if server is None:
         parser.error("give --database-url, or QUARTMAIL_TEST_POSTGRES (a PostgreSQL server)")
@@ -211,7 +218,12 @@ async def database(parser: ArgumentParser, args: Namespace, name: str) -> AsyncE
                 await connection.execute(text(f'CREATE DATABASE "{url.database}"'))
     finally:
         await admin.dispose()
-    return create_async_engine(url)
+    engine = create_async_engine(url)
+    try:
+        await recreate_tables(engine, OutboxBase.metadata)
+        yield args, engine
+    finally:
+        await engine.dispose()
 
 
 async def recreate_tables(engine: AsyncEngine, *metadata: MetaData) -> None:
@@ -232,17 +244,13 @@ async def benchmark() -> int:
         warmup=(100, 0, "mails per warm-up run"),
         pool_size=(8, 8, "MAIL_POOL_SIZE of every process"),
     )
-    parser.add_argument("--database-url", help="see above")
-    args = parser.parse()
-    engine, ok = await database(parser, args, "quartmail_bench"), True
-    try:
+    ok = True
+    async with database(parser, "quartmail_bench") as (args, engine):
         for name in args.only:
             if name != "signup":
                 ok = await delivery(name, engine, args) and ok
             elif not args.profile:
                 await signup(engine, args)
-    finally:
-        await engine.dispose()
     return harness.finish(ok)
 
 

@@ -12,7 +12,6 @@ import math
 import harness
 import outbox
 
-from quartmail.outbox import OutboxBase
 from quartmail.testing import most_in_window
 
 LABELS = ("memory, 1 process", "outbox, 1 dispatcher", "outbox, 4 dispatchers")
@@ -27,41 +26,37 @@ async def benchmark() -> int:
         rounds=(2, 1, "runs of each; the worst is reported"),
         pool_size=(8, 8, "MAIL_POOL_SIZE of every process"),
     )
-    parser.add_argument("--database-url", help="see outbox.py")
-    args = parser.parse()
-    engine = await outbox.database(parser, args, "quartmail_bench_ratelimit")
-    limit, seconds, n = args.limit, args.seconds, args.limit * (args.seconds + 1)
     worst: dict[str, tuple[float, int]] = {}  # per variant: the lowest rate, the busiest second
-    try:
-        async with harness.smtp_server() as server:
-            await outbox.recreate_tables(engine, OutboxBase.metadata)
-            runs = outbox.Runs(server, engine, args, MAIL_RATE_LIMIT=f"{limit}/s")
-            print(f"\n{limit}/s, {n} mails per run")
-            for _ in range(args.rounds):
-                for name in args.only:
-                    await server.stats()  # forget the times of anything before
-                    await runs.run(int(name[-1]) if name != "memory" else 0, n)
-                    times = sorted((await server.stats())["mail_times"])
-                    if len(times) < n:
-                        print(f"  ERROR: {VARIANTS[name]}: {len(times)} MAIL FROM for {n}")
-                        runs.ok = False
-                        continue
-                    rate = sum(1 for time in times if time < times[0] + seconds) / seconds
-                    achieved, busiest = worst.get(name, (math.inf, 0))
-                    worst[name] = min(achieved, rate), max(busiest, most_in_window(times, 1.0))
-            what = f"MAIL FROMs per second in the first {seconds} s, and the most in any 1 s window"
-            print(f"  limit {limit}/s; per run: {what}")
-            for name, (achieved, busiest) in worst.items():
-                label = VARIANTS[name]
-                print(
-                    f"  {label + ':':<26} achieved {achieved:7.1f}/s = {achieved / limit:4.2f}x; "
-                    f"busiest second {busiest:5d} = {busiest / limit:4.2f}x"
-                )
-                harness.target(f"{label}: achieved rate", achieved / limit, at_least=0.95)
-                harness.target(f"{label}: busiest second", busiest / limit, at_most=1.0)
-            ok = await server.check() and runs.ok
-    finally:
-        await engine.dispose()
+    async with (
+        outbox.database(parser, "quartmail_bench_ratelimit") as (args, engine),
+        harness.smtp_server() as server,
+    ):
+        limit, seconds, n = args.limit, args.seconds, args.limit * (args.seconds + 1)
+        runs = outbox.Runs(server, engine, args, MAIL_RATE_LIMIT=f"{limit}/s")
+        print(f"\n{limit}/s, {n} mails per run")
+        for _ in range(args.rounds):
+            for name in args.only:
+                await server.stats()  # forget the times of anything before
+                await runs.run(int(name[-1]) if name != "memory" else 0, n)
+                times = sorted((await server.stats())["mail_times"])
+                if len(times) < n:
+                    print(f"  ERROR: {VARIANTS[name]}: {len(times)} MAIL FROM for {n}")
+                    runs.ok = False
+                    continue
+                rate = sum(1 for time in times if time < times[0] + seconds) / seconds
+                achieved, busiest = worst.get(name, (math.inf, 0))
+                worst[name] = min(achieved, rate), max(busiest, most_in_window(times, 1.0))
+        what = f"MAIL FROMs per second in the first {seconds} s, and the most in any 1 s window"
+        print(f"  limit {limit}/s; per run: {what}")
+        for name, (achieved, busiest) in worst.items():
+            label = VARIANTS[name]
+            print(
+                f"  {label + ':':<26} achieved {achieved:7.1f}/s = {achieved / limit:4.2f}x; "
+                f"busiest second {busiest:5d} = {busiest / limit:4.2f}x"
+            )
+            harness.target(f"{label}: achieved rate", achieved / limit, at_least=0.95)
+            harness.target(f"{label}: busiest second", busiest / limit, at_most=1.0)
+        ok = await server.check() and runs.ok
     return harness.finish(ok)
 
 
