@@ -1,13 +1,8 @@
-"""Background delivery (``mail.send_background``): throughput and memory, over real SMTP.
-
-Baseline: raw aiosmtplib on ONE connection, an ``EmailMessage`` per mail; quartmail in its app's
-lifespan, timed from the first submit to the last result. ``plain``, ``starttls``, ``implicit``
-(TLS with AUTH; the server answers at once): a pool of 8, target >= 2x. ``slow`` (50 ms per
-DATA): a pool of 32, target >= 17x; context: a thread per mail with blocking ``smtplib`` (the
-Flask chapter's). ``memory`` (Linux, a fresh process each): RSS growth for ``--memory-n``
-messages queued by ``send_background`` while the server holds each DATA 0.5 s, or kept as
-``EmailMessage`` or ``Message`` objects. ``dkim``: a pool of 8 with ``MAIL_DKIM_KEY`` Ed25519,
-RSA 2048 or none: msg/s, CPU ms per message of this process (the server is another).
+"""Background delivery (``mail.send_background``, in its app's lifespan): msg/s against raw
+aiosmtplib on ONE connection. ``plain``, ``starttls``, ``implicit``: a pool of 8, target >= 2x;
+``slow`` (50 ms per DATA): a pool of 32, target >= 17x (context: a thread per mail, smtplib);
+``memory``: RSS growth of ``--memory-n`` queued messages (vs ``EmailMessage``s, ``Message``s);
+``dkim``: signing with Ed25519, RSA 2048 or not, msg/s and this process's CPU per message.
 """
 
 from __future__ import annotations
@@ -25,10 +20,10 @@ from functools import partial
 from typing import Any
 
 import harness
-from common import HOSTNAME, build_email_message, build_message, mail_app, raw_session
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from harness import HOSTNAME, build_email_message, build_message
 
 from quartmail.testing import TLSMode
 
@@ -67,56 +62,48 @@ async def threads(server: harness.SMTPServer, count: int) -> float:
 async def section(name: str, args: argparse.Namespace) -> bool:
     """A section but ``memory``: its variants take turns, against the first."""
     tls, delay, pool, least = SECTIONS[name]
-    cpu: dict[str, list[float]] = {}  # CPU seconds per message of each run, by label
     async with (
         harness.smtp_server(tls, tls != "none", delay) as server,
         contextlib.AsyncExitStack() as apps,
     ):
 
         async def quartmail(label: str, n: int, warmup: int, **config: Any) -> harness.Variant:
-            app, mail = mail_app(server.config, MAIL_POOL_SIZE=pool, **config)
-            send = mail.send_background
+            app, mail = harness.mail_app(server.config, MAIL_POOL_SIZE=pool, **config)
             await (lifespan := app.test_app()).startup()
             apps.push_async_callback(lifespan.shutdown)
-
-            async def run(count: int) -> float:  # all submitted, then all awaited
-                async with app.app_context():
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    await asyncio.gather(*(send(build_message(i)) for i in range(count)))
-                    cpu.setdefault(label, []).append((time.process_time() - cpu_start) / count)
-                    return time.perf_counter() - start
-
-            return harness.Variant(label, run, n, warmup)
+            return harness.Variant(label, partial(harness.background, app, mail), n, warmup)
 
         what = f"{delay * 1000:g} ms per DATA" if delay else "the server answers at once"
         print(f"\n[{name}] tls={tls}, {what}; pool of {pool}; {args.rounds} round(s)")
         if name == "dkim":
-            rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            keys: list[PrivateKeyTypes] = [ed25519.Ed25519PrivateKey.generate(), rsa_key]
+            keys: dict[str, PrivateKeyTypes] = {"Ed25519": ed25519.Ed25519PrivateKey.generate()}
+            keys["RSA 2048"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             variants = [await quartmail("unsigned (baseline)", args.n, args.warmup)]
-            for label, key in zip(("Ed25519", "RSA 2048"), keys, strict=True):
+            for label, key in keys.items():
                 pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
                 dkim = {"MAIL_DKIM_KEY": pem, "MAIL_DKIM_SELECTOR": "b"}
                 variants.append(await quartmail(label, args.n, args.warmup, **dkim))
         else:
             n, warmup = (args.slow_n, 2 * pool) if delay else (args.n, args.warmup)
-            label, run = "raw aiosmtplib, 1 conn (baseline)", partial(raw_session, server)
+            label, run = "raw aiosmtplib, 1 conn (baseline)", partial(harness.raw_session, server)
             raw = harness.Variant(label, run, *((args.slow_raw_n, 3) if delay else (n, warmup)))
             variants = [raw, await quartmail(f"send_background, pool of {pool}", n, warmup)]
             if delay:
                 label, run = "thread per mail, smtplib (context)", partial(threads, server)
                 variants.append(harness.Variant(label, run, n, 20))
+        for key in args.profile or ():
+            await harness.profile(variants[0 if key == "raw" else 1], args.top)
         if args.profile:
-            for key in args.profile:
-                await harness.profile(variants[0 if key == "raw" else 1], args.top)
             return True
-        await harness.take_turns(variants, args.rounds)
-        harness.print_table(variants, variants[0], "unsigned" if name == "dkim" else "raw")
-        if name == "dkim":
-            base = min(cpu[variants[0].label][-args.rounds :]) * 1000  # not the warm-up's
-            for label, each in cpu.items():
-                ms = min(each[-args.rounds :]) * 1000
-                print(f"  {label + ':':<20} {ms:6.2f} ms CPU per message (+{ms - base:.2f})")
+        vs = "unsigned" if name == "dkim" else "raw"
+        await harness.take_turns(variants, args.rounds, variants[0], vs)
+        if name == "dkim":  # the CPU of this process (the server is another)
+            base = min(variants[0].cpu) * 1000
+            for variant in variants:
+                ms = min(variant.cpu) * 1000
+                print(
+                    f"  {variant.label + ':':<20} {ms:6.2f} ms CPU per message (+{ms - base:.2f})"
+                )
         else:
             text = f"send_background x{pool}, {name} ({what}), vs raw aiosmtplib"
             harness.target(text, variants[1].best / raw.best, at_least=least)
@@ -135,7 +122,7 @@ async def measure(options: dict[str, Any], commands: harness.Commands) -> None:
     server holds each DATA, or built and kept in a list; answered as its first reply."""
     n, what, warmup = options["n"], options["what"], 32
     async with harness.smtp_server() as server:
-        app, mail = mail_app(server.config, MAIL_POOL_SIZE=8)
+        app, mail = harness.mail_app(server.config, MAIL_POOL_SIZE=8)
         hold: Callable[[int], Any] = {
             "queued": lambda i: mail.send_background(build_message(i)),
             "emailmessage": build_email_message,
@@ -181,16 +168,13 @@ async def memory(args: argparse.Namespace) -> bool:
 
 async def benchmark() -> int:
     args = harness.Arguments(
-        {
-            "n": (1000, 200, "messages per round and variant, plain/starttls/implicit/dkim"),
-            "rounds": (3, 1, "rounds; the best is reported"),
-            "warmup": (100, 20, "warm-up messages per variant"),
-            "slow_n": (400, 100, "messages per round, slow section"),
-            "slow_raw_n": (60, 20, "messages per round of raw aiosmtplib, slow section"),
-            "memory_n": (10_000, 1000, "messages queued and held"),
-        },
-        only=("plain", "starttls", "implicit", "slow", "memory", "dkim"),
-        profile=("background", "raw"),
+        ("plain", "starttls", "implicit", "slow", "memory", "dkim"),
+        ("background", "raw"),
+        n=(1000, 200, "messages per round and variant, plain/starttls/implicit/dkim"),
+        warmup=(100, 20),
+        slow_n=(400, 100, "messages per round, slow section"),
+        slow_raw_n=(60, 20, "messages per round of raw aiosmtplib, slow section"),
+        memory_n=(10_000, 1000, "messages queued and held"),
     ).parse()
     ok = True
     for name in args.only:

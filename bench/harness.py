@@ -1,6 +1,7 @@
-"""The benchmarks' shared harness: arguments, variants taking turns, tables and targets,
-profiling, child processes (``--child OPTIONS``: JSON lines, the first once ready, until stdin
-closes) and the SMTP server in one (:func:`smtp_server`). See ``bench/README.md``.
+"""What every benchmark shares: arguments, variants taking turns, tables and targets, profiling,
+child processes (``--child OPTIONS``: JSON lines, the first once ready, until stdin closes), the
+SMTP server in one (:func:`smtp_server`), and what is sent (~1 KB, text and HTML) and how. See
+``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,23 @@ import os
 import pathlib
 import pstats
 import signal
+import socket
+import ssl
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
 from typing import Any, NoReturn
 
+import aiosmtplib
+from quart import Quart
+
+from quartmail import Mail, Message
 from quartmail.testing import SMTPTestServer, TLSCertificates, TLSMode
 
 PROJECT = pathlib.Path(__file__).resolve().parent.parent
@@ -31,22 +42,25 @@ HOST = "127.0.0.1"
 AUTH = ("bench", "bench-password")  # the credentials of servers that require AUTH
 START_TIMEOUT = 60.0  # seconds for a child (or a served app) to get ready
 REPLY_TIMEOUT = 120.0  # seconds for a child to answer a command
-Sizes = Mapping[str, tuple[int, int, str]]  # name: (default, --quick value, help)
+Size = tuple[int, int] | tuple[int, int, str]  # (default, --quick value[, help])
+HELP = {"n": "how many per run", "warmup": "how many to warm up with", "rounds": "runs of each"}
 
 
 class Arguments(argparse.ArgumentParser):
-    """*sizes*, ``--only``, ``--quick``, ``--profile``; the script's docstring as ``--help``."""
+    """``--only`` (of *only*), ``--quick``, ``--profile`` (of *profile*) and the *sizes*, each
+    ``name=(default, --quick value[, help])``, ``rounds`` (3, 1) unless given; the script's
+    docstring as ``--help``."""
 
-    def __init__(self, sizes: Sizes, only: Sequence[str], profile: Sequence[str] = ()) -> None:
+    def __init__(self, only: Sequence[str], profile: Sequence[str] = (), **sizes: Size) -> None:
         doc = sys.modules["__main__"].__doc__
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-        self.sizes, self.only = sizes, only
-        for name, (default, _, text) in sizes.items():
+        self.sizes, self.only = {"rounds": (3, 1), **sizes}, only
+        for name, (default, quick, *text) in self.sizes.items():
             flag = "-n" if name == "n" else "--" + name.replace("_", "-")
-            self.add_argument(flag, dest=name, type=int, help=f"{text} (default {default})")
+            what = f"{text[0] if text else HELP[name]} (default {default}, --quick {quick})"
+            self.add_argument(flag, dest=name, type=int, help=what)
         self.add_argument("--only", action="append", choices=only, help="only this (repeatable)")
-        smoke = ", ".join(f"{name} {value[1]}" for name, value in sizes.items())
-        self.add_argument("--quick", action="store_true", help=f"smoke test: {smoke}")
+        self.add_argument("--quick", action="store_true", help="a smoke test: small sizes")
         if profile:
             self.add_argument("--profile", action="append", choices=profile, help="cProfile it")
             self.add_argument("--top", type=int, default=30, help="functions shown per table")
@@ -54,7 +68,7 @@ class Arguments(argparse.ArgumentParser):
     def parse(self) -> argparse.Namespace:
         """Parse, fill in the sizes not given, check them; ``only`` in declared order."""
         args = self.parse_args()
-        for name, (default, quick, _) in self.sizes.items():
+        for name, (default, quick, *_) in self.sizes.items():
             if getattr(args, name) is None:
                 setattr(args, name, quick if args.quick else default)
             if getattr(args, name) < (least := 0 if name == "warmup" else 1):
@@ -73,7 +87,8 @@ class Variant:
     run: Callable[[int], Awaitable[float]]
     count: int  # per round
     warmup: int = 0
-    rates: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # per round
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds per unit, a round
 
     @property
     def best(self) -> float:
@@ -84,26 +99,25 @@ class Variant:
         return self.warmup + self.count * len(self.rates) if self.rates else 0
 
 
-async def take_turns(variants: Sequence[Variant], rounds: int) -> None:
-    """Warm every variant up, then run them in turn (a slow phase of the machine hits all)."""
+async def take_turns(
+    variants: Sequence[Variant], rounds: int, baseline: Variant, name: str, unit: str = "msg/s"
+) -> None:
+    """Warm every variant up, run them in turn (a slow phase of the machine hits all), then
+    print each one's best rate, its median and its ratio to *baseline*'s best (called *name*)."""
     for variant in variants:
         if variant.warmup:
             await variant.run(variant.warmup)
     for _ in range(rounds):
         for variant in variants:
+            cpu = time.process_time()
             variant.rates.append(variant.count / await variant.run(variant.count))
-
-
-def print_table(
-    variants: Sequence[Variant], baseline: Variant | None, name: str, unit: str = "msg/s"
-) -> None:
-    """Each variant's best rate, its median and its ratio to *baseline*'s best (called *name*)."""
+            variant.cpu.append((time.process_time() - cpu) / variant.count)
     width = max(len(variant.label) for variant in variants) + 1
     for variant in variants:
         line = f"  {variant.label + ':':<{width}} {variant.best:7.1f} {unit}"
         if len(variant.rates) > 1:
             line += f" (median {statistics.median(variant.rates):7.1f})"
-        if baseline is not None:
+        if baseline.rates:
             line += f"  = {variant.best / baseline.best:5.2f}x {name}"
         print(line)
 
@@ -213,17 +227,6 @@ Commands = AsyncIterator[str]  # a child's commands from its parent, to the end 
 ChildMain = Callable[[dict[str, Any], Commands], Awaitable[None]]
 
 
-async def _run_child(run: ChildMain, options: dict[str, Any]) -> None:
-    reader, loop = asyncio.StreamReader(), asyncio.get_running_loop()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-    async def commands() -> Commands:
-        while line := await reader.readline():
-            yield line.decode("ascii").strip()
-
-    await run(options, commands())
-
-
 def main(
     benchmark: Callable[[], Coroutine[Any, Any, int]], children: Mapping[str, ChildMain] = {}
 ) -> NoReturn:
@@ -233,13 +236,23 @@ def main(
         # Ctrl-C reaches the whole process group: the parent handles it and closes our stdin.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         logging.basicConfig(format=f"[child {os.getpid()}] %(name)s: %(message)s")
-        known = {"smtp": _serve_smtp, **children}
-        sys.exit(asyncio.run(_run_child(known[options["kind"]], options)))
+        sys.exit(asyncio.run(_child({"smtp": _serve_smtp, **children}[options["kind"]], options)))
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     try:
         sys.exit(asyncio.run(benchmark()))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+async def _child(run: ChildMain, options: dict[str, Any]) -> None:
+    reader, loop = asyncio.StreamReader(), asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def commands() -> Commands:
+        while line := await reader.readline():
+            yield line.decode("ascii").strip()
+
+    await run(options, commands())
 
 
 @dataclass
@@ -306,6 +319,83 @@ async def _serve_smtp(options: dict[str, Any], commands: Commands) -> None:
             reply({**stats, "mail_times": mail_times[:]})
             mail_times.clear()
         forgetting.cancel()
+
+
+SENDER, RECIPIENT = "Quartmail Bench <bench@example.com>", "Alice Example <alice@example.org>"
+TEXT = (
+    "Hello Alice,\n\nPlease confirm your address within 24 hours:\n"
+    "https://app.example.com/confirm?t=3f9a1c7e5b2d4a6f\n\nThe Example team\n"
+)
+HTML = (
+    "<p>Hello Alice,</p>\n<p>Please confirm your address within 24 hours:</p>\n"
+    '<p><a href="https://app.example.com/confirm?t=3f9a1c7e5b2d4a6f">Confirm</a></p>\n'
+    "<p>The Example team</p>\n"
+)
+HOSTNAME = socket.getfqdn()  # quartmail looks it up once per app: the baselines once
+
+
+def build_email_message(i: int) -> EmailMessage:
+    """The baseline's message: what an app using aiosmtplib directly builds."""
+    msg = EmailMessage()
+    msg["From"], msg["To"] = SENDER, RECIPIENT
+    msg["Subject"] = f"Please confirm your address ({i})"
+    msg["Date"] = format_datetime(datetime.now(UTC).replace(microsecond=0))
+    msg["Message-ID"] = make_msgid(domain="example.com")
+    msg.set_content(TEXT)
+    msg.add_alternative(HTML, subtype="html")
+    return msg
+
+
+def build_message(i: int) -> Message:
+    """The same message as a quartmail Message."""
+    subject = f"Please confirm your address ({i})"
+    return Message(subject, sender=SENDER, recipients=[RECIPIENT], body=TEXT, html=HTML)
+
+
+async def raw_session(server: SMTPServer, count: int, data: bytes = b"") -> float:
+    """Raw aiosmtplib on one connection, each message built (or *data* sent as it is); the
+    seconds it took, connecting and QUIT included."""
+    config, start = server.config, time.perf_counter()
+    tls = dict(use_tls=config["MAIL_USE_SSL"], start_tls=config["MAIL_USE_TLS"])
+    if ca_file := config["MAIL_CA_FILE"]:
+        tls.update(tls_context=ssl.create_default_context(cafile=ca_file))
+    host = dict(hostname=config["MAIL_SERVER"], port=config["MAIL_PORT"], local_hostname=HOSTNAME)
+    async with aiosmtplib.SMTP(**host, **tls, timeout=30.0) as smtp:
+        if config["MAIL_USERNAME"]:
+            await smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"])
+        for i in range(count):
+            if data:
+                await smtp.sendmail("bench@example.com", ["alice@example.org"], data)
+            else:
+                await smtp.send_message(build_email_message(i))
+    return time.perf_counter() - start
+
+
+def mail_app(config: Mapping[str, Any], **settings: Any) -> tuple[Quart, Mail]:
+    """An app with these ``MAIL_*`` settings, and its ``Mail``."""
+    app = Quart(__name__)
+    app.config.update(config, **settings)
+    return app, Mail(app)
+
+
+async def connect_session(app: Quart, mail: Mail, count: int, batch: bool = True) -> float:
+    """*count* messages built and sent in one ``mail.connect()`` session, or (not *batch*)
+    each by ``mail.send()``; the seconds it took."""
+    async with app.app_context():
+        start = time.perf_counter()
+        async with mail.connect() if batch else contextlib.nullcontext(mail) as conn:
+            for i in range(count):
+                await conn.send(build_message(i))
+        return time.perf_counter() - start
+
+
+async def background(app: Quart, mail: Mail, count: int) -> float:
+    """*count* messages built and submitted by ``mail.send_background``, then all awaited; the
+    seconds it took."""
+    async with app.app_context():
+        start = time.perf_counter()
+        await asyncio.gather(*(mail.send_background(build_message(i)) for i in range(count)))
+        return time.perf_counter() - start
 
 
 if __name__ == "__main__":  # how the SMTP server's child process starts

@@ -1,54 +1,48 @@
-"""The durable outbox on PostgreSQL: delivery rate per dispatcher process, and enqueue cost.
-
-``fast`` / ``slow`` (the SMTP server answers at once / takes 50 ms per DATA). Baseline:
-``send_background`` in ONE process, from the app's start-up to the last result. ``outbox xK``:
-the mails enqueued (not timed), then K dispatcher processes, spawned and warmed, start at once;
-the clock stops at the greatest ``sent_at``. Targets: fast, 1 dispatcher >= 0.5x in-memory;
-slow, 4 dispatchers >= 3x one. ``signup``: a user's INSERT with and without ``outbox.enqueue``.
-Every row must end ``sent``, every mail received. The database: ``--database-url``, else
-``quartmail_bench`` on QUARTMAIL_TEST_POSTGRES's server (created if missing).
+"""The durable outbox on PostgreSQL: msg/s with 1, 2, 4 dispatcher processes (the mails
+enqueued first, untimed; to the greatest ``sent_at``) against ``send_background`` in one process
+(``fast``: the server answers at once, ``slow``: 50 ms per DATA), and ``signup``: a user's INSERT
+with and without ``outbox.enqueue``. Targets: fast, 1 dispatcher >= 0.5x in-memory; slow, 4
+dispatchers >= 3x one. The database: ``--database-url``, else ``quartmail_bench`` on
+QUARTMAIL_TEST_POSTGRES's server (created if missing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import os
 import tempfile
 import time
-from argparse import ArgumentParser, Namespace
+from argparse import Namespace
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 import harness
-from common import build_message, mail_app
 from sqlalchemy import MetaData, delete, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from quartmail.outbox import OutboxBase, OutboxMessage
 
-TARGETS = {  # section: variants compared (0 in-memory, then 1, 2, 4 dispatchers)
-    "fast": (1, 0, "1 dispatcher vs in-memory", 0.5),
-    "slow": (3, 1, "4 dispatchers vs 1", 3.0),
-}
 STALL_TIMEOUT = 30.0  # give up when the table has not changed for this long
 
 
 async def child(options: dict[str, Any], commands: harness.Commands) -> None:
     """A dispatcher ("outbox") or the in-memory baseline ("memory": sends ``n`` mails, then
     answers the time of the last result); its app starts on ``go``, stops at the end of stdin."""
-    app, mail = mail_app(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
+    app, mail = harness.mail_app(options["mail_config"], MAIL_POOL_SIZE=options["pool_size"])
     engine = create_async_engine(options["database_url"])
     if options["kind"] == "outbox":
         mail.init_outbox(app, engine)
         async with engine.connect() as connection:  # a running app's engine has connections
             await connection.execute(text("SELECT 1"))
-    messages = [build_message(i) for i in range(options["n"])]
+    messages = [harness.build_message(i) for i in range(options["n"])]
     harness.reply({"ready": True})
     profiler = cProfile.Profile()
     if await anext(commands, None) == "go":
-        if options.get("profile"):
+        if options["profile"]:
             profiler.enable()
         await app.startup()
         try:
@@ -60,7 +54,7 @@ async def child(options: dict[str, Any], commands: harness.Commands) -> None:
                 pass
         finally:
             await app.shutdown()
-            if options.get("profile"):
+            if options["profile"]:
                 profiler.dump_stats(options["profile"])  # (it disables the profiler)
     await engine.dispose()
 
@@ -71,12 +65,11 @@ class Runs:
     def __init__(
         self, server: harness.SMTPServer, engine: AsyncEngine, args: Namespace, **settings: Any
     ) -> None:
-        self.server, self.engine, self.args = server, engine, args
+        self.server, self.engine, self.args, self.ok = server, engine, args, True
         self.config = {**server.config, **settings}
-        app, mail = mail_app(self.config)  # only to enqueue: its dispatcher never starts
+        app, mail = harness.mail_app(self.config)  # only to enqueue: its dispatcher never starts
         self.outbox = mail.init_outbox(app, engine)
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self.ok = True
 
     async def counts(self) -> dict[str, int]:
         async with self.engine.connect() as connection:
@@ -90,7 +83,7 @@ class Runs:
         for first in range(0, n, 500):
             async with self.sessions.begin() as session:
                 for i in range(first, min(n, first + 500)):
-                    await self.outbox.enqueue(session, build_message(i))
+                    await self.outbox.enqueue(session, harness.build_message(i))
         if (counts := await self.counts()) != {"queued": n}:
             raise RuntimeError(f"after enqueueing {n} messages the outbox holds {counts}")
 
@@ -106,7 +99,6 @@ class Runs:
             if died or time.monotonic() - changed > STALL_TIMEOUT:
                 break
             await asyncio.sleep(0.05)
-        self.server.expected += counts.get("sent", 0)
         async with self.engine.connect() as connection:
             end = await connection.scalar(select(func.max(OutboxMessage.sent_at)))
         if counts != {"sent": n} or end is None:
@@ -118,30 +110,28 @@ class Runs:
     async def run(self, dispatchers: int, n: int, profile: str | None = None) -> float:
         """*n* mails through that many dispatcher processes (the first profiled into the file
         *profile*), or 0: the in-memory baseline; the seconds from the start to the last sent."""
-        options = {"mail_config": self.config, "pool_size": self.args.pool_size}
-        options.update(database_url=self.args.database_url, n=0 if dispatchers else n)
-        children = [{"kind": "outbox", **options} for _ in range(dispatchers)]
+        options = dict(mail_config=self.config, pool_size=self.args.pool_size, kind="outbox")
+        options.update(database_url=self.args.database_url, n=0, profile=None)
+        memory = {**options, "kind": "memory", "n": n}
+        children = [{**options, "profile": profile}] + [options] * (dispatchers - 1)
         if dispatchers:
             await self.enqueue(n)
-            children[0]["profile"] = profile
-        children = children or [{"kind": "memory", **options}]
-        async with harness.children(__file__, children) as started:
+        self.server.expected += n
+        async with harness.children(__file__, children if dispatchers else [memory]) as started:
             start = time.time()
             for each in started:
                 await each.send("go")
             if dispatchers:
                 return await self.delivered(n, started) - start
-            end = (await started[0].ask(None))["end"]
-        self.server.expected += n
-        return float(end) - start
+            return float((await started[0].ask(None))["end"]) - start
 
 
 async def delivery(name: str, engine: AsyncEngine, args: Namespace) -> bool:
+    """``fast`` or ``slow``: in-memory, then 1, 2, 4 dispatchers."""
     delay = 0.05 if name == "slow" else 0.0  # seconds the server takes per DATA
     n: int = args.slow_n if delay else args.n
     async with harness.smtp_server(data_delay=delay) as server:
         runs = Runs(server, engine, args)
-        await recreate_tables(engine, OutboxBase.metadata)
         what = f"{delay * 1000:g} ms per DATA" if delay else "the server answers at once"
         print(f"\n[{name}] {what}; {n} mails x {args.rounds} round(s), pool {args.pool_size}")
         if args.profile:  # SQLAlchemy's async layer runs on greenlets: read tottime
@@ -156,9 +146,10 @@ async def delivery(name: str, engine: AsyncEngine, args: Namespace) -> bool:
             label = f"outbox, {k} dispatcher(s)" if k else "in-memory send_background"
             run, warmup = partial(runs.run, k), args.warmup if k < 2 else 0
             variants.append(harness.Variant(f"{label} x{args.pool_size}", run, n, warmup))
-        await harness.take_turns(variants, args.rounds)
-        harness.print_table(variants, variants[0], "in-memory")
-        a, b, vs, least = TARGETS[name]
+        await harness.take_turns(variants, args.rounds, variants[0], "in-memory")
+        a, b, vs, least = (
+            (3, 1, "4 dispatchers vs 1", 3.0) if delay else (1, 0, "1 dispatcher vs in-memory", 0.5)
+        )
         harness.target(f"{what}: {vs}", variants[a].best / variants[b].best, at_least=least)
         return await server.check() and runs.ok
 
@@ -168,10 +159,9 @@ async def signup(engine: AsyncEngine, args: Namespace) -> None:
     from quartmail.app.models import Base, User  # the app's package is slow to import
 
     await recreate_tables(engine, Base.metadata, OutboxBase.metadata)
-    app, mail = mail_app({})
-    outbox = mail.init_outbox(app, engine)
+    app, mail = harness.mail_app({})
+    outbox, n = mail.init_outbox(app, engine), args.signups
     sessions = async_sessionmaker(engine, expire_on_commit=False)
-    messages = [build_message(i) for i in range(args.signups)]
 
     async def run(with_outbox: bool, count: int) -> float:
         async with engine.begin() as connection:
@@ -192,22 +182,27 @@ async def signup(engine: AsyncEngine, args: Namespace) -> None:
             raise RuntimeError(f"{users} users and {mails} outbox rows after {count} sign-ups")
         return elapsed
 
-    print(f"\n[signup] {args.signups} sign-ups x {args.rounds} round(s), one after another, each")
+    print(f"\n[signup] {n} sign-ups x {args.rounds} round(s), one after another, each")
     print("  a transaction: INSERT a user (flushed), [enqueue a mail], COMMIT")
-    warmup = min(args.signups, 100)  # the statement caches, prepared statements
-    plain = harness.Variant("INSERT user, COMMIT", partial(run, False), args.signups, warmup)
+    messages, warmup = [harness.build_message(i) for i in range(n)], min(n, 100)  # caches warm
+    plain = harness.Variant("INSERT user, COMMIT", partial(run, False), n, warmup)
     label = "INSERT user + outbox.enqueue(), COMMIT"
-    with_mail = harness.Variant(label, partial(run, True), args.signups, warmup)
-    await harness.take_turns([plain, with_mail], args.rounds)
-    harness.print_table([plain, with_mail], plain, "without", unit="sign-ups/s")
+    with_mail = harness.Variant(label, partial(run, True), n, warmup)
+    await harness.take_turns([plain, with_mail], args.rounds, plain, "without", "sign-ups/s")
     plain_us, mail_us = 1e6 / plain.best, 1e6 / with_mail.best
     ratio = mail_us / plain_us
     print(f"  enqueue cost: +{mail_us - plain_us:.0f} µs per sign-up, {ratio:.2f}x without it")
 
 
-async def database(parser: ArgumentParser, args: Namespace, name: str) -> AsyncEngine:
-    """An engine on ``--database-url``, else on the database *name* (created if missing: the
-    role needs CREATEDB) on QUARTMAIL_TEST_POSTGRES's server; never the tests' own."""
+@contextlib.asynccontextmanager
+async def database(
+    parser: harness.Arguments, name: str
+) -> AsyncIterator[tuple[Namespace, AsyncEngine]]:
+    """The arguments (``--database-url`` added) and an engine on that database, else on *name*
+    (created if missing: the role needs CREATEDB) on QUARTMAIL_TEST_POSTGRES's server, never
+    the tests' own; the outbox's table made anew."""
+    parser.add_argument("--database-url", help="the PostgreSQL database (see above)")
+    args = parser.parse()
     server = args.database_url or os.environ.get("QUARTMAIL_TEST_POSTGRES")
     if server is None:
         parser.error("give --database-url, or QUARTMAIL_TEST_POSTGRES (a PostgreSQL server)")
@@ -223,7 +218,12 @@ async def database(parser: ArgumentParser, args: Namespace, name: str) -> AsyncE
                 await connection.execute(text(f'CREATE DATABASE "{url.database}"'))
     finally:
         await admin.dispose()
-    return create_async_engine(url)
+    engine = create_async_engine(url)
+    try:
+        await recreate_tables(engine, OutboxBase.metadata)
+        yield args, engine
+    finally:
+        await engine.dispose()
 
 
 async def recreate_tables(engine: AsyncEngine, *metadata: MetaData) -> None:
@@ -236,29 +236,21 @@ async def recreate_tables(engine: AsyncEngine, *metadata: MetaData) -> None:
 
 async def benchmark() -> int:
     parser = harness.Arguments(
-        {
-            "n": (2000, 300, "mails per run, fast server"),
-            "slow_n": (800, 160, "mails per run, 50 ms server"),
-            "signups": (1000, 200, "sign-ups per round"),
-            "rounds": (3, 1, "rounds; the best is reported"),
-            "warmup": (100, 0, "mails per warm-up run"),
-            "pool_size": (8, 8, "MAIL_POOL_SIZE of every process"),
-        },
-        only=("fast", "slow", "signup"),
-        profile=("dispatcher",),
+        ("fast", "slow", "signup"),
+        ("dispatcher",),
+        n=(2000, 300, "mails per run, fast server"),
+        slow_n=(800, 160, "mails per run, 50 ms server"),
+        signups=(1000, 200, "sign-ups per round"),
+        warmup=(100, 0, "mails per warm-up run"),
+        pool_size=(8, 8, "MAIL_POOL_SIZE of every process"),
     )
-    parser.add_argument("--database-url", help="see above")
-    args = parser.parse()
-    engine = await database(parser, args, "quartmail_bench")
     ok = True
-    try:
+    async with database(parser, "quartmail_bench") as (args, engine):
         for name in args.only:
             if name != "signup":
                 ok = await delivery(name, engine, args) and ok
             elif not args.profile:
                 await signup(engine, args)
-    finally:
-        await engine.dispose()
     return harness.finish(ok)
 
 

@@ -1,14 +1,8 @@
 """The seed's recipe, the baseline of ``signup.py``: the e-mail chapter of Flasky (Flask,
-Flask-Mail, a thread per mail) with the JSON sign-up the reference app serves.
-
-``POST /api/users`` with ``{"name": ...}`` stores a new user in SQLite, mails
-``FLASKY_ADMIN`` from a thread of its own and answers 201; a known name gets 200 and no mail.
-One :mod:`sqlite3` connection per worker (Flask-SQLAlchemy's pool keeps one too), with the
-reference app's settings (WAL, ``synchronous=NORMAL``): else each commit waits for the disk
-(about 6 ms here), and the disk, not the mail, is what would be measured. Served from ``bench/``
-as ``gunicorn --workers 2 recipe:app`` (sync workers). Settings from the environment:
-``MAIL_SERVER``, ``MAIL_PORT``, ``FLASKY_ADMIN``, ``RECIPE_DATABASE`` (the SQLite file).
-Needs ``pip install flask-mail gunicorn`` (not quartmail's dependencies).
+Flask-Mail, a thread per mail) with the JSON sign-up the reference app serves, served from
+``bench/`` as ``gunicorn --workers 2 recipe:app``. One :mod:`sqlite3` connection per worker with
+the reference app's settings (WAL, ``synchronous=NORMAL``: else the disk's fsync is measured).
+Settings: ``MAIL_SERVER``, ``MAIL_PORT``, ``FLASKY_ADMIN``, ``RECIPE_DATABASE`` (the file).
 """
 
 from __future__ import annotations
