@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -135,6 +136,39 @@ async def empty_database_url(backend: str, directory: Path) -> str:
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database on SQLite and on PostgreSQL (a test file may narrow it)."""
     return await empty_database_url(request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[str, AsyncEngine]]:
+    """``(url, engine)`` of an empty database (no outbox or app tables): an SQLite file, or
+    the test PostgreSQL in a database of its own (:func:`own_postgres_url`), for tests
+    whose processes share it."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    else:
+        url = await own_postgres_url()
+    engine = create_async_engine(url)
+    try:
+        await empty_database(engine)
+        yield url, engine
+    finally:
+        await engine.dispose()
+
+
+async def own_postgres_url() -> str:
+    """The test PostgreSQL, in a database of its own, ``<test database>_processes``,
+    made here if the role may create one: other test runs drop and fill the tables of the
+    shared test database while these processes run."""
+    shared = make_url(await postgres_url())
+    own = shared.set(database=f"{shared.database}_processes")
+    try:
+        await create_database(shared, own.database or "")
+    except DBAPIError as error:
+        logging.getLogger(__name__).warning("Sharing the database %s: %s", shared.database, error)
+        own = shared
+    return own.render_as_string(hide_password=False)
 
 
 @pytest.fixture

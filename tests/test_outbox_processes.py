@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,11 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-import pytest_asyncio
 from quart import Quart
-from sqlalchemy import func, make_url, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from quartmail import Mail, Message, email_dispatched
@@ -46,9 +42,8 @@ from conftest import (
     SENDER,
     ServedApp,
     clean_environment,
-    create_database,
     empty_database,
-    postgres_url,
+    own_postgres_url,
     serve_app,
 )
 
@@ -61,7 +56,6 @@ APP_SPEC = "quartmail.app:create_app('production')"
 WITHIN = 60.0
 
 Process = asyncio.subprocess.Process
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,38 +67,6 @@ class Row:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def database(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[str, AsyncEngine]]:
-    """``(url, engine)`` of an empty database (no outbox or app tables): an SQLite file, or
-    the test PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
-    else:
-        url = await own_postgres_url()
-    engine = create_async_engine(url)
-    try:
-        await empty_database(engine)
-        yield url, engine
-    finally:
-        await engine.dispose()
-
-
-async def own_postgres_url() -> str:
-    """The test PostgreSQL, in a database of this module's own, ``<test database>_processes``,
-    made here if the role may create one: other test runs drop and fill the tables of the
-    shared test database while these processes run."""
-    shared = make_url(await postgres_url())
-    own = shared.set(database=f"{shared.database}_processes")
-    try:
-        await create_database(shared, own.database or "")
-    except DBAPIError as error:
-        logger.warning("Sharing the database %s: %s", shared.database, error)
-        own = shared
-    return own.render_as_string(hide_password=False)
 
 
 async def outbox_rows(engine: AsyncEngine) -> list[Row]:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from quart import Quart
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from test_outbox_processes import outbox_rows, own_postgres_url, run_dispatchers
+from test_outbox_processes import outbox_rows, run_dispatchers
 
 from quartmail import Mail, Message, SendError
 from quartmail.outbox import RateLimitSlot
@@ -33,23 +31,6 @@ from conftest import SENDER, empty_database
 ADMIN = "admin@example.com"
 # Every wait on a process or on the mail is bounded by this; generous, for slow CI machines.
 WITHIN = 120.0
-
-
-@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
-async def database(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[tuple[str, AsyncEngine]]:
-    """``(url, engine)`` of an empty database: an SQLite file, or the test PostgreSQL."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
-    else:
-        url = await own_postgres_url()
-    engine = create_async_engine(url)
-    try:
-        await empty_database(engine)
-        yield url, engine
-    finally:
-        await engine.dispose()
 
 
 def mail_config(server: SMTPTestServer, **settings: Any) -> dict[str, Any]:
