@@ -156,7 +156,7 @@ async def send_pipelined(
 
     options = list(mail_options)
     encoding = "utf-8" if any(o.upper() == "SMTPUTF8" for o in options) else "ascii"
-    data = normalize_message_line_endings(message)
+    data = message if _crlf_only(message) else normalize_message_line_endings(message)
     if client.supports_extension("size"):
         # RFC 1870: the octets as transmitted; BDAT sends exactly these.
         options.insert(0, f"SIZE={len(data)}")
@@ -201,6 +201,14 @@ async def send_pipelined(
             await _reset(client)
         raise
     return refused
+
+
+def _crlf_only(message: bytes) -> bool:
+    """Whether every line of *message* already ends in CRLF, as quartmail's
+    envelopes do: then aiosmtplib's normalizing regex would copy it unchanged
+    (three counts in C cost a fifth of that)."""
+    crlf = message.count(b"\r\n")
+    return message.endswith(b"\r\n") and message.count(b"\n") == crlf == message.count(b"\r")
 
 
 def _command(verb: bytes, argument: bytes, options: Sequence[str]) -> bytes:
