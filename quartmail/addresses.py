@@ -78,6 +78,8 @@ def check_header_value(field: str, value: object) -> None:
         raise MessageError(f"{field} must be a string, got {type(value).__name__}")
     if _LINE_BREAKS.search(value):
         raise BadHeaderError(f"{field} contains a line break: {value!r}")
+    if value.isascii():
+        return  # (ASCII always encodes)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:

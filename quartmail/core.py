@@ -89,6 +89,8 @@ log = logging.getLogger("quartmail")
 _MAX_RETRY_DELAY = 3600.0
 # How long close() waits for signal receivers when the deadline has passed.
 _SIGNAL_GRACE = 1.0
+# The gate without MAIL_RATE_LIMIT (nullcontext is reentrant: one serves every transaction).
+_NO_LIMIT: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 class SuppressionCheck(Protocol):
@@ -181,8 +183,7 @@ class MailCore:
         self.observer.session_opened()
         return session
 
-    @contextlib.asynccontextmanager
-    async def rate_limited(self, deadline: float) -> AsyncIterator[None]:
+    def rate_limited(self, deadline: float) -> contextlib.AbstractAsyncContextManager[None]:
         """The gate every SMTP transaction of every path passes, just before
         its MAIL FROM (:attr:`SMTPSession.gate`): it waits for
         ``MAIL_RATE_LIMIT`` (a wait that counts toward the message's
@@ -191,8 +192,11 @@ class MailCore:
         with nothing sent, when the deadline comes first."""
         limiter = self.limiter
         if limiter is None:
-            yield
-            return
+            return _NO_LIMIT  # (not a generator-based context per transaction)
+        return self._permit(limiter, deadline)
+
+    @contextlib.asynccontextmanager
+    async def _permit(self, limiter: RateLimiter, deadline: float) -> AsyncIterator[None]:
         permit = await limiter.acquire(deadline)
         if permit is None:
             raise timed_out(self.settings.delivery_timeout, None)

@@ -319,29 +319,29 @@ class Delivery:
         # The send runs in a task of its own so that the caller can cancel
         # this one message (future.cancel()) without cancelling the worker.
         # In the submitter's context: its trace (a request's span) is the send's parent.
-        job.sending = asyncio.create_task(
+        sending = job.sending = asyncio.create_task(
             self._core.transaction(session, job.envelope, job.deadline), context=job.context
         )
-        try:
-            await asyncio.wait([job.sending])
-        except asyncio.CancelledError:
-            job.sending.cancel()
-            self._drop_session(worker)
-            raise
-        sending, job.sending = job.sending, None
         # A session spent by this send has closed itself: the core's reuse
         # rule replaces it before the next message.
-        if sending.cancelled():
-            # The caller cancelled the future mid-send; the message may or
-            # may not have been delivered.
-            self._settle(job)
+        try:
+            result = await sending  # (cancelling this worker cancels the send too)
+        except asyncio.CancelledError:
+            if sending.cancelled() and not _cancelling():
+                # The caller cancelled the future mid-send; the message may or
+                # may not have been delivered.
+                self._settle(job)
+                return
+            sending.cancel()
+            self._drop_session(worker)
+            raise
+        except SendError as failure:
+            error = failure
+        else:
+            self._delivered(job, result)
             return
-        error = sending.exception()
-        if error is None:
-            self._delivered(job, sending.result())
-            return
-        if not isinstance(error, SendError):
-            raise error
+        finally:
+            job.sending = None
         if reused and isinstance(error, ConnectError) and not job.reconnected:
             # Most likely the server closed the idle session under us before
             # the message: send it on a fresh session, without an attempt.
@@ -523,6 +523,13 @@ class Delivery:
         elif job.sending is not None:
             job.sending.cancel()
         # A queued job is dropped when a worker takes it.
+
+
+def _cancelling() -> int:
+    """The cancellations of the running task (a worker) not handled yet:
+    none when what was cancelled is only the send it awaits."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
 
 
 async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:

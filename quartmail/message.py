@@ -25,7 +25,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
 from typing import Protocol, TypeVar
 
 from quart import current_app, has_app_context
@@ -474,7 +474,7 @@ class Message:
         return b"MIME-Version: 1.0\r\n" + body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one is made per message, and frozen fields cost)
 class _Headers:
     """The top-level headers of a message, for either way of flattening it."""
 
@@ -503,7 +503,7 @@ class _Headers:
         if self.subject and "subject" not in replaced:  # none when empty, as in Flask-Mail
             lines.append(mime.text_header("Subject", self.subject))
         if "date" not in replaced:
-            lines.append(mime.plain_header("Date", format_datetime(self.date)))
+            lines.append(mime.plain_header("Date", mime.date(self.date)))
         if "message-id" not in replaced:
             lines.append(mime.plain_header("Message-ID", self.message_id))
         for name, value in self.lists:

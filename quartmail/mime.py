@@ -28,6 +28,7 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from .addresses import Mailbox
 
@@ -35,6 +36,7 @@ __all__ = [
     "address_header",
     "boundary",
     "boundary_intact",
+    "date",
     "multipart_alternative",
     "plain_header",
     "text_header",
@@ -44,17 +46,22 @@ __all__ = [
 _MAX = 78  # RFC 5322's "SHOULD" line length
 _NAME_ROOM = len("Reply-To: ")  # the longest address header's name
 _CRLF = b"\r\n"
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_NO_OFFSET = timedelta(0)
 _ATOM_SPECIALS = frozenset('()<>@,;:\\".[]')
 _WORD_OVERHEAD = len("=?utf-8?b??=")
-# What a 7bit line may hold (RFC 2045): printable ASCII and tabs, no NUL or
-# other control characters.
-_SEVEN_BIT = re.compile(rb"[\t\x20-\x7e]*")
+# What 7bit lines may hold (RFC 2045): printable ASCII and tabs, no NUL or
+# other control characters; and CRLF between them.
+_SEVEN_BIT_LINES = re.compile(rb"[\t\x20-\x7e\r\n]*")
 
 
 def text_header(name: str, value: str) -> bytes:
     """``Name: value`` for unstructured text (Subject, extra headers), folded."""
     prefix = f"{name}: "
-    if value.isascii() and "=?" not in value and _printable(value):
+    if value.isascii() and "=?" not in value and value.isprintable():
+        if len(prefix) + len(value) <= _MAX:  # (what _fold_words gives for one line)
+            return (prefix + value).encode("ascii") + _CRLF
         folded = _fold_words(prefix, value.split(" "))
         if folded is not None:
             return folded
@@ -67,6 +74,10 @@ def address_header(name: str, mailboxes: Iterable[Mailbox]) -> bytes:
     encoded-words and its address, so that no line exceeds 998 octets (an
     address itself is at most 254 octets, see :mod:`quartmail.addresses`)."""
     items = list(mailboxes)
+    if len(items) == 1:
+        first = _mailbox_tokens(items[0], "")
+        if len(first) == 1:  # one token is one line, as the loop below writes it
+            return f"{name}: {first[0]}".encode() + _CRLF
     tokens: list[str] = []
     for index, mailbox in enumerate(items):
         tokens += _mailbox_tokens(mailbox, "," if index < len(items) - 1 else "")
@@ -86,6 +97,18 @@ def plain_header(name: str, value: str) -> bytes:
     """``Name: value`` for a value already known to be one printable ASCII
     token that fits a line (a Date, a checked Message-ID)."""
     return f"{name}: {value}\r\n".encode("ascii")
+
+
+def date(value: datetime) -> str:
+    """An aware datetime as RFC 5322 3.3 writes it (``Sun, 29 Nov 2026 14:07:51
+    +0000``): English names whatever the locale, the datetime's own offset;
+    what ``email.utils.format_datetime`` gives, without its time tuple."""
+    offset = value.utcoffset()
+    zone = "+0000" if offset == _NO_OFFSET else value.strftime("%z")
+    return (
+        f"{_DAYS[value.weekday()]}, {value.day:02d} {_MONTHS[value.month - 1]} "
+        f"{value.year:04d} {value.hour:02d}:{value.minute:02d}:{value.second:02d} {zone}"
+    )
 
 
 def text_part(text: str, subtype: str) -> bytes:
@@ -203,7 +226,7 @@ def _phrase(name: str) -> str:
         # Encoded-words in a phrase: one per 45 bytes, separated by spaces
         # (folding may break a line there).
         return _encoded_words("", name).decode("ascii").replace("\r\n ", " ").rstrip("\r\n")
-    if any(char in _ATOM_SPECIALS for char in name) or "  " in name or name != name.strip():
+    if not _ATOM_SPECIALS.isdisjoint(name) or "  " in name or name != name.strip():
         escaped = name.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     return name
@@ -212,7 +235,8 @@ def _phrase(name: str) -> str:
 def _encode_body(text: str) -> tuple[str, bytes]:
     lines = text.encode("utf-8").splitlines()
     data = _CRLF.join(lines) + _CRLF
-    if all(len(line) <= _MAX and _SEVEN_BIT.fullmatch(line) for line in lines):
+    # (Its only CR and LF are the CRLFs joining the lines: one match checks them all.)
+    if max(map(len, lines), default=0) <= _MAX and _SEVEN_BIT_LINES.fullmatch(data):
         return "7bit", data
     quoted = binascii.b2a_qp(data, istext=True)
     encoded = base64.encodebytes(data).replace(b"\n", _CRLF)

@@ -13,6 +13,7 @@ situations, so the caller handles both alike.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
@@ -117,8 +118,26 @@ class PipeliningProtocol(SMTPProtocol):
         # still count after the connection closed (a 421, then the server hangs up).
         if queued and (waiter is None or not waiter.done()):
             return queued.popleft()
+        if waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        # aiosmtplib's read_response, without asyncio.wait_for: one timer,
+        # and one loop step less per reply (each message waits for one or more).
         self._response_pending = True
-        return await self.read_response(timeout=timeout)
+        timer = None
+        if timeout is not None and not waiter.done():
+            timer = self._loop.call_later(timeout, self._timed_out, waiter)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+
+    def _timed_out(self, waiter: asyncio.Future[SMTPResponse]) -> None:
+        if not waiter.done():
+            error = aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+            self._set_response_exception(waiter, error)
 
 
 async def send_pipelined(
@@ -156,7 +175,7 @@ async def send_pipelined(
 
     options = list(mail_options)
     encoding = "utf-8" if any(o.upper() == "SMTPUTF8" for o in options) else "ascii"
-    data = normalize_message_line_endings(message)
+    data = message if _crlf_only(message) else normalize_message_line_endings(message)
     if client.supports_extension("size"):
         # RFC 1870: the octets as transmitted; BDAT sends exactly these.
         options.insert(0, f"SIZE={len(data)}")
@@ -201,6 +220,14 @@ async def send_pipelined(
             await _reset(client)
         raise
     return refused
+
+
+def _crlf_only(message: bytes) -> bool:
+    """Whether every line of *message* already ends in CRLF, as quartmail's
+    envelopes do: then aiosmtplib's normalizing regex would copy it unchanged
+    (three counts in C cost a fifth of that)."""
+    crlf = message.count(b"\r\n")
+    return message.endswith(b"\r\n") and message.count(b"\n") == crlf == message.count(b"\r")
 
 
 def _command(verb: bytes, argument: bytes, options: Sequence[str]) -> bytes:

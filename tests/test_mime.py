@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import re
+from datetime import UTC, datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quartmail import Message, MessageError
+from quartmail import Message, MessageError, mime
 
 # Any text but line breaks (those are header injection, refused elsewhere:
 # CR, LF and every other character str.splitlines() breaks at).
@@ -145,6 +147,26 @@ def test_the_common_message_and_the_email_package_agree() -> None:
         assert fast_part.get_content().replace("\r\n", "\n") == slow_part.get_content().replace(
             "\r\n", "\n"
         )
+
+
+@given(
+    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(9999, 12, 31)),
+    st.one_of(
+        st.just(UTC),
+        st.builds(
+            timezone,
+            st.timedeltas(
+                min_value=timedelta(hours=-23, minutes=-59),
+                max_value=timedelta(hours=23, minutes=59),
+            ),
+        ),
+    ),
+)
+def test_the_date_is_written_as_the_email_package_writes_it(
+    naive: datetime, zone: timezone
+) -> None:
+    value = naive.replace(tzinfo=zone)
+    assert mime.date(value) == email.utils.format_datetime(value)
 
 
 @pytest.mark.parametrize("field", ["subject", "body", "html"])

@@ -9,6 +9,9 @@ from typing import Literal
 
 import aiosmtplib
 import pytest
+from aiosmtplib.protocol import normalize_message_line_endings
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quartmail import (
     ConfigError,
@@ -18,6 +21,7 @@ from quartmail import (
     SendError,
     SendTimeoutError,
 )
+from quartmail.pipelining import _crlf_only
 from quartmail.testing import SMTPServerFactory, SMTPTestServer, TLSMode
 
 from conftest import MakeMail
@@ -81,6 +85,13 @@ async def test_the_bytes_received_are_the_bytes_sent(
     assert got.data == expected.data
     assert b"\r\n.a line starting with a dot\r\n..two dots\r\n.\r\nend" in got.data
     assert got.text == expected.text == BODY
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n"]), max_size=12))
+def test_bytes_already_in_crlf_lines_are_sent_as_they_are(pieces: list[bytes]) -> None:
+    # The pipelined path skips aiosmtplib's normalizing exactly when it would change nothing.
+    data = b"".join(pieces)
+    assert _crlf_only(data) == (normalize_message_line_endings(data) == data)
 
 
 async def test_mail_pipelining_false_waits_for_each_reply(
