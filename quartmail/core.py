@@ -198,8 +198,9 @@ class MailCore:
     @contextlib.asynccontextmanager
     async def _permit(self, limiter: RateLimiter, deadline: float) -> AsyncIterator[None]:
         permit = await limiter.acquire(deadline)
-        if permit is None:
-            raise timed_out(self.settings.delivery_timeout, None)
+        if permit is None:  # nothing was sent: the caller words it with its last error
+            error = timed_out(self.settings.delivery_timeout, None)
+            raise NotAttemptedError(str(error))
         try:
             yield
         finally:
@@ -465,6 +466,13 @@ def next_attempt(
     else:
         delay = backoff(first_delay, attempts)
     return delay if delay < time_left else None
+
+
+class NotAttemptedError(SendError):
+    """A message's deadline passed before it reached the server (it waited in a
+    queue, for a connection or for ``MAIL_RATE_LIMIT``): no attempt was made. Its
+    code and text are those of the message's last error, as :func:`timed_out`
+    words them, when its caller knows it."""
 
 
 def timed_out(timeout: float, last: SendError | None) -> SendError:

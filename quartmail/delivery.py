@@ -59,13 +59,13 @@ import random
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
-from .core import MailCore, counted, left_out, timed_out
+from .core import MailCore, NotAttemptedError, counted, left_out, timed_out
 from .errors import ConnectError, MailError, MessageError, SendError
 from .message import Envelope, Message
 from .settings import MailSettings
 from .smtp import SendResult, SMTPSession
 
-__all__ = ["Delivery", "NotAttemptedError"]
+__all__ = ["Delivery"]
 
 log = logging.getLogger("quartmail.delivery")
 
@@ -76,14 +76,6 @@ _CANCEL_GRACE = 1.0
 # At most this many messages in one suppression query (its recipients are its
 # parameters: SQLite takes 32766, PostgreSQL 32767).
 _CHECK_BATCH = 200
-
-
-class NotAttemptedError(SendError):
-    """How the future of :meth:`Delivery.attempt` fails when the message's
-    deadline passed before it reached the server (it waited in the queue or
-    for a connection): no attempt was made. Its code and text are those of
-    the last error the caller gave, or of a newer one met here (a connection
-    refused at the server's limit), as :func:`~quartmail.core.timed_out` words them."""
 
 
 @dataclass(eq=False)
@@ -342,6 +334,9 @@ class Delivery:
             return
         finally:
             job.sending = None
+        if isinstance(error, NotAttemptedError):  # MAIL_RATE_LIMIT's wait ran past the deadline
+            self._fail(job, self._timed_out(job))
+            return
         if reused and isinstance(error, ConnectError) and not job.reconnected:
             # Most likely the server closed the idle session under us before
             # the message: send it on a fresh session, without an attempt.

@@ -49,8 +49,8 @@ try:
 except ModuleNotFoundError as error:
     raise missing_extra(error, "outbox", "The durable outbox") from None
 
-from .core import MailCore, counted, left_out, partly_refused
-from .delivery import Delivery, NotAttemptedError
+from .core import MailCore, NotAttemptedError, counted, left_out, partly_refused
+from .delivery import Delivery
 from .errors import MailError, MessageError, SendError
 from .message import Envelope, Message
 from .outbox import (

@@ -116,3 +116,48 @@ async def test_a_row_whose_deadline_passes_in_the_pools_queue_keeps_its_attempts
     assert (failure.code, str(failure)) == (454, row.last_error)
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(logged) == 1 and second in logged[0] and "SMTP code 454" in logged[0]
+
+
+async def test_a_row_whose_deadline_passes_waiting_for_the_rate_limit_keeps_its_attempts(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    # One message a minute: the second row waits for MAIL_RATE_LIMIT's next slot past
+    # its MAIL_DELIVERY_TIMEOUT, and never reaches the server.
+    app, mail = make_app(
+        engine, smtp_server, MAIL_RATE_LIMIT="1/m", MAIL_DELIVERY_TIMEOUT=1.5, MAIL_POOL_SIZE=1
+    )
+    async with app.test_app(), app.app_context():
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            ids = [await mail.outbox.enqueue(session, message(n)) for n in range(2)]
+            await session.flush()
+            await session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.message_id == ids[1])
+                .values(attempts=1, last_error_code=451, last_error="(451 4.3.0 Try again)")
+            )
+            await session.commit()
+
+        async def settled() -> bool:
+            return {row.state for row in await rows(engine)} <= {"sent", "failed"}
+
+        await wait_for(settled, within=30)
+    by_id = {row.message_id: row for row in await rows(engine)}
+    assert (by_id[ids[0]].state, by_id[ids[0]].attempts) == ("sent", 0)
+    row = by_id[ids[1]]
+    assert (row.state, row.attempts, row.last_error_code) == ("failed", 1, 451), row.last_error
+    assert row.last_error is not None and "Try again" in row.last_error
+    assert len(smtp_server.messages) == 1
+
+
+async def test_a_background_mail_whose_deadline_passes_waiting_for_the_rate_limit(
+    engine: AsyncEngine, smtp_server: SMTPTestServer
+) -> None:
+    app, mail = make_app(
+        engine, smtp_server, MAIL_RATE_LIMIT="1/m", MAIL_DELIVERY_TIMEOUT=1.5, MAIL_POOL_SIZE=1
+    )
+    async with app.test_app(), app.app_context():
+        first, second = (mail.send_background(message(n)) for n in range(2))
+        await asyncio.wait_for(first, 10)
+        with pytest.raises(SendError, match=r"^not delivered within MAIL_DELIVERY_TIMEOUT"):
+            await asyncio.wait_for(second, 10)
+    assert len(smtp_server.messages) == 1
