@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 import pytest
 from sqlalchemy import update
@@ -15,6 +16,14 @@ from test_throttle import IDS, THROTTLING, throttle_records
 from quartmail import MailError, SendError, email_failed
 from quartmail.outbox import OutboxMessage
 from quartmail.testing import SMTPTestServer
+
+# The second message waits for MAIL_RATE_LIMIT's next slot past its MAIL_DELIVERY_TIMEOUT.
+ONE_A_MINUTE = {"MAIL_RATE_LIMIT": "1/m", "MAIL_DELIVERY_TIMEOUT": 1.5, "MAIL_POOL_SIZE": 1}
+
+
+async def settled(engine: AsyncEngine) -> bool:
+    """Whether every row has ended, sent or failed."""
+    return {row.state for row in await rows(engine)} <= {"sent", "failed"}
 
 
 @pytest.mark.parametrize(("verb", "reply"), THROTTLING, ids=IDS)
@@ -96,10 +105,7 @@ async def test_a_row_whose_deadline_passes_in_the_pools_queue_keeps_its_attempts
                 )
                 await session.commit()
 
-            async def settled() -> bool:
-                return {row.state for row in await rows(engine)} <= {"sent", "failed"}
-
-            await wait_for(settled, within=30)
+            await wait_for(partial(settled, engine), within=30)
             await wait_for(lambda: asyncio.sleep(0, bool(failures)), within=10)
     by_id = {row.message_id: row for row in await rows(engine)}
     assert (by_id[first].state, by_id[first].attempts) == ("sent", 0)
@@ -121,11 +127,8 @@ async def test_a_row_whose_deadline_passes_in_the_pools_queue_keeps_its_attempts
 async def test_a_row_whose_deadline_passes_waiting_for_the_rate_limit_keeps_its_attempts(
     engine: AsyncEngine, smtp_server: SMTPTestServer
 ) -> None:
-    # One message a minute: the second row waits for MAIL_RATE_LIMIT's next slot past
-    # its MAIL_DELIVERY_TIMEOUT, and never reaches the server.
-    app, mail = make_app(
-        engine, smtp_server, MAIL_RATE_LIMIT="1/m", MAIL_DELIVERY_TIMEOUT=1.5, MAIL_POOL_SIZE=1
-    )
+    # It never reaches the server.
+    app, mail = make_app(engine, smtp_server, **ONE_A_MINUTE)
     async with app.test_app(), app.app_context():
         async with AsyncSession(engine, expire_on_commit=False) as session:
             ids = [await mail.outbox.enqueue(session, message(n)) for n in range(2)]
@@ -137,10 +140,7 @@ async def test_a_row_whose_deadline_passes_waiting_for_the_rate_limit_keeps_its_
             )
             await session.commit()
 
-        async def settled() -> bool:
-            return {row.state for row in await rows(engine)} <= {"sent", "failed"}
-
-        await wait_for(settled, within=30)
+        await wait_for(partial(settled, engine), within=30)
     by_id = {row.message_id: row for row in await rows(engine)}
     assert (by_id[ids[0]].state, by_id[ids[0]].attempts) == ("sent", 0)
     row = by_id[ids[1]]
@@ -152,9 +152,7 @@ async def test_a_row_whose_deadline_passes_waiting_for_the_rate_limit_keeps_its_
 async def test_a_background_mail_whose_deadline_passes_waiting_for_the_rate_limit(
     engine: AsyncEngine, smtp_server: SMTPTestServer
 ) -> None:
-    app, mail = make_app(
-        engine, smtp_server, MAIL_RATE_LIMIT="1/m", MAIL_DELIVERY_TIMEOUT=1.5, MAIL_POOL_SIZE=1
-    )
+    app, mail = make_app(engine, smtp_server, **ONE_A_MINUTE)
     async with app.test_app(), app.app_context():
         first, second = (mail.send_background(message(n)) for n in range(2))
         await asyncio.wait_for(first, 10)
