@@ -271,3 +271,19 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408_as_in_quart(
     request_.body_timeout = 1
     with pytest.raises(RequestTimeout):
         await request_.get_data()
+
+
+async def test_the_body_is_read_with_quarts_options(request_: JSONErrorsRequest) -> None:
+    """``cache=False`` forgets the body, ``parse_form_data`` parses a form first, as Quart's."""
+    request_.body.set_result(b'{"name":"x"}')
+    assert await request_.get_data(cache=False) == b'{"name":"x"}'
+    assert await request_.get_data() == b""
+    read = []
+    for request_class in (quart.Request, JSONErrorsRequest):
+        app = Quart(__name__)
+        app.request_class = request_class
+        async with app.test_request_context("/", method="POST", form={"name": "Ada"}):
+            form_request = quart.request._get_current_object()  # type: ignore[attr-defined]
+            data = await form_request.get_data(parse_form_data=True)
+            read.append((data, dict(await form_request.form)))
+    assert read[0] == read[1] == (b"name=Ada", {"name": "Ada"})
