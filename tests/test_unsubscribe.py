@@ -113,6 +113,21 @@ def test_bad_tampered_foreign_and_expired_tokens_are_refused(tokens: Unsubscribe
     assert tokens.check(old_token("ann@example.com", "news", days=89)).address == "ann@example.com"
 
 
+def test_tokens_are_read_as_itsdangerous_writes_them_and_back(tokens: UnsubscribeTokens) -> None:
+    """Tokens carry their payload uncompressed (itsdangerous tries zlib on each, and keeps it
+    only when it is shorter); itsdangerous reads either form, so a token made by its own
+    serializer (a release before, another process) and one made here check alike."""
+    itsdangerous = URLSafeTimedSerializer(SECRET, salt=SALT)
+    repetitive = "a" * 60 + "@" + "example." * 8 + "com"  # zlib makes this one shorter
+    for address in ("ann@example.com", repetitive):
+        theirs = itsdangerous.dumps([address, "news"])
+        ours = tokens.make(address, "news")
+        assert not ours.startswith(".")
+        assert tokens.check(theirs) == tokens.check(ours) == Unsubscription(address, "news")
+        assert itsdangerous.loads(ours) == [address, "news"]
+    assert itsdangerous.dumps([repetitive, "news"]).startswith(".")  # compressed
+
+
 def test_rotated_keys_keep_old_tokens_working() -> None:
     old = UnsubscribeTokens.from_config({"SECRET_KEY": "old"}).make("ann@example.com", "news")
     rotated = UnsubscribeTokens.from_config({"SECRET_KEY": "new", "SECRET_KEY_FALLBACKS": ["old"]})

@@ -28,7 +28,7 @@ from ..unsubscribe import UnsubscribeTokens, unsubscribe_blueprint
 try:
     from quart_schema import hide
 
-    from .api import JSONErrorsRequest, api
+    from .api import JSONErrorsRequest, api, json_response
     from .cli import register_commands
     from .config import CONFIGS, check_settings, config_values, from_environment
     from .csrf import csrf_token
@@ -37,6 +37,7 @@ try:
     from .extensions import mail, schema
     from .limits import LimitReachedError
     from .sessions import CookieSessions
+    from .templating import Environment
     from .views import main
     from .workers import keep_draining_on_sigterm
 except ModuleNotFoundError as error:
@@ -57,6 +58,7 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
 
     app = Quart(__name__, template_folder=_templates_folder())
     app.request_class = JSONErrorsRequest
+    app.jinja_environment = Environment
     app.session_interface = CookieSessions()
     app.config.from_mapping(config_values(config_class))
     app.config.from_mapping(from_environment())
@@ -163,5 +165,5 @@ async def _error_page(error: HTTPException) -> ResponseReturnValue:
     headers = {k: v for k, v in error.get_headers() if k.lower() != "content-type"}
     if request.path.startswith("/api/"):
         # Routing errors (404, 405) never reach the API blueprint's handlers.
-        return {"error": error.description or error.name}, code, headers
+        return json_response({"error": error.description or error.name}, code, headers.items())
     return await render_template("error.html", error=error, code=code), code, headers

@@ -20,6 +20,9 @@ from hypercorn.typing import ResponseSummary, WWWScope
 
 __all__ = ["AccessLogAtoms", "AccessLogger"]
 
+# HTTPStatus(code).phrase is an Enum call per line: looked up here instead.
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
 
 class AccessLogger(hypercorn_logging.Logger):
     """Hypercorn's logger, its access-log atoms from :class:`AccessLogAtoms`."""
@@ -59,10 +62,7 @@ class AccessLogAtoms(hypercorn_logging.AccessLogAtoms):
             for name, value in response.get("headers", []):
                 self[f"{{{name.decode('latin1').lower()}}}o"] = value.decode("latin1")
             status_code = str(response["status"])
-            try:
-                status_phrase = HTTPStatus(response["status"]).phrase
-            except ValueError:
-                status_phrase = f"<???{status_code}???>"
+            status_phrase = _PHRASES.get(response["status"], f"<???{status_code}???>")
         self.update(
             {
                 "h": remote_addr,
@@ -78,10 +78,10 @@ class AccessLogAtoms(hypercorn_logging.AccessLogAtoms):
                 "Uq": path_with_qs,
                 "q": query_string,
                 "H": protocol,
-                "b": self["{Content-Length}o"],
-                "B": self["{Content-Length}o"],
-                "f": self["{Referer}i"],
-                "a": self["{User-Agent}i"],
+                "b": self.get("{content-length}o", "-"),
+                "B": self.get("{content-length}o", "-"),
+                "f": self.get("{referer}i", "-"),
+                "a": self.get("{user-agent}i", "-"),
                 "T": int(request_time),
                 "D": int(request_time * 1_000_000),
                 "L": f"{request_time:.6f}",
@@ -90,11 +90,16 @@ class AccessLogAtoms(hypercorn_logging.AccessLogAtoms):
         )
 
     def __getitem__(self, key: str) -> str:
+        try:  # an atom as the format names it ("h", "r", ...): at once
+            value: str = dict.__getitem__(self, key)
+            return value
+        except KeyError:
+            pass
         # Hypercorn lower-cases a {...} key, and keys the environment by lower-cased
         # name, the last one winning.
         if key.startswith("{") and key.lower().endswith("}e"):
             wanted = key[1:-2].lower()
             found = [value for name, value in os.environ.items() if name.lower() == wanted]
             return found[-1] if found else "-"
-        value: str = super().__getitem__(key)
-        return value
+        found_atom: str = super().__getitem__(key)
+        return found_atom

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from quart import current_app, render_template
+from quart import current_app
 
 from quartmail import Message, SendResult
 from quartmail.unsubscribe import UnsubscribeTokens, unsubscribe_url
 
 from .extensions import mail
+from .templating import render_templates
 
 __all__ = ["NEW_USERS", "render_email", "send_email", "unsubscribed"]
 
@@ -27,7 +28,8 @@ async def render_email(
     subject prefixed with ``FLASKY_MAIL_SUBJECT_PREFIX``, from ``FLASKY_MAIL_SENDER``.
 
     Rendering happens here, in the request, so a template error fails the
-    request instead of vanishing in a background task.
+    request instead of vanishing in a background task. The two bodies are rendered as
+    ``render_template`` would, the context processors run once for both.
 
     With *unsubscribe_list*, the message carries a one-click unsubscribe
     (RFC 8058) from that list for *to*: see :func:`unsubscribed`.
@@ -37,12 +39,13 @@ async def render_email(
     if unsubscribe_list is not None:
         tokens: UnsubscribeTokens = current_app.extensions["unsubscribe_tokens"]
         unsubscribe = unsubscribe_url(tokens, to, unsubscribe_list)
+    body, html = await render_templates([template + ".txt", template + ".html"], **kwargs)
     return Message(
         config["FLASKY_MAIL_SUBJECT_PREFIX"] + subject,
         sender=config["FLASKY_MAIL_SENDER"],
         recipients=[to],
-        body=await render_template(template + ".txt", **kwargs),
-        html=await render_template(template + ".html", **kwargs),
+        body=body,
+        html=html,
         list_unsubscribe=unsubscribe,
     )
 
