@@ -13,9 +13,8 @@ from jinja2 import StrictUndefined, UndefinedError
 from quart import Quart, g, render_template
 from quart.signals import before_render_template, template_rendered
 
-from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
-from quartmail.app.templating import Environment, Template, render_templates
+from quartmail.app.templating import render_templates
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,6 @@ def app(tmp_path: Path) -> Quart:
     (tmp_path / "note.html").write_text("<p>Hi {{ name }} {{ g.mark }} {{ extra }}</p>")
     (tmp_path / "broken.html").write_text("{{ missing.attribute }}")
     app = Quart(__name__, template_folder=str(tmp_path))
-    app.jinja_environment = Environment
     app.jinja_options = {**app.jinja_options, "undefined": StrictUndefined}
     app.jinja_env.globals["who"] = lambda: "global"
     processed: list[int] = []
@@ -44,22 +42,6 @@ def app(tmp_path: Path) -> Quart:
         return {"extra": "from a processor"}
 
     return app
-
-
-def test_a_render_context_is_the_one_jinja_builds(app: Quart) -> None:
-    """Template globals over the environment's, then the variables over both; names added
-    to the environment after the template was loaded are seen (Jinja's ChainMap)."""
-    loaded = app.jinja_env.get_template("note.txt", globals={"who": "template", "own": 1})
-    assert isinstance(loaded, Template)
-    app.jinja_env.globals["later"] = "added"
-    for variables in ({}, {"name": "Ada", "own": 2}):
-        ours = loaded.new_context(dict(variables))
-        jinjas = jinja2.Template.new_context(loaded, dict(variables))
-        assert ours.get_all() == jinjas.get_all()
-        assert ours.globals_keys == jinjas.globals_keys
-        assert ours.get_all()["later"] == "added"
-    shared = loaded.new_context({"name": "Ada"}, shared=True)
-    assert shared.get_all() == {"name": "Ada"}
 
 
 async def test_the_bodies_are_what_render_template_gives(app: Quart) -> None:
@@ -114,10 +96,3 @@ async def test_a_template_error_is_raised(app: Quart) -> None:
     async with app.test_request_context("/"):
         with pytest.raises(UndefinedError):
             await render_templates(["note.txt", "broken.html"], name="Ada")
-
-
-def test_the_app_renders_with_this_environment(tmp_path: Path) -> None:
-    app = create_app("testing", DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
-    assert isinstance(app.jinja_env, Environment)
-    assert isinstance(app.jinja_env.get_template("mail/new_user.html"), Template)
-    assert app.jinja_env.undefined is StrictUndefined

@@ -37,7 +37,6 @@ try:
     from .extensions import mail, schema
     from .limits import LimitReachedError
     from .sessions import CookieSessions
-    from .templating import Environment
     from .views import main
     from .workers import keep_draining_on_sigterm
 except ModuleNotFoundError as error:
@@ -58,7 +57,6 @@ def create_app(config_name: str = "development", **overrides: Any) -> Quart:
 
     app = Quart(__name__, template_folder=_templates_folder())
     app.request_class = JSONErrorsRequest
-    app.jinja_environment = Environment
     app.session_interface = CookieSessions()
     app.config.from_mapping(config_values(config_class))
     app.config.from_mapping(from_environment())
