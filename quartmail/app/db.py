@@ -1,4 +1,4 @@
-"""The database: one async SQLAlchemy engine per app, sessions on demand.
+"""The database: one async SQLAlchemy engine per app, connections and sessions on demand.
 
 SQLite (through aiosqlite) by default, in the instance folder; PostgreSQL
 (through asyncpg) with ``DATABASE_URL=postgresql+asyncpg://...``. The schema
@@ -14,6 +14,7 @@ from typing import Any
 from quart import Quart, current_app
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -109,6 +110,11 @@ class Database:
         """The database of *app*, or of the current app."""
         database: Database = (app or current_app).extensions["db"]
         return database
+
+    @staticmethod
+    def connect() -> AsyncConnection:
+        """A new Core connection to the current app's database (``async with`` it)."""
+        return Database.of().engine.connect()
 
     @staticmethod
     def session() -> AsyncSession:
