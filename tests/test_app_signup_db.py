@@ -18,14 +18,15 @@ import pytest
 from jinja2 import ChoiceLoader, DictLoader
 from quart import Quart, Response
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
-from quartmail.app.db import Database
+from quartmail.app.db import LAST, Database
 from quartmail.app.limits import WINDOW, Limit, LimitReachedError, take
 from quartmail.app.models import LimitEvent, User
-from quartmail.app.sqlite import connect
+from quartmail.app.sqlite import OneTripConnection, connect
 from quartmail.testing import SMTPTestServer
 
 ADMIN = "admin@example.com"
@@ -206,6 +207,34 @@ async def test_one_trip_connection_answers_as_sqlite3_does(tmp_path: Path) -> No
             await cursor.execute("INSERT INTO t (name) VALUES ('a')")
         with pytest.raises(NotImplementedError):
             await cursor.executescript("SELECT 1;")
+
+
+async def test_a_statement_marked_last_commits_in_its_own_trip(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app = create_app("testing", DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+    async with app.test_app():
+        engine = Database.of(app).engine
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert isinstance(driver, OneTripConnection)
+            await connection.execute(insert(User), {"username": "kept"})
+            assert driver.in_transaction  # an ordinary statement leaves it open
+            await connection.execute(
+                insert(User), {"username": "also kept"}, execution_options={LAST: True}
+            )
+            assert not driver.in_transaction and not driver.commit_with_next
+            # A statement that fails commits nothing: what it left open is rolled back.
+            await connection.execute(insert(User), {"username": "rolled back"})
+            with pytest.raises(IntegrityError):
+                await connection.execute(
+                    insert(User), {"username": "kept"}, execution_options={LAST: True}
+                )
+            assert driver.in_transaction and not driver.commit_with_next
+            # Closed without a commit.
+    async with connect(str(path)) as connection:
+        rows = await connection.execute_fetchall("SELECT username FROM users ORDER BY id")
+    assert [name for (name,) in rows] == ["kept", "also kept"]
 
 
 async def test_the_engine_streams_results_through_one_trip_cursors(tmp_path: Path) -> None:

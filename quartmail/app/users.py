@@ -18,7 +18,7 @@ from quartmail import MailError, Message
 from quartmail.addresses import parse_address
 
 from .confirm import ConfirmTokenError, ConfirmTokens
-from .db import Database
+from .db import LAST, Database
 from .email import NEW_USERS, render_email
 from .extensions import mail
 from .limits import Limit, address_key, client_key, take
@@ -45,6 +45,10 @@ _ADD_USER = {
     .returning(User.id)
     for name, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
 }
+
+
+_LAST = {LAST: True}
+_NOT_LAST: dict[str, bool] = {}
 
 
 def clean_name(value: str) -> str:
@@ -146,7 +150,11 @@ async def sign_up(name: str, email: str | None = None) -> tuple[User, bool]:
         connection = transaction.connection
         if email is not None:
             await take_limits(connection, email)  # first: it locks
-        while (user_id := await _add_user(connection, name, email)) is None:
+        # Without an address or the outbox the INSERT is all the transaction holds: on
+        # SQLite it commits in its own trip, and the write lock (which another worker
+        # process waits for by sleeping and retrying) is held for microseconds.
+        last = email is None and not transaction.stores_mail
+        while (user_id := await _add_user(connection, name, email, last=last)) is None:
             # A known name (maybe signed up a moment ago, in another request):
             # the rollback as the transaction closes leaves the limits uncounted.
             user = await _find_user(connection, User.username == name)
@@ -160,13 +168,18 @@ async def sign_up(name: str, email: str | None = None) -> tuple[User, bool]:
     return User(id=user_id, username=name, email=email), True
 
 
-async def _add_user(connection: AsyncConnection, name: str, email: str | None) -> int | None:
+async def _add_user(
+    connection: AsyncConnection, name: str, email: str | None, *, last: bool
+) -> int | None:
     """Store a user named *name* in *connection*'s transaction and return its id;
     ``None`` when the name is taken. One statement (``INSERT ... ON CONFLICT
     DO NOTHING RETURNING``), which also settles the race of two sign-ups of
-    one name: the second waits for the first to commit and then adds nothing."""
+    one name: the second waits for the first to commit and then adds nothing.
+    *last*: the transaction's last statement (see :data:`~quartmail.app.db.LAST`)."""
     statement = _ADD_USER[connection.dialect.name]
-    return (await connection.execute(statement, {"name": name, "email": email})).scalar()
+    parameters = {"name": name, "email": email}
+    options = _LAST if last else _NOT_LAST
+    return (await connection.execute(statement, parameters, execution_options=options)).scalar()
 
 
 async def resend_confirmation(email: str) -> None:
@@ -264,6 +277,8 @@ class _Transaction:
     def __init__(self, connection: AsyncConnection, session: AsyncSession | None) -> None:
         self.connection = connection
         self._session = session
+        #: Whether :meth:`commit` stores the mails in it (the outbox).
+        self.stores_mail = session is not None
 
     async def commit(self, messages: Sequence[Message]) -> None:
         """Commit, and the *messages* with it: into the outbox, in this
