@@ -17,6 +17,7 @@ from sqlalchemy import text
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.db import Database
+from quartmail.app.sqlite import connect
 from quartmail.testing import SMTPTestServer
 
 
@@ -67,7 +68,7 @@ async def count_trips(database: Database) -> list[str]:
     return trips
 
 
-async def test_a_sign_up_costs_two_trips_to_the_database_and_is_kept(
+async def test_a_sign_up_costs_one_trip_to_the_database_and_is_kept(
     smtp_server: SMTPTestServer, tmp_path: Path
 ) -> None:
     app = create_app(
@@ -83,19 +84,56 @@ async def test_a_sign_up_costs_two_trips_to_the_database_and_is_kept(
         assert response.status_code == 201
         await smtp_server.wait_for_messages(1)
 
-        # The sign-up's one statement (INSERT ... RETURNING) and its commit; the read of
-        # the suppression list before the admin's mail is sent is a third (the library
-        # reads it on aiosqlite's own execute_fetchall), and nothing else: no cursor
-        # opened or closed on its own, no rollback after a commit (the pool default) or
-        # after a read (sqlite3 opened no transaction for it).
-        assert Counter(trips) == {"run": 1, "_execute_fetchall": 1, "commit": 1}
+        # The sign-up's one statement (INSERT ... RETURNING) with its commit, in one
+        # trip (it is the transaction's last); the read of the suppression list before
+        # the admin's mail is sent is a second (the library reads it on aiosqlite's own
+        # execute_fetchall), and nothing else: no cursor opened or closed on its own, no
+        # rollback after a commit (the pool default) or after a read (sqlite3 opened no
+        # transaction for it).
+        assert Counter(trips) == {"run": 1, "_execute_fetchall": 1}
         trips.clear()
         again = await client.post("/api/users", json={"name": "Ada"})
         assert again.status_code == 200  # known: it was stored
         assert (await again.get_json())["id"] == (await response.get_json())["id"]
-        # The insert that found the name taken, the read of the user, the rollback.
-        assert Counter(trips) == {"run": 2, "rollback": 1}
+        # The insert that found the name taken (and committed nothing), the read of the
+        # user; nothing left to roll back.
+        assert Counter(trips) == {"run": 2}
     assert [message.subject for message in smtp_server.messages] == ["[Flasky] New User"]
+    assert await stored_names(tmp_path / "app.db") == ["Ada"]
+
+
+async def stored_names(path: Path) -> list[str]:
+    """The names in the database file at *path*, read by a connection of its own."""
+    async with connect(str(path)) as connection:
+        rows = await connection.execute_fetchall("SELECT username FROM users ORDER BY id")
+    return [name for (name,) in rows]
+
+
+async def test_a_sign_up_with_an_address_commits_once_after_its_mail_is_rendered(
+    smtp_server: SMTPTestServer, tmp_path: Path
+) -> None:
+    """The confirmation names the new id, so it is rendered inside the transaction, which
+    commits after it in a trip of its own; the address's limits count in it."""
+    app = create_app(
+        "testing",
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+        FLASKY_ADMIN="admin@example.com",
+        **smtp_server.mail_config(),
+    )
+    async with app.test_app():
+        trips = await count_trips(Database.of(app))
+        response = await app.test_client().post(
+            "/api/users", json={"name": "Ada", "email": "ada@example.com"}
+        )
+        assert response.status_code == 201
+        await smtp_server.wait_for_messages(2)
+        # The limits' insert and count, the user's insert, the commit; two reads of the
+        # suppression list (one per mail, or one for both: the batch gathers what waits).
+        assert Counter(name for name in trips if name != "_execute_fetchall") == {
+            "run": 3,
+            "commit": 1,
+        }
+    assert await stored_names(tmp_path / "app.db") == ["Ada"]
 
 
 async def test_a_transaction_left_open_is_rolled_back_when_given_back(tmp_path: Path) -> None:

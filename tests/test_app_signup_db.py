@@ -18,14 +18,15 @@ import pytest
 from jinja2 import ChoiceLoader, DictLoader
 from quart import Quart, Response
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
 from quartmail.app.config import ENVIRONMENT_KEYS
-from quartmail.app.db import Database
+from quartmail.app.db import LAST, Database
 from quartmail.app.limits import WINDOW, Limit, LimitReachedError, take
 from quartmail.app.models import LimitEvent, User
-from quartmail.app.sqlite import connect
+from quartmail.app.sqlite import OneTripConnection, connect
 from quartmail.testing import SMTPTestServer
 
 ADMIN = "admin@example.com"
@@ -40,12 +41,13 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
-def make_app(server: SMTPTestServer, database_url: str) -> Quart:
+def make_app(server: SMTPTestServer, database_url: str, **overrides: Any) -> Quart:
     return create_app(
         "testing",
         DATABASE_URL=database_url,
         FLASKY_ADMIN=ADMIN,
         **server.mail_config(),
+        **overrides,
     )
 
 
@@ -97,16 +99,18 @@ async def test_one_name_signed_up_at_once_in_two_processes_is_stored_once(
     assert subjects == [CONFIRM_SUBJECT] * 3 + ["[Flasky] New User"] * 3
 
 
+# The notice is rendered before the transaction, the confirmation (its link names the new
+# id) in it; with the outbox the mails are committed with the user.
+@pytest.mark.parametrize("template", ["mail/new_user.txt", "mail/confirm.txt"])
+@pytest.mark.parametrize("outbox", [False, True], ids=["background", "outbox"])
 async def test_a_template_error_rolls_the_sign_up_back(
-    smtp_server: SMTPTestServer, database_url: str
+    smtp_server: SMTPTestServer, database_url: str, template: str, outbox: bool
 ) -> None:
-    app = make_app(smtp_server, database_url)
+    app = make_app(smtp_server, database_url, MAIL_OUTBOX=outbox, MAIL_OUTBOX_POLL=0.05)
     working = app.jinja_env.loader
     assert working is not None
-    # The notice's text misspells a variable: StrictUndefined makes that an error.
-    app.jinja_env.loader = ChoiceLoader(
-        [DictLoader({"mail/new_user.txt": "{{ user.nickname }}"}), working]
-    )
+    # The template misspells a variable: StrictUndefined makes that an error.
+    app.jinja_env.loader = ChoiceLoader([DictLoader({template: "{{ name.nickname }}"}), working])
     async with app.test_app() as test_app:
         client = test_app.test_client()
         response = await sign_up(client, "Ada", "ada@example.com")
@@ -119,6 +123,7 @@ async def test_a_template_error_rolls_the_sign_up_back(
         for name in ("Ada", "Bob", "Cy"):
             assert (await sign_up(client, name, "ada@example.com")).status_code == 201
         assert (await sign_up(client, "Di", "ada@example.com")).status_code == 429
+        await smtp_server.wait_for_messages(6, timeout=WITHIN)
     assert [name for _, name, _ in await stored(database_url)] == ["Ada", "Bob", "Cy"]
     assert len(smtp_server.messages) == 6  # nothing of the failed sign-up
 
@@ -202,6 +207,34 @@ async def test_one_trip_connection_answers_as_sqlite3_does(tmp_path: Path) -> No
             await cursor.execute("INSERT INTO t (name) VALUES ('a')")
         with pytest.raises(NotImplementedError):
             await cursor.executescript("SELECT 1;")
+
+
+async def test_a_statement_marked_last_commits_in_its_own_trip(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    app = create_app("testing", DATABASE_URL=f"sqlite+aiosqlite:///{path}")
+    async with app.test_app():
+        engine = Database.of(app).engine
+        async with engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            driver = raw.driver_connection
+            assert isinstance(driver, OneTripConnection)
+            await connection.execute(insert(User), {"username": "kept"})
+            assert driver.in_transaction  # an ordinary statement leaves it open
+            await connection.execute(
+                insert(User), {"username": "also kept"}, execution_options={LAST: True}
+            )
+            assert not driver.in_transaction and not driver.commit_with_next
+            # A statement that fails commits nothing: what it left open is rolled back.
+            await connection.execute(insert(User), {"username": "rolled back"})
+            with pytest.raises(IntegrityError):
+                await connection.execute(
+                    insert(User), {"username": "kept"}, execution_options={LAST: True}
+                )
+            assert driver.in_transaction and not driver.commit_with_next
+            # Closed without a commit.
+    async with connect(str(path)) as connection:
+        rows = await connection.execute_fetchall("SELECT username FROM users ORDER BY id")
+    assert [name for (name,) in rows] == ["kept", "also kept"]
 
 
 async def test_the_engine_streams_results_through_one_trip_cursors(tmp_path: Path) -> None:

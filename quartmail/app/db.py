@@ -1,4 +1,4 @@
-"""The database: one async SQLAlchemy engine per app, sessions on demand.
+"""The database: one async SQLAlchemy engine per app, connections and sessions on demand.
 
 SQLite (through aiosqlite) by default, in the instance folder; PostgreSQL
 (through asyncpg) with ``DATABASE_URL=postgresql+asyncpg://...``. The schema
@@ -12,8 +12,10 @@ import os
 from typing import Any
 
 from quart import Quart, current_app
-from sqlalchemy import event
+from sqlalchemy import Connection, event
+from sqlalchemy.engine.interfaces import ExecutionContext
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -23,7 +25,12 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
 
 from . import migrations, sqlite
 
-__all__ = ["Database", "database_url"]
+__all__ = ["LAST", "Database", "database_url"]
+
+#: The execution option that marks a transaction's last statement: on SQLite it
+#: commits in the same trip to aiosqlite's thread; elsewhere it changes nothing (the
+#: caller commits as always; on SQLite that commit then finds nothing to do).
+LAST = "quartmail_last_statement"
 
 
 def database_url(app: Quart) -> str:
@@ -69,6 +76,22 @@ def _create_engine(url: str) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _commit_in_trip(
+        connection: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        # A statement run with the option LAST (the transaction's last one) commits in
+        # its own trip to aiosqlite's thread: see OneTripConnection.
+        if context is not None and context.execution_options.get(LAST):
+            driver = connection.connection.driver_connection
+            if isinstance(driver, sqlite.OneTripConnection):
+                driver.commit_with_next = True
+
     @event.listens_for(engine.sync_engine, "reset")
     def _rollback_if_open(
         connection: Any, record: ConnectionPoolEntry, state: PoolResetState
@@ -109,6 +132,11 @@ class Database:
         """The database of *app*, or of the current app."""
         database: Database = (app or current_app).extensions["db"]
         return database
+
+    @staticmethod
+    def connect() -> AsyncConnection:
+        """A new Core connection to the current app's database (``async with`` it)."""
+        return Database.of().engine.connect()
 
     @staticmethod
     def session() -> AsyncSession:

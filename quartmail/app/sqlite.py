@@ -51,7 +51,16 @@ def connect(database: str, **kwargs: Any) -> OneTripConnection:
 
 
 class OneTripConnection(aiosqlite.Connection):
-    """An aiosqlite connection whose cursors run each statement in one trip."""
+    """An aiosqlite connection whose cursors run each statement in one trip.
+
+    ``commit_with_next``, when set, makes the next statement commit its
+    transaction in the same trip (and is then cleared): for a transaction
+    whose last statement is known, which then holds SQLite's write lock only
+    while aiosqlite's thread runs, never while the event loop runs other
+    requests. The caller's commit that follows finds nothing open: no trip.
+    """
+
+    commit_with_next = False
 
     @contextmanager
     async def cursor(self) -> aiosqlite.Cursor:
@@ -83,6 +92,8 @@ class OneTripCursor(aiosqlite.Cursor):
     ``aiosqlite`` cursor from ``Connection.execute`` is).
     """
 
+    _conn: OneTripConnection
+
     def __init__(self, connection: OneTripConnection) -> None:
         # No super().__init__: it wants the sqlite3 cursor this class never keeps.
         self.iter_chunk_size = connection._iter_chunk_size
@@ -110,6 +121,7 @@ class OneTripCursor(aiosqlite.Cursor):
 
     async def _run(self, statement: Callable[[sqlite3.Cursor], object]) -> None:
         connection = self._conn
+        commit, connection.commit_with_next = connection.commit_with_next, False
 
         def run() -> _Outcome:
             # In the connection's thread, the only one that may touch its sqlite3 objects.
@@ -118,9 +130,12 @@ class OneTripCursor(aiosqlite.Cursor):
                 statement(cursor)
                 rows = cursor.fetchall() if cursor.description else []
                 # The row count of an INSERT ... RETURNING is known once its rows are read.
-                return cursor.description, rows, cursor.rowcount, cursor.lastrowid
+                outcome = cursor.description, rows, cursor.rowcount, cursor.lastrowid
             finally:
                 cursor.close()
+            if commit:
+                connection._conn.commit()
+            return outcome
 
         self._rows.clear()
         in_thread: Callable[[Callable[[], _Outcome]], Awaitable[_Outcome]] = connection._execute
