@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from quart import Quart
 from sqlalchemy import text
 
 from quartmail.app import create_app
@@ -68,15 +69,20 @@ async def count_trips(database: Database) -> list[str]:
     return trips
 
 
-async def test_a_sign_up_costs_one_trip_to_the_database_and_is_kept(
-    smtp_server: SMTPTestServer, tmp_path: Path
-) -> None:
-    app = create_app(
+def signup_app(smtp_server: SMTPTestServer, tmp_path: Path) -> Quart:
+    """The testing app on an SQLite file in *tmp_path*, mailing the administrator."""
+    return create_app(
         "testing",
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
         FLASKY_ADMIN="admin@example.com",
         **smtp_server.mail_config(),
     )
+
+
+async def test_a_sign_up_costs_one_trip_to_the_database_and_is_kept(
+    smtp_server: SMTPTestServer, tmp_path: Path
+) -> None:
+    app = signup_app(smtp_server, tmp_path)
     async with app.test_app():
         trips = await count_trips(Database.of(app))
         client = app.test_client()
@@ -114,12 +120,7 @@ async def test_a_sign_up_with_an_address_commits_once_after_its_mail_is_rendered
 ) -> None:
     """The confirmation names the new id, so it is rendered inside the transaction, which
     commits after it in a trip of its own; the address's limits count in it."""
-    app = create_app(
-        "testing",
-        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
-        FLASKY_ADMIN="admin@example.com",
-        **smtp_server.mail_config(),
-    )
+    app = signup_app(smtp_server, tmp_path)
     async with app.test_app():
         trips = await count_trips(Database.of(app))
         response = await app.test_client().post(
