@@ -265,6 +265,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUNNING_ON = re.compile(r"Running on http://127\.0\.0\.1:(\d+) ")
 
 
+@pytest.fixture
+def no_app_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No setting of the app (its ENVIRONMENT_KEYS, QUART_APP) leaks from the real environment
+    into an app made in the test, or a CLI subprocess: a test module of the app uses it with
+    ``pytestmark = pytest.mark.usefixtures("no_app_settings")``."""
+    from quartmail.app.config import ENVIRONMENT_KEYS
+
+    for key in ENVIRONMENT_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("QUART_APP", raising=False)
+
+
 def clean_environment(**settings: str) -> dict[str, str]:
     """This process's environment without any of the app's settings (its ENVIRONMENT_KEYS
     and QUART_ variables), plus *settings*: for the app, or its CLI, in a subprocess."""

@@ -26,7 +26,6 @@ from schemathesis import Case
 from schemathesis.generation import GenerationMode
 
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.testing import SMTPTestServer
 
 from conftest import empty_database_url
@@ -37,11 +36,7 @@ EXAMPLES = 150  # per run; each is one request
 REQUEST_TIMEOUT = 30.0  # seconds for the app to answer one request (a bound, not a timing)
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into the app."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 async def send(client: QuartClient, case: Case[Any]) -> Response:

@@ -30,7 +30,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail import ConfigError
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.testing import ReceivedMessage, SMTPServerFactory, SMTPTestServer
 
 from conftest import empty_database, postgres_url
@@ -43,12 +42,7 @@ USER, PASSWORD = "mailer", "s3cret-Pa55word"
 # --- fixtures and helpers -------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app (or a CLI subprocess)."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.delenv("QUART_APP", raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 @pytest.fixture

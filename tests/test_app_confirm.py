@@ -29,7 +29,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail import ConfigError, SuppressedError, email_failed
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.confirm import SALT, ConfirmTokens
 from quartmail.app.extensions import mail
 from quartmail.app.limits import WINDOW, Limit, LimitReachedError, address_key, client_key, take
@@ -43,11 +42,7 @@ SECRET = "testing-only-secret-key"  # the testing config's
 WITHIN = 10.0  # seconds: the bound on every wait for mail
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 def make_app(server: SMTPTestServer, database_url: str, **overrides: Any) -> Quart:

@@ -16,17 +16,11 @@ from quart import Quart
 from sqlalchemy import text
 
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.db import Database
 from quartmail.app.sqlite import connect
 from quartmail.testing import SMTPTestServer
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 async def test_rendering_a_template_runs_no_sync_context_processor(

@@ -36,16 +36,10 @@ from quartmail.app.api import (
     returns,
     validate_json,
 )
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.sessions import CookieSessions
 from quartmail.testing import SMTPTestServer
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 def twins() -> Quart:

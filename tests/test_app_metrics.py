@@ -12,16 +12,12 @@ from prometheus_client import CollectorRegistry
 from quart import Quart
 
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.testing import SMTPTestServer
 
 TOKEN = "scrape-7c1f0b8e5d2a4e96"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 def make_app(server: SMTPTestServer, tmp_path: Path, **overrides: Any) -> Quart:

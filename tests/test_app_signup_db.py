@@ -22,7 +22,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.db import LAST, Database
 from quartmail.app.limits import WINDOW, Limit, LimitReachedError, take
 from quartmail.app.models import LimitEvent, User
@@ -34,11 +33,7 @@ CONFIRM_SUBJECT = "[Flasky] Confirm Your Address"
 WITHIN = 30.0  # seconds: the bound on every wait for mail
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 def make_app(server: SMTPTestServer, database_url: str, **overrides: Any) -> Quart:

@@ -20,7 +20,6 @@ from test_app import run_quart
 
 from quartmail import MailError, Message, SuppressedError, email_failed
 from quartmail.app import create_app
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.extensions import mail
 from quartmail.outbox import OutboxMessage
 from quartmail.testing import SMTPTestServer
@@ -28,12 +27,7 @@ from quartmail.testing import SMTPTestServer
 ADMIN = "admin@example.com"
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app (or a CLI subprocess)."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.delenv("QUART_APP", raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 def make_app(server: SMTPTestServer, database_url: str, **overrides: Any) -> Quart:

@@ -13,15 +13,9 @@ from jinja2 import StrictUndefined, UndefinedError
 from quart import Quart, g, render_template
 from quart.signals import before_render_template, template_rendered
 
-from quartmail.app.config import ENVIRONMENT_KEYS
 from quartmail.app.templating import render_templates
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No setting from the real environment leaks into an app."""
-    for key in ENVIRONMENT_KEYS:
-        monkeypatch.delenv(key, raising=False)
+pytestmark = pytest.mark.usefixtures("no_app_settings")
 
 
 @pytest.fixture
