@@ -199,8 +199,7 @@ class MailCore:
     async def _permit(self, limiter: RateLimiter, deadline: float) -> AsyncIterator[None]:
         permit = await limiter.acquire(deadline)
         if permit is None:  # nothing was sent: the caller words it with its last error
-            error = timed_out(self.settings.delivery_timeout, None)
-            raise NotAttemptedError(str(error))
+            raise timed_out(self.settings.delivery_timeout, None, NotAttemptedError)
         try:
             yield
         finally:
@@ -475,11 +474,15 @@ class NotAttemptedError(SendError):
     words them, when its caller knows it."""
 
 
-def timed_out(timeout: float, last: SendError | None) -> SendError:
+def timed_out(
+    timeout: float, last: SendError | None, kind: type[SendError] = SendError
+) -> SendError:
     """The failure of a message past its ``MAIL_DELIVERY_TIMEOUT``, with the
-    code and text of its last failed attempt, if any."""
+    code and text of its last failed attempt, if any; a *kind* of
+    :class:`~quartmail.SendError` (:class:`NotAttemptedError`: it never reached
+    the server)."""
     text = f"not delivered within MAIL_DELIVERY_TIMEOUT ({timeout:g} s)"
-    error = SendError(
+    error = kind(
         text + (f"; last error: {last}" if last is not None else ""),
         code=last.code if last is not None else None,
         refused=last.refused if last is not None else None,

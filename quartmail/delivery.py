@@ -455,15 +455,9 @@ class Delivery:
 
     def _timed_out(self, job: _Job) -> SendError:
         """The failure of *job* at its deadline, before it reached the server."""
-        error = timed_out(self._settings.delivery_timeout, job.last_error)
-        if job.message is not None:
-            return error
         # attempt(): its caller counts the attempts, and this was none.
-        unsent = NotAttemptedError(
-            str(error), code=error.code, refused=error.refused, reply=error.reply
-        )
-        unsent.__cause__ = job.last_error
-        return unsent
+        kind = SendError if job.message is not None else NotAttemptedError
+        return timed_out(self._settings.delivery_timeout, job.last_error, kind)
 
     def _expire(self, job: _Job) -> None:
         """At the deadline: a message waiting (queued, or for a retry) fails
